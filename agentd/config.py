@@ -1,0 +1,300 @@
+"""agentd's configuration: a TOML file read into frozen dataclasses; every error names its key.
+
+Every key is optional. Without a file, agentd runs on embedded defaults: in-memory store,
+local transport, the ``echo`` agent and a freshly generated development JWT secret.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """One line naming the key and the problem."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
+    metrics_listen: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    max_message_bytes: int = 1_048_576
+    auto_ping_seconds: float = 20.0
+    drain_seconds: float = 30.0
+    demo_page: bool = True
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    jwt_secret: str = field(default="", repr=False)
+    jwt_public_key_file: str = ""
+    jwt_algorithms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AgentsConfig:
+    names: tuple[str, ...] = ("echo",)
+    command: str = "agentd-agent {agent}"
+
+
+@dataclass(frozen=True)
+class VmsConfig:
+    transport: str = "local"
+    host: str = "{project}.vms.internal"
+    hosts: Mapping[str, str] = field(default_factory=dict)
+    port: int = 2222
+    user: str = "coder"
+    private_key: str = ""
+    known_hosts: str = ""
+    forward_env: tuple[str, ...] = ()
+    connect_timeout_seconds: float = 10.0
+    connect_attempts: int = 3
+    connect_backoff_base_seconds: float = 0.5
+    connect_backoff_cap_seconds: float = 10.0
+    max_channels_per_connection: int = 10
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    grace_seconds: float = 120.0
+    replay_messages: int = 10_000
+    replay_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = field(default="", repr=False)
+    timeout_ms: int = 100
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    prompts_per_minute: int = 60
+    window_seconds: float = 60.0
+    connections_per_minute: int = 30
+    max_sessions_per_user: int = 20
+
+
+@dataclass(frozen=True)
+class UsageConfig:
+    retention_days: int = 90
+    spool_dir: str = ""
+    prices_file: str = ""
+    monthly_budget_usd: float = 0.0
+    soft_budget_ratio: float = 0.8
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    anthropic: str = field(default="", repr=False)
+    openai: str = field(default="", repr=False)
+    encryption_keys: tuple[str, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    file: str = "-"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
+    vms: VmsConfig = field(default_factory=VmsConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    usage: UsageConfig = field(default_factory=UsageConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "embedded defaults"
+
+    def with_listen(self, listen: tuple[str, ...]) -> Config:
+        return dataclasses.replace(self, server=dataclasses.replace(self.server, listen=listen))
+
+
+# Environment variables that override keys, so secrets need not live in the file.
+ENV_OVERRIDES = {
+    "AGENTD_JWT_SECRET": ("auth", "jwt_secret"),
+    "AGENTD_REDIS_URL": ("redis", "url"),
+    "AGENTD_ANTHROPIC_API_KEY": ("keys", "anthropic"),
+    "AGENTD_OPENAI_API_KEY": ("keys", "openai"),
+}
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, "must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, "must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, "must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, "must be a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, "must be a list of strings")
+        return tuple(value)
+    if origin in (Mapping, dict) or hint is Mapping:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(key, "must be a table of strings")
+        return types.MappingProxyType(dict(value))
+    raise ConfigError(key, "unsupported type")  # pragma: no cover - a bug in this module
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}]", "must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"[{name}] {key}", "unknown key")
+        values[key] = _coerce(f"[{name}] {key}", hints[key], value)
+    return cls(**values)
+
+
+_SECTIONS: dict[str, type] = {
+    f.name: f.type if isinstance(f.type, type) else typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name != "source"
+}
+
+
+def _validate(config: Config) -> None:
+    s, v = config.server, config.vms
+    if not s.listen:
+        raise ConfigError("[server] listen", "needs at least one endpoint")
+    if not 1024 <= s.max_message_bytes <= 64 * 1024 * 1024:
+        raise ConfigError("[server] max_message_bytes", "must be between 1024 and 67108864")
+    if s.auto_ping_seconds < 0 or s.drain_seconds < 0:
+        raise ConfigError("[server]", "durations must not be negative")
+    for origin in s.allowed_origins:
+        if not re.match(r"^https?://[^/\s]+$", origin):
+            raise ConfigError("[server] allowed_origins", f"{origin!r} is not scheme://host[:port]")
+    if not config.agents.names:
+        raise ConfigError("[agents] names", "needs at least one agent")
+    for agent in config.agents.names:
+        if not AGENT_NAME_RE.match(agent):
+            raise ConfigError("[agents] names", f"{agent!r} is not a valid agent name")
+    if "{agent}" not in config.agents.command:
+        raise ConfigError("[agents] command", "must contain {agent}")
+    try:
+        config.agents.command.format(agent="x")
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError("[agents] command", "may only use the {agent} placeholder") from None
+    if v.transport not in ("local", "ssh"):
+        raise ConfigError("[vms] transport", 'must be "local" or "ssh"')
+    if not 1 <= v.port <= 65535:
+        raise ConfigError("[vms] port", "must be between 1 and 65535")
+    if v.connect_attempts < 1:
+        raise ConfigError("[vms] connect_attempts", "must be at least 1")
+    if v.max_channels_per_connection < 1:
+        raise ConfigError("[vms] max_channels_per_connection", "must be at least 1")
+    try:
+        v.host.format(project="x")
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError("[vms] host", "may only use the {project} placeholder") from None
+    for env in v.forward_env:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", env):
+            raise ConfigError("[vms] forward_env", f"{env!r} is not an environment variable name")
+    if v.transport == "ssh":
+        if not v.private_key:
+            raise ConfigError("[vms] private_key", 'required when transport = "ssh"')
+        if not v.known_hosts:
+            raise ConfigError("[vms] known_hosts", 'required when transport = "ssh"')
+        for key in ("private_key", "known_hosts"):
+            path = getattr(v, key)
+            if not Path(path).is_file():
+                raise ConfigError(f"[vms] {key}", f"{path}: no such file")
+    if config.sessions.grace_seconds < 0:
+        raise ConfigError("[sessions] grace_seconds", "must not be negative")
+    if config.sessions.replay_messages < 1 or config.sessions.replay_bytes < 1024:
+        raise ConfigError("[sessions]", "replay_messages >= 1 and replay_bytes >= 1024")
+    if config.redis.url and not re.match(r"^(redis|unix)://", config.redis.url):
+        raise ConfigError("[redis] url", "must start with redis:// or unix://")
+    if config.redis.timeout_ms < 1:
+        raise ConfigError("[redis] timeout_ms", "must be at least 1")
+    r = config.ratelimit
+    if r.prompts_per_minute < 1 or r.connections_per_minute < 1 or r.max_sessions_per_user < 1:
+        raise ConfigError("[ratelimit]", "limits must be at least 1")
+    if r.window_seconds <= 0:
+        raise ConfigError("[ratelimit] window_seconds", "must be positive")
+    if config.usage.retention_days < 1:
+        raise ConfigError("[usage] retention_days", "must be at least 1")
+    if config.usage.monthly_budget_usd < 0:
+        raise ConfigError("[usage] monthly_budget_usd", "must not be negative")
+    if not 0 < config.usage.soft_budget_ratio <= 1:
+        raise ConfigError("[usage] soft_budget_ratio", "must be in (0, 1]")
+    a = config.auth
+    if a.jwt_public_key_file and not Path(a.jwt_public_key_file).is_file():
+        raise ConfigError("[auth] jwt_public_key_file", f"{a.jwt_public_key_file}: no such file")
+    if config.log.level not in ("debug", "info", "warn", "error"):
+        raise ConfigError("[log] level", "must be debug, info, warn or error")
+
+
+def from_dict(
+    data: Mapping[str, Any], env: Mapping[str, str] | None = None, source: str = "<dict>"
+) -> Config:
+    """Build a validated Config from parsed TOML, applying environment overrides."""
+    sections: dict[str, dict[str, Any]] = {}
+    for name, raw in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"[{name}]", "unknown section")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"[{name}]", "must be a table")
+        sections[name] = dict(raw)
+    for variable, (section, key) in ENV_OVERRIDES.items():
+        value = (os.environ if env is None else env).get(variable)
+        if value:
+            sections.setdefault(section, {})[key] = value
+    built = {name: _section(name, cls, sections.get(name, {})) for name, cls in _SECTIONS.items()}
+    config = Config(**built, source=source)
+    _validate(config)
+    return config
+
+
+def load(path: str | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the file at ``path``; None means embedded defaults."""
+    if path is None:
+        return from_dict({}, env, source="embedded defaults")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "no such file") from None
+    except OSError as e:
+        raise ConfigError(path, e.strerror or "cannot be read") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, f"not valid TOML: {e}") from None
+    return from_dict(data, env, source=path)

@@ -1,0 +1,191 @@
+"""Every Prometheus metric agentd exports, defined once, in agentd's own registry.
+
+Labels stay low-cardinality: never user, project, session or query ids. The ``agent`` label
+only ever takes a configured agent name.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+# The original plan's three, with its names, labels and buckets.
+ACTIVE_CONNECTIONS = Gauge(
+    "agent_active_connections",
+    "Number of active agent connections (attached WebSockets)",
+    ["agent"],
+    registry=REGISTRY,
+)
+QUERY_DURATION = Histogram(
+    "agent_query_duration_seconds",
+    "Time from an accepted prompt to the agent's done or error",
+    ["agent"],
+    buckets=(1, 5, 10, 30, 60, 120, 300),
+    registry=REGISTRY,
+)
+ERRORS = Counter(
+    "agent_errors_total",
+    "Errors sent to clients, by error code",
+    ["agent", "error_type"],
+    registry=REGISTRY,
+)
+
+# Queries.
+QUERIES = Counter(
+    "agentd_queries_total",
+    "Finished queries by outcome (done, aborted, error, exited)",
+    ["agent", "outcome"],
+    registry=REGISTRY,
+)
+QUERIES_IN_FLIGHT = Gauge(
+    "agentd_queries_in_flight",
+    "Queries accepted and not yet finished",
+    ["agent"],
+    registry=REGISTRY,
+)
+FIRST_DELTA = Histogram(
+    "agentd_time_to_first_delta_seconds",
+    "Time from an accepted prompt to the agent's first output",
+    ["agent"],
+    buckets=(0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+
+# Sessions and reconnection.
+SESSIONS = Gauge("agentd_sessions", "Live sessions by state", ["state"], registry=REGISTRY)
+SESSION_EVENTS = Counter(
+    "agentd_session_events_total",
+    "Session lifecycle events (created, detached, resumed, expired, superseded, ended)",
+    ["event"],
+    registry=REGISTRY,
+)
+REPLAY_OVERFLOWS = Counter(
+    "agentd_replay_overflows_total",
+    "Resumes that could not replay everything the client missed",
+    registry=REGISTRY,
+)
+AGENT_PROCESSES = Counter(
+    "agentd_agent_processes_total",
+    "Agent processes started and how they ended",
+    ["agent", "event"],
+    registry=REGISTRY,
+)
+AGENT_BAD_LINES = Counter(
+    "agentd_agent_bad_lines_total",
+    "Agent stdout lines that were not JSON objects (logged, not forwarded)",
+    ["agent"],
+    registry=REGISTRY,
+)
+HANDSHAKES = Counter(
+    "agentd_handshakes_total",
+    "WebSocket upgrade attempts by HTTP status answered",
+    ["status"],
+    registry=REGISTRY,
+)
+
+# Relay.
+MESSAGES = Counter(
+    "agentd_messages_total",
+    "Messages relayed, by direction (to_agent, to_client)",
+    ["direction"],
+    registry=REGISTRY,
+)
+BYTES = Counter(
+    "agentd_bytes_total", "Bytes relayed, by direction", ["direction"], registry=REGISTRY
+)
+FLOW_PAUSES = Counter(
+    "agentd_flow_pauses_total",
+    "Times a slow client paused an agent's output",
+    registry=REGISTRY,
+)
+
+# SSH.
+SSH_CONNECT_ATTEMPTS = Counter(
+    "agentd_ssh_connect_attempts_total", "SSH connection attempts to VMs", registry=REGISTRY
+)
+SSH_CONNECT_FAILURES = Counter(
+    "agentd_ssh_connect_failures_total",
+    "Failed SSH connection attempts by reason (refused, timeout, unreachable, lost, "
+    "auth, host_key, other)",
+    ["reason"],
+    registry=REGISTRY,
+)
+SSH_CONNECT_SECONDS = Histogram(
+    "agentd_ssh_connect_seconds",
+    "Time to establish an authenticated SSH connection",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+SSH_CONNECTIONS = Gauge("agentd_ssh_connections", "Live SSH connections to VMs", registry=REGISTRY)
+SSH_CHANNELS = Gauge(
+    "agentd_ssh_channels", "Open SSH exec channels (one per agent process)", registry=REGISTRY
+)
+
+# Rate limiting.
+RATELIMIT_DECISIONS = Counter(
+    "agentd_ratelimit_decisions_total",
+    "Rate-limit decisions by policy (prompts, connections, sessions) and result "
+    "(allowed, rejected)",
+    ["policy", "result"],
+    registry=REGISTRY,
+)
+RATELIMIT_DEGRADED = Gauge(
+    "agentd_ratelimit_degraded",
+    "1 while the limiter has fallen back to its in-process store because Redis failed",
+    registry=REGISTRY,
+)
+
+# Redis.
+REDIS_ERRORS = Counter(
+    "agentd_redis_errors_total",
+    "Redis calls that failed or timed out, by operation",
+    ["operation"],
+    registry=REGISTRY,
+)
+REDIS_LATENCY = Histogram(
+    "agentd_redis_latency_seconds",
+    "Redis call latency by operation",
+    ["operation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+    registry=REGISTRY,
+)
+
+# Usage and billing.
+USAGE_EVENTS = Counter(
+    "agentd_usage_events_total",
+    "Usage events by result (recorded, duplicate, spooled, replayed, failed)",
+    ["result"],
+    registry=REGISTRY,
+)
+USAGE_SPOOL_DEPTH = Gauge(
+    "agentd_usage_spool_depth",
+    "Usage events waiting in the local spool for Redis",
+    registry=REGISTRY,
+)
+TOKENS = Counter(
+    "agentd_tokens_total",
+    "Tokens used, by agent and type (input, output, cache_read, cache_write)",
+    ["agent", "type"],
+    registry=REGISTRY,
+)
+COST = Counter("agentd_cost_usd_total", "Cost in USD, by agent", ["agent"], registry=REGISTRY)
+BUDGET_REJECTIONS = Counter(
+    "agentd_budget_rejections_total",
+    "Prompts refused because a monthly budget was reached, by scope (user, project)",
+    ["scope"],
+    registry=REGISTRY,
+)
+BUDGET_SOFT_WARNINGS = Counter(
+    "agentd_budget_soft_warnings_total",
+    "Times a user or project crossed the soft budget threshold in a month",
+    ["scope"],
+    registry=REGISTRY,
+)
+
+# Process state.
+DRAINING = Gauge("agentd_draining", "1 while agentd is shutting down gracefully", registry=REGISTRY)

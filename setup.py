@@ -1,0 +1,43 @@
+from setuptools import setup
+
+setup(
+    name="agentd",
+    version="0.1.0",
+    description="Production gateway between browsers and AI coding agents on project VMs",
+    python_requires=">=3.11",
+    packages=["agentd", "agentd.transport", "agentd.agent", "twisted.plugins"],
+    package_data={
+        "agentd": ["static/*"],
+        "twisted.plugins": ["agentd_plugin.py"],
+    },
+    install_requires=[
+        "twisted[conch,tls]>=24.3",
+        "autobahn>=24.4",
+        "txredisapi>=1.4.10",
+        "prometheus-client>=0.20",
+        "pyopenssl>=24",
+        "service-identity>=24",
+        "pyjwt[crypto]>=2.8",
+        "cryptography>=42",
+        "orjson>=3.10",
+    ],
+    extras_require={
+        "agent": ["anthropic>=0.40", "openai>=1.50"],
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "treq>=24",
+            "playwright>=1.45",
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "anthropic>=0.40",
+            "openai>=1.50",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "agentd = agentd.cli:main",
+            "agentd-agent = agentd.agent.cli:main",
+        ]
+    },
+)
