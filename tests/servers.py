@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,12 +55,18 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.directory),
-                "--logfile", str(self.directory / "redis.log"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.directory / "redis.log"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -92,3 +100,96 @@ class RedisServer:
             timeout=10,
         )
         return out.stdout
+
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_SSHD_CONFIG = REPO / "vm-image" / "sshd_config"
+
+
+def agent_command() -> str:
+    """How the VM side runs the agent CLI in tests: the installed console script."""
+    script = Path(sys.executable).parent / "agentd-agent"
+    return f"{script} {{agent}}"
+
+
+def keygen(path: Path, comment: str = "agentd-test") -> Path:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+    )
+    return path
+
+
+class SshServer:
+    """OpenSSH sshd on a free loopback port, configured from vm-image/sshd_config.
+
+    Only the lines that must differ on a test machine are replaced: the port and listen
+    address, file locations, and the login user (the user running the tests; sshd as an
+    unprivileged user can only log that same user in).
+    """
+
+    def __init__(self, directory: Path, max_sessions: int | None = None) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.binary = require_binary("sshd", "/usr/sbin")
+        self.max_sessions = max_sessions
+        self.process: subprocess.Popen[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o755)
+        self.host_key = keygen(directory / "ssh_host_ed25519_key", "host")
+        self.client_key = keygen(directory / "id_ed25519", "agentd")
+        self.authorized_keys = directory / "authorized_keys"
+        self.authorized_keys.write_bytes((directory / "id_ed25519.pub").read_bytes())
+        self.known_hosts = directory / "known_hosts"
+        host_pub = (directory / "ssh_host_ed25519_key.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        self.user = pwd_name()
+        self.config = directory / "sshd_config"
+        self.config.write_text(self.render_config())
+
+    def render_config(self) -> str:
+        replacements = {
+            "Port": str(self.port),
+            "ListenAddress": "127.0.0.1",
+            "HostKey": str(self.host_key),
+            "PidFile": str(self.directory / "sshd.pid"),
+            "AuthorizedKeysFile": str(self.authorized_keys),
+            "AllowUsers": self.user,
+        }
+        if os.geteuid() == 0:
+            replacements["PermitRootLogin"] = "prohibit-password"
+        if self.max_sessions is not None:
+            replacements["MaxSessions"] = str(self.max_sessions)
+        lines = []
+        for line in SHIPPED_SSHD_CONFIG.read_text().splitlines():
+            keyword = line.split(" ", 1)[0]
+            if keyword in replacements:
+                line = f"{keyword} {replacements[keyword]}"
+            lines.append(line)
+        # Temporary directories are not owned the way StrictModes wants.
+        lines.append("StrictModes no")
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> None:
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.process = subprocess.Popen(
+            [self.binary, "-D", "-e", "-f", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.directory / "sshd.log", "ab"),
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def log(self) -> str:
+        path = self.directory / "sshd.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def pwd_name() -> str:
+    return pwd.getpwuid(os.geteuid()).pw_name

@@ -1,0 +1,133 @@
+"""How a session reaches an agent process: the interface every transport implements.
+
+A transport starts ``agentd-agent <agent>`` (or the configured command) for one session and
+hands back an ``AgentProcess``; the process reports to an ``AgentSink``. Output is read line
+by line, and a sink that cannot keep up pauses the process instead of buffering it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+
+@dataclass(frozen=True)
+class AgentTarget:
+    """Which agent to start, for whom, with which environment (values never in repr)."""
+
+    project: str
+    agent: str
+    user: str
+    session: str
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+class AgentSink(Protocol):
+    def agent_line(self, line: bytes) -> None:
+        """One line the agent wrote on stdout, without its newline."""
+
+    def agent_log(self, line: bytes) -> None:
+        """One line the agent wrote on stderr (its JSON logs)."""
+
+    def agent_overlong(self, stream: str, size: int) -> None:
+        """A line longer than the limit was dropped."""
+
+    def agent_ended(self, exit_status: int | None, reason: str) -> None:
+        """The process is gone; ``exit_status`` is None when it was killed or lost."""
+
+
+class AgentProcess(Protocol):
+    def write_line(self, line: bytes) -> None:
+        """Send one line (newline added) to the agent's stdin."""
+
+    def pause(self) -> None:
+        """Stop reading the agent's output until ``resume``; the agent blocks on writing."""
+
+    def resume(self) -> None: ...
+
+    def terminate(self) -> None:
+        """End the agent: EOF on its stdin and a TERM signal; ``agent_ended`` follows."""
+
+
+class AgentTransport(Protocol):
+    def spawn(self, target: AgentTarget, sink: AgentSink) -> Deferred[AgentProcess]:
+        """Start the agent; errbacks with ``TransportError`` when it cannot be reached."""
+
+    def stop(self) -> Deferred[None]:
+        """Close every connection this transport holds."""
+
+
+class TransportError(Exception):
+    """The agent could not be started. ``reason`` is a short fixed word for metrics and logs;
+    ``transient`` says whether trying again later may succeed."""
+
+    def __init__(self, reason: str, detail: str, transient: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.transient = transient
+
+
+def command_argv(template: str, agent: str) -> list[str]:
+    """The command for a local spawn: split into argv first, so nothing reaches a shell."""
+    return [part.replace("{agent}", agent) for part in shlex.split(template)]
+
+
+def remote_command(template: str, agent: str) -> str:
+    """The command line for an SSH exec: the agent name shell-quoted into the template.
+
+    The remote user's shell parses this string, so every substituted value is quoted even
+    though agent names are already limited to configured, validated names.
+    """
+    return template.replace("{agent}", shlex.quote(agent))
+
+
+class LineSplitter:
+    """Splits a byte stream into lines, dropping (and reporting) lines over ``max_length``."""
+
+    __slots__ = ("_buffer", "_discarding", "_max", "_on_line", "_on_overlong")
+
+    def __init__(
+        self,
+        max_length: int,
+        on_line: Callable[[bytes], None],
+        on_overlong: Callable[[int], None],
+    ) -> None:
+        self._max = max_length
+        self._on_line = on_line
+        self._on_overlong = on_overlong
+        self._buffer = b""
+        self._discarding = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        on_line = self._on_line
+        for line in lines:
+            if self._discarding:
+                self._on_overlong(self._discarding + len(line))
+                self._discarding = 0
+            elif len(line) > self._max:
+                self._on_overlong(len(line))
+            else:
+                on_line(line)
+        if self._discarding or len(tail) > self._max:
+            self._discarding += len(tail)
+        else:
+            self._buffer = tail
+
+    def flush(self) -> None:
+        """End of stream: a last line without a newline still counts."""
+        if self._discarding:
+            self._on_overlong(self._discarding)
+        elif self._buffer:
+            self._on_line(self._buffer)
+        self._buffer = b""
+        self._discarding = 0

@@ -1,0 +1,329 @@
+"""The WebSocket edge: route, authenticate and admit a connection, then parse and dispatch.
+
+Everything that can be refused is refused before the upgrade, with a plain HTTP status:
+404 (route), 401 (token), 403 (project or Origin), 429 (connection limits), 503 (draining).
+After the upgrade the protocol stays thin: it validates each client message and hands it to
+the session, and it turns the WebSocket transport's backpressure into agent pauses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from agentd import metrics
+from agentd.auth import Authenticator, AuthError, Principal, origin_allowed
+from agentd.config import PROJECT_RE
+from agentd.errors import ErrorCode
+from agentd.session import Session, SessionKey, SessionRegistry
+
+_log = Logger()
+
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+PROMPT_ID_MAX = 128
+MAX_SEQ = 2**53
+
+
+@dataclass(frozen=True)
+class ConnectionContext:
+    principal: Principal
+    project: str
+    agent: str
+    session_id: str | None
+    last_seq: int
+    peer: str
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Everything the route needs to admit a connection."""
+
+    authenticator: Authenticator
+    agents: frozenset[str]
+    allowed_origins: tuple[str, ...]
+    registry: SessionRegistry
+    max_sessions_per_user: int
+    limiter: Any
+    draining: Callable[[], bool]
+
+
+def parse_route(postpath: list[bytes]) -> tuple[str, str] | None:
+    """``[project, b"agent", agent]`` below /projects, or None."""
+    if len(postpath) != 3 or postpath[1] != b"agent":
+        return None
+    try:
+        project, agent = postpath[0].decode("ascii"), postpath[2].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if not PROJECT_RE.match(project):
+        return None
+    return project, agent
+
+
+@implementer(IPushProducer)
+class _Backpressure:
+    """The WebSocket transport's producer: a full send buffer pauses the agent."""
+
+    def __init__(self, protocol: AgentWebSocket) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        if self._protocol.session is not None:
+            self._protocol.session.pause_output()
+
+    def resumeProducing(self) -> None:
+        if self._protocol.session is not None:
+            self._protocol.session.resume_output()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class AgentWebSocket(WebSocketServerProtocol):
+    context: ConnectionContext
+    factory: AgentWebSocketFactory
+    session: Session | None = None
+
+    def onOpen(self) -> None:
+        ctx = self.context
+        transport = self.transport
+        # twisted.web registered its HTTP channel as the producer; the socket is ours now.
+        transport.unregisterProducer()
+        transport.registerProducer(_Backpressure(self), True)
+        key = SessionKey(ctx.project, ctx.principal.user, ctx.agent)
+        metrics.ACTIVE_CONNECTIONS.labels(ctx.agent).inc()
+        try:
+            self.session = self.factory.registry.open(key, self, ctx.session_id, ctx.last_seq)
+        except Exception:
+            _log.failure("cannot open session", project=ctx.project, agent=ctx.agent)
+            self.sendClose(1011, "internal error")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        session = self.session
+        if session is None:
+            return
+        try:
+            self._dispatch(session, payload, isBinary)
+        except Exception:
+            _log.failure("failed to handle a client message", session=session.id[:8])
+            session.error(ErrorCode.INTERNAL, "internal error")
+
+    def _dispatch(self, session: Session, payload: bytes, is_binary: bool) -> None:
+        if is_binary:
+            session.error(ErrorCode.BAD_REQUEST, "messages must be JSON text")
+            return
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            session.error(ErrorCode.BAD_REQUEST, "message is not valid JSON")
+            return
+        if type(message) is not dict:
+            session.error(ErrorCode.BAD_REQUEST, "message must be a JSON object")
+            return
+        kind = message.get("type")
+        if kind == "prompt":
+            prompt_id, text = message.get("id"), message.get("text")
+            if not isinstance(prompt_id, str) or not 0 < len(prompt_id) <= PROMPT_ID_MAX:
+                session.error(
+                    ErrorCode.BAD_REQUEST, f"prompt needs an id: a string of 1 to {PROMPT_ID_MAX}"
+                )
+            elif not isinstance(text, str):
+                session.error(ErrorCode.BAD_REQUEST, "prompt needs a text string", id=prompt_id)
+            else:
+                session.prompt(message)
+        elif kind == "abort":
+            session.abort()
+        elif kind == "ping":
+            pong: dict[str, Any] = {"type": "pong"}
+            if isinstance(message.get("id"), str | int):
+                pong["id"] = message["id"]
+            session.emit(pong)
+        elif isinstance(kind, str):
+            session.error(ErrorCode.BAD_REQUEST, "unknown message type")
+        else:
+            session.error(ErrorCode.BAD_REQUEST, "message needs a string type")
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            metrics.ACTIVE_CONNECTIONS.labels(self.context.agent).dec()
+            session.detach(self)
+
+    # The session's view of this connection.
+    def send_frame(self, frame: bytes) -> None:
+        self.sendMessage(frame, isBinary=False)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.session is not None:
+            metrics.ACTIVE_CONNECTIONS.labels(self.context.agent).dec()
+            self.session = None
+        self.sendClose(code, reason)
+
+
+class AgentWebSocketFactory(WebSocketServerFactory):
+    protocol = AgentWebSocket
+
+    def __init__(
+        self, registry: SessionRegistry, max_message_bytes: int, auto_ping_seconds: float
+    ) -> None:
+        super().__init__()
+        self.registry = registry
+        self._next_context: ConnectionContext | None = None
+        self.setProtocolOptions(
+            maxFramePayloadSize=max_message_bytes,
+            maxMessagePayloadSize=max_message_bytes,
+            autoPingInterval=auto_ping_seconds,
+            autoPingTimeout=max(auto_ping_seconds, 5.0) if auto_ping_seconds else 0,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def buildProtocol(self, addr: Any) -> AgentWebSocket:
+        protocol: AgentWebSocket = super().buildProtocol(addr)
+        assert self._next_context is not None
+        protocol.context, self._next_context = self._next_context, None
+        return protocol
+
+    def upgrade(
+        self, resource: WebSocketResource, request: Request, ctx: ConnectionContext
+    ) -> None:
+        # WebSocketResource.render builds the protocol synchronously, through buildProtocol.
+        self._next_context = ctx
+        resource.render(request)
+
+
+class AgentRoute(Resource):
+    """``/projects/{project}/agent/{agent}``: admission control, then the WebSocket upgrade."""
+
+    isLeaf = True
+
+    def __init__(self, admission: Admission, factory: AgentWebSocketFactory) -> None:
+        super().__init__()
+        self._admission = admission
+        self._factory = factory
+        self._websocket = WebSocketResource(factory)
+
+    def render(self, request: Request) -> bytes | int:
+        try:
+            ctx = self._admit(request)
+        except _Refused as refused:
+            return refused.answer(request)
+        limiter = self._admission.limiter
+        if limiter is None:
+            return self._finish(request, ctx)
+        finished: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: finished.append(True))
+        d = defer.maybeDeferred(limiter.check_handshake, ctx.principal.user)
+
+        def decided(decision: Any) -> None:
+            metrics.RATELIMIT_DECISIONS.labels(
+                "connections", "allowed" if decision.allowed else "rejected"
+            ).inc()
+            if finished:
+                return
+            if not decision.allowed:
+                seconds = max(1, -(-decision.retry_after_ms // 1000))
+                body = _Refused(429, "too many connections", retry_after=seconds).answer(request)
+                request.write(body)
+                request.finish()
+                return
+            result = self._finish(request, ctx)
+            if result is not NOT_DONE_YET:
+                request.write(result)  # type: ignore[arg-type]
+                request.finish()
+
+        def failed(failure: Any) -> None:
+            _log.failure("handshake admission failed", failure)
+            if not finished:
+                request.write(_Refused(500, "internal error").answer(request))
+                request.finish()
+
+        d.addCallbacks(decided, failed)
+        return NOT_DONE_YET
+
+    def _admit(self, request: Request) -> ConnectionContext:
+        a = self._admission
+        route = parse_route(request.postpath)
+        if route is None or route[1] not in a.agents:
+            raise _Refused(404, "no such route")
+        project, agent = route
+        if a.draining():
+            raise _Refused(503, "shutting down", retry_after=1)
+        try:
+            principal = a.authenticator.authenticate(request)
+        except AuthError as e:
+            raise _Refused(e.status, e.reason) from None
+        if not principal.may_access(project):
+            raise _Refused(403, "token does not cover this project")
+        origin = request.getHeader(b"origin")
+        if not origin_allowed(origin, request.getHeader(b"host"), a.allowed_origins):
+            raise _Refused(403, "origin not allowed")
+        session_id = _arg(request, b"session")
+        if session_id is not None and not SESSION_ID_RE.match(session_id):
+            session_id = None
+        last_seq_text = _arg(request, b"last_seq") or "0"
+        if not last_seq_text.isdigit() or int(last_seq_text) > MAX_SEQ:
+            raise _Refused(400, "last_seq must be a non-negative integer")
+        key = SessionKey(project, principal.user, agent)
+        if (
+            a.registry.sessions_of(principal.user) >= a.max_sessions_per_user
+            and key not in a.registry.by_key
+        ):
+            metrics.RATELIMIT_DECISIONS.labels("sessions", "rejected").inc()
+            raise _Refused(429, "too many concurrent sessions", retry_after=10)
+        peer = request.getClientAddress()
+        return ConnectionContext(
+            principal=principal,
+            project=project,
+            agent=agent,
+            session_id=session_id,
+            last_seq=int(last_seq_text),
+            peer=str(getattr(peer, "host", "")),
+        )
+
+    def _finish(self, request: Request, ctx: ConnectionContext) -> bytes | int:
+        upgrade = (request.getHeader(b"upgrade") or "").lower()
+        if upgrade != "websocket":
+            return _Refused(426, "WebSocket upgrade required").answer(request)
+        metrics.HANDSHAKES.labels("101").inc()
+        self._factory.upgrade(self._websocket, request, ctx)
+        return NOT_DONE_YET
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str, retry_after: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+    def answer(self, request: Request) -> bytes:
+        metrics.HANDSHAKES.labels(str(self.status)).inc()
+        request.setResponseCode(self.status)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if self.retry_after is not None:
+            request.setHeader(b"retry-after", str(self.retry_after).encode())
+        if self.status == 426:
+            request.setHeader(b"upgrade", b"websocket")
+        return self.reason.encode() + b"\n"
+
+
+def _arg(request: Request, name: bytes) -> str | None:
+    values = request.args.get(name)
+    if not values:
+        return None
+    return values[0].decode("utf-8", "replace")

@@ -1,0 +1,564 @@
+"""One live agent conversation: seq numbers, the replay log, attach/detach, grace, prompts.
+
+A session belongs to one (project, user, agent) and owns at most one agent process, started
+on the first prompt. Every message to the client gets the next ``seq`` and a place in a
+bounded replay log, so a client that comes back with ``last_seq`` gets exactly what it
+missed. When its WebSocket goes away the agent keeps running for the grace period.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import orjson
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from agentd import metrics
+from agentd.errors import ErrorCode, error_message
+from agentd.transport import AgentProcess, AgentTarget, AgentTransport, TransportError
+
+_log = Logger()
+
+SUPERSEDED = 4001
+# Prompt ids remembered per session for exactly-once acks; far more than a session's
+# prompts in any realistic grace period.
+REMEMBERED_PROMPT_IDS = 10_000
+
+
+class SessionKey(NamedTuple):
+    project: str
+    user: str
+    agent: str
+
+
+class Client(Protocol):
+    """The attached WebSocket, as the session sees it."""
+
+    def send_frame(self, frame: bytes) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class ReplayLog:
+    """The most recent frames, bounded by count and bytes, oldest dropped first."""
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self._max_messages = max_messages
+        self._max_bytes = max_bytes
+        self._frames: deque[tuple[int, bytes]] = deque()
+        self._bytes = 0
+
+    def append(self, seq: int, frame: bytes) -> None:
+        self._frames.append((seq, frame))
+        self._bytes += len(frame)
+        while len(self._frames) > self._max_messages or (
+            self._bytes > self._max_bytes and len(self._frames) > 1
+        ):
+            self._bytes -= len(self._frames.popleft()[1])
+
+    def since(self, last_seq: int, current_seq: int) -> tuple[list[bytes], bool]:
+        """Frames with seq > last_seq, and whether that is all of them."""
+        if last_seq >= current_seq:
+            return [], True
+        first = self._frames[0][0] if self._frames else current_seq + 1
+        complete = last_seq + 1 >= first
+        start = max(0, last_seq + 1 - first)
+        frames = [frame for _, frame in list(self._frames)[start:]]
+        return frames, complete
+
+    @property
+    def size(self) -> int:
+        return self._bytes
+
+
+@dataclass
+class Query:
+    prompt_id: str
+    query_id: str
+    started: float
+    outputs: int = 0
+
+
+class SessionServices:
+    """What sessions need from the rest of agentd, gathered once by ``makeService``."""
+
+    def __init__(
+        self,
+        *,
+        transport: AgentTransport,
+        clock: IReactorTime,
+        grace_seconds: float,
+        replay_messages: int,
+        replay_bytes: int,
+        limiter: Any = None,
+        usage: Any = None,
+        keys: Any = None,
+        usage_event: Callable[..., Any] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.clock = clock
+        self.grace_seconds = grace_seconds
+        self.replay_messages = replay_messages
+        self.replay_bytes = replay_bytes
+        self.limiter = limiter
+        self.usage = usage
+        self.keys = keys
+        self.usage_event = usage_event
+
+
+def _splice_seq(line: bytes, seq: int, obj: dict[str, Any]) -> bytes:
+    """The agent's line with ``seq`` added, without re-encoding it when that is safe."""
+    if "seq" in obj or not obj:
+        obj["seq"] = seq
+        return orjson.dumps(obj)
+    body = line.lstrip()[1:]
+    return b'{"seq":%d,%s' % (seq, body.strip())
+
+
+class Session:
+    def __init__(self, registry: SessionRegistry, key: SessionKey, services: SessionServices):
+        self.id = secrets.token_urlsafe(24)  # 192 random bits
+        self.key = key
+        self._registry = registry
+        self._services = services
+        self._clock = services.clock
+        self.seq = 0
+        self.replay = ReplayLog(services.replay_messages, services.replay_bytes)
+        self.client: Client | None = None
+        self.process: AgentProcess | None = None
+        self._key_source = "operator"
+        self._prompt_chain: Deferred[None] = defer.succeed(None)
+        self._accepted: OrderedDict[str, None] = OrderedDict()
+        self._pending: set[str] = set()
+        self.queries: OrderedDict[str, Query] = OrderedDict()
+        self._grace_call: IDelayedCall | None = None
+        self._paused = False
+        self.ended = False
+        self._log_context = {
+            "session": self.id[:8],
+            "project": key.project,
+            "user": key.user,
+            "agent": key.agent,
+        }
+
+    # -- client side ----------------------------------------------------------------------
+
+    def attach(self, client: Client, last_seq: int, resumed: bool) -> None:
+        previous = self.client
+        self.client = client
+        if previous is not None and previous is not client:
+            metrics.SESSION_EVENTS.labels("superseded").inc()
+            previous.close(SUPERSEDED, "superseded by a newer connection")
+        if self._grace_call is not None and self._grace_call.active():
+            self._grace_call.cancel()
+        self._grace_call = None
+        frames, complete = self.replay.since(last_seq if resumed else self.seq, self.seq)
+        if not complete:
+            metrics.REPLAY_OVERFLOWS.inc()
+        hello = {
+            "type": "session",
+            "session": self.id,
+            "resumed": resumed,
+            "complete": complete,
+            "lastSeq": self.seq,
+            "project": self.key.project,
+            "agent": self.key.agent,
+        }
+        client.send_frame(orjson.dumps(hello))
+        for frame in frames:
+            client.send_frame(frame)
+        self._registry.update_gauges()
+
+    def detach(self, client: Client) -> None:
+        if self.client is not client:
+            return
+        self.client = None
+        metrics.SESSION_EVENTS.labels("detached").inc()
+        # Nobody is reading now: let the agent run on into the replay log.
+        self.resume_output()
+        grace = self._services.grace_seconds
+        if grace <= 0:
+            self.end("detached")
+        else:
+            self._grace_call = self._clock.callLater(grace, self._expire)
+        self._registry.update_gauges()
+
+    def _expire(self) -> None:
+        self._grace_call = None
+        if self.client is None:
+            metrics.SESSION_EVENTS.labels("expired").inc()
+            _log.info("session expired after the grace period", **self._log_context)
+            self.end("expired")
+
+    def end(self, why: str) -> None:
+        """Forget the session and end its agent (it still reports usage as it exits)."""
+        if self.ended:
+            return
+        self.ended = True
+        if self._grace_call is not None and self._grace_call.active():
+            self._grace_call.cancel()
+        client, self.client = self.client, None
+        if client is not None:
+            client.close(SUPERSEDED if why == "replaced" else 1001, f"session {why}")
+        if self.process is not None:
+            self.process.terminate()
+        self._registry.forget(self)
+        metrics.SESSION_EVENTS.labels("ended").inc()
+
+    def pause_output(self) -> None:
+        self._paused = True
+        if self.process is not None:
+            metrics.FLOW_PAUSES.inc()
+            self.process.pause()
+
+    def resume_output(self) -> None:
+        self._paused = False
+        if self.process is not None:
+            self.process.resume()
+
+    def emit(self, message: dict[str, Any]) -> None:
+        """Send one of agentd's own messages in the session's seq envelope."""
+        self.seq += 1
+        message["seq"] = self.seq
+        self._send(orjson.dumps(message))
+
+    def error(self, code: ErrorCode, text: str, **extra: Any) -> None:
+        metrics.ERRORS.labels(self.key.agent, code.value).inc()
+        self.emit(error_message(code, text, **extra))
+
+    def _send(self, frame: bytes) -> None:
+        self.replay.append(self.seq, frame)
+        metrics.MESSAGES.labels("to_client").inc()
+        metrics.BYTES.labels("to_client").inc(len(frame))
+        if self.client is not None:
+            self.client.send_frame(frame)
+
+    # -- prompts --------------------------------------------------------------------------
+
+    def prompt(self, message: dict[str, Any]) -> None:
+        prompt_id = message["id"]
+        if prompt_id in self._accepted:
+            self.emit({"type": "ack", "id": prompt_id, "duplicate": True})
+            return
+        if prompt_id in self._pending:
+            return  # its ack (or refusal) is on the way
+        self._pending.add(prompt_id)
+        self._prompt_chain.addCallback(lambda _: defer.ensureDeferred(self._accept(message)))
+        self._prompt_chain.addErrback(self._prompt_failed, prompt_id)
+
+    def _prompt_failed(self, failure: Any, prompt_id: str) -> None:
+        self._pending.discard(prompt_id)
+        _log.failure("prompt handling failed", failure, **self._log_context)
+        self.error(ErrorCode.INTERNAL, "internal error", id=prompt_id)
+
+    async def _accept(self, message: dict[str, Any]) -> None:
+        prompt_id = message["id"]
+        try:
+            if self.ended:
+                return
+            services = self._services
+            if services.limiter is not None:
+                decision = await services.limiter.check_prompt(self.key.user)
+                metrics.RATELIMIT_DECISIONS.labels(
+                    "prompts", "allowed" if decision.allowed else "rejected"
+                ).inc()
+                if not decision.allowed:
+                    self.error(
+                        ErrorCode.RATE_LIMIT,
+                        "Rate limited. Please wait before sending another message.",
+                        id=prompt_id,
+                        retryAfter=decision.retry_after_ms,
+                        policy=decision.policy,
+                        limit=decision.limit,
+                        window=decision.window_ms,
+                    )
+                    return
+            if services.usage is not None:
+                budget = await services.usage.check_budget(self.key.user, self.key.project)
+                if not budget.allowed:
+                    metrics.BUDGET_REJECTIONS.labels(budget.scope or "user").inc()
+                    self.error(
+                        ErrorCode.QUOTA_EXCEEDED,
+                        f"Monthly budget reached for this {budget.scope}.",
+                        id=prompt_id,
+                        scope=budget.scope,
+                        budget=budget.budget_usd,
+                        spent=round(budget.spent_usd, 6),
+                    )
+                    return
+            process = await self._ensure_process()
+            if process is None or self.ended:
+                self.error(ErrorCode.VM_UNAVAILABLE, "The project VM is unavailable.", id=prompt_id)
+                return
+            query = Query(prompt_id, "q_" + secrets.token_hex(12), time.monotonic())
+            self.queries[prompt_id] = query
+            metrics.QUERIES_IN_FLIGHT.labels(self.key.agent).inc()
+            line = orjson.dumps(message)
+            process.write_line(line)
+            metrics.MESSAGES.labels("to_agent").inc()
+            metrics.BYTES.labels("to_agent").inc(len(line) + 1)
+            self._accepted[prompt_id] = None
+            if len(self._accepted) > REMEMBERED_PROMPT_IDS:
+                self._accepted.popitem(last=False)
+            self.emit({"type": "ack", "id": prompt_id})
+        finally:
+            self._pending.discard(prompt_id)
+
+    def abort(self) -> None:
+        if self.process is not None:
+            self.process.write_line(b'{"type":"abort"}')
+            metrics.MESSAGES.labels("to_agent").inc()
+
+    async def _ensure_process(self) -> AgentProcess | None:
+        """The running agent, or a new one (prompts are handled one at a time, so at most
+        one spawn is ever in progress)."""
+        if self.process is not None:
+            return self.process
+        services = self._services
+        env: dict[str, str] = {}
+        try:
+            if services.keys is not None:
+                keys = await services.keys.keys_for(self.key.user)
+                env = dict(keys.env)
+                self._key_source = keys.source
+            target = AgentTarget(
+                project=self.key.project,
+                agent=self.key.agent,
+                user=self.key.user,
+                session=self.id,
+                env=env,
+            )
+            process: AgentProcess = await defer.maybeDeferred(
+                services.transport.spawn, target, _Sink(self)
+            )
+        except TransportError as e:
+            metrics.AGENT_PROCESSES.labels(self.key.agent, "failed").inc()
+            _log.warn(
+                "cannot start agent: {reason} ({detail})",
+                reason=e.reason,
+                detail=e.detail,
+                **self._log_context,
+            )
+            return None
+        except Exception:
+            metrics.AGENT_PROCESSES.labels(self.key.agent, "failed").inc()
+            _log.failure("cannot start agent", **self._log_context)
+            return None
+        metrics.AGENT_PROCESSES.labels(self.key.agent, "started").inc()
+        if self.ended:
+            process.terminate()
+            return None
+        self.process = process
+        if self._paused:
+            process.pause()
+        return process
+
+    # -- agent side -----------------------------------------------------------------------
+
+    def agent_line(self, line: bytes) -> None:
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            obj = None
+        if type(obj) is not dict:
+            if line.strip():
+                metrics.AGENT_BAD_LINES.labels(self.key.agent).inc()
+                _log.warn(
+                    "agent wrote a line that is not a JSON object ({size} bytes)",
+                    size=len(line),
+                    **self._log_context,
+                )
+            return
+        kind = obj.get("type")
+        if kind in ("done", "error"):
+            self._finish_query(obj, kind)
+        elif kind in ("start", "delta") and self.queries:
+            query = self._query_for(obj)
+            if query is not None and query.outputs == 0:
+                metrics.FIRST_DELTA.labels(self.key.agent).observe(time.monotonic() - query.started)
+            if query is not None:
+                query.outputs += 1
+        self.seq += 1
+        self._send(_splice_seq(line, self.seq, obj))
+
+    def _query_for(self, obj: dict[str, Any]) -> Query | None:
+        prompt_id = obj.get("id")
+        if isinstance(prompt_id, str) and prompt_id in self.queries:
+            return self.queries[prompt_id]
+        # Agents that do not echo ids answer in order.
+        return next(iter(self.queries.values()), None)
+
+    def _finish_query(self, obj: dict[str, Any], kind: str) -> None:
+        agent = self.key.agent
+        if kind == "error":
+            code = obj.get("code")
+            metrics.ERRORS.labels(agent, code if isinstance(code, str) else "agent").inc()
+        query = self._query_for(obj)
+        if query is None:
+            return
+        if kind == "error" and "usage" not in obj and obj.get("id") != query.prompt_id:
+            return  # an error about something else (a malformed line), not this query's end
+        del self.queries[query.prompt_id]
+        metrics.QUERIES_IN_FLIGHT.labels(agent).dec()
+        metrics.QUERY_DURATION.labels(agent).observe(time.monotonic() - query.started)
+        outcome = "aborted" if obj.get("aborted") else ("done" if kind == "done" else "error")
+        metrics.QUERIES.labels(agent, outcome).inc()
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self._record_usage(query, usage, outcome)
+
+    def _record_usage(self, query: Query, usage: dict[str, Any], outcome: str) -> None:
+        services = self._services
+        if services.usage is None or services.usage_event is None:
+            return
+        event = services.usage_event(
+            usage,
+            query_id=query.query_id,
+            user=self.key.user,
+            project=self.key.project,
+            agent=self.key.agent,
+            timestamp=time.time(),
+            key_source=self._key_source,
+            outcome=outcome,
+        )
+        if event is None:
+            _log.warn("agent reported malformed usage", **self._log_context)
+            return
+        services.usage.record(event)
+
+    def agent_log(self, line: bytes) -> None:
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            obj = None
+        if type(obj) is dict:
+            fields = {
+                f"agent_{k}": v
+                for k, v in obj.items()
+                if k not in ("message", "level") and isinstance(k, str)
+            }
+            level = obj.get("level")
+            message = str(obj.get("message", ""))
+        else:
+            fields, level = {}, "info"
+            message = line.decode("utf-8", "replace")
+        emit = _log.warn if level in ("warn", "warning", "error") else _log.info
+        emit("agent: {agent_message}", agent_message=message[:2000], **fields, **self._log_context)
+
+    def agent_overlong(self, stream: str, size: int) -> None:
+        metrics.AGENT_BAD_LINES.labels(self.key.agent).inc()
+        _log.warn(
+            "dropped an agent {stream} line of {size} bytes (over the limit)",
+            stream=stream,
+            size=size,
+            **self._log_context,
+        )
+
+    def agent_ended(self, exit_status: int | None, reason: str) -> None:
+        self.process = None
+        metrics.AGENT_PROCESSES.labels(self.key.agent, "ended").inc()
+        if self.queries:
+            metrics.QUERIES_IN_FLIGHT.labels(self.key.agent).dec(len(self.queries))
+            metrics.QUERIES.labels(self.key.agent, "exited").inc(len(self.queries))
+            self.queries.clear()
+        _log.info("agent process ended: {reason}", reason=reason, **self._log_context)
+        if not self.ended:
+            self.error(
+                ErrorCode.AGENT_EXITED,
+                f"The agent process ended ({reason}); the next prompt starts a new one.",
+                exitStatus=exit_status,
+            )
+        self._registry.process_ended(self)
+
+
+class _Sink:
+    """Adapts transport callbacks to the session without exposing the session itself."""
+
+    __slots__ = ("agent_ended", "agent_line", "agent_log", "agent_overlong")
+
+    def __init__(self, session: Session) -> None:
+        self.agent_line = session.agent_line
+        self.agent_log = session.agent_log
+        self.agent_overlong = session.agent_overlong
+        self.agent_ended = session.agent_ended
+
+
+class SessionRegistry:
+    """Every live session of this agentd process, by id and by (project, user, agent)."""
+
+    def __init__(self, services: SessionServices) -> None:
+        self.services = services
+        self.by_id: dict[str, Session] = {}
+        self.by_key: dict[SessionKey, Session] = {}
+        self._per_user: dict[str, int] = {}
+        self._ending: dict[Session, Deferred[None]] = {}
+
+    def sessions_of(self, user: str) -> int:
+        return self._per_user.get(user, 0)
+
+    def open(
+        self, key: SessionKey, client: Client, session_id: str | None, last_seq: int
+    ) -> Session:
+        if session_id:
+            existing = self.by_id.get(session_id)
+            if existing is not None and existing.key == key and not existing.ended:
+                metrics.SESSION_EVENTS.labels("resumed").inc()
+                existing.attach(client, last_seq, resumed=True)
+                return existing
+        previous = self.by_key.get(key)
+        if previous is not None:
+            previous.end("replaced")
+        session = Session(self, key, self.services)
+        self.by_id[session.id] = session
+        self.by_key[key] = session
+        self._per_user[key.user] = self._per_user.get(key.user, 0) + 1
+        metrics.SESSION_EVENTS.labels("created").inc()
+        session.attach(client, 0, resumed=False)
+        return session
+
+    def forget(self, session: Session) -> None:
+        if self.by_id.pop(session.id, None) is None:
+            return
+        if self.by_key.get(session.key) is session:
+            del self.by_key[session.key]
+        left = self._per_user.get(session.key.user, 1) - 1
+        if left:
+            self._per_user[session.key.user] = left
+        else:
+            self._per_user.pop(session.key.user, None)
+        if session.process is not None:
+            self._ending[session] = Deferred()
+        self.update_gauges()
+
+    def process_ended(self, session: Session) -> None:
+        waiting = self._ending.pop(session, None)
+        if waiting is not None:
+            waiting.callback(None)
+
+    def update_gauges(self) -> None:
+        attached = sum(1 for s in self.by_id.values() if s.client is not None)
+        metrics.SESSIONS.labels("attached").set(attached)
+        metrics.SESSIONS.labels("detached").set(len(self.by_id) - attached)
+
+    def busy(self) -> int:
+        """Queries in flight across all sessions."""
+        return sum(len(s.queries) for s in self.by_id.values())
+
+    def close_all(self, code: int, reason: str) -> None:
+        for session in list(self.by_id.values()):
+            if session.client is not None:
+                session.client.close(code, reason)
+
+    def end_all(self) -> Deferred[Any]:
+        """End every session; fires when their agent processes have exited."""
+        for session in list(self.by_id.values()):
+            session.end("shutdown")
+        return defer.DeferredList(list(self._ending.values()))

@@ -1,0 +1,112 @@
+"""The local transport: the agent command spawned on this host (development, embedded default)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IProcessTransport, IReactorProcess
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from agentd.transport import (
+    AgentProcess,
+    AgentSink,
+    AgentTarget,
+    LineSplitter,
+    TransportError,
+    command_argv,
+)
+
+
+class _AgentProcessProtocol(ProcessProtocol):
+    transport: IProcessTransport
+
+    def __init__(self, sink: AgentSink, max_line: int) -> None:
+        self._sink = sink
+        self._stdout = LineSplitter(
+            max_line, sink.agent_line, lambda n: sink.agent_overlong("stdout", n)
+        )
+        self._stderr = LineSplitter(
+            max_line, sink.agent_log, lambda n: sink.agent_overlong("stderr", n)
+        )
+
+    def outReceived(self, data: bytes) -> None:
+        self._stdout.feed(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._stderr.feed(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self._stdout.flush()
+        self._stderr.flush()
+        if reason.check(error.ProcessDone):
+            status: int | None = 0
+        else:
+            status = getattr(reason.value, "exitCode", None)
+        signal_number = getattr(reason.value, "signal", None)
+        why = f"killed by signal {signal_number}" if signal_number else f"exited with {status}"
+        self._sink.agent_ended(status, why)
+
+    # AgentProcess
+    def write_line(self, line: bytes) -> None:
+        self.transport.write(line + b"\n")
+
+    def pause(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def terminate(self) -> None:
+        try:
+            self.transport.closeStdin()
+            self.transport.signalProcess("TERM")
+        except error.ProcessExitedAlready:
+            pass
+
+
+class LocalTransport:
+    """Runs the agent command as a child process of agentd, without a shell."""
+
+    def __init__(
+        self,
+        reactor: IReactorProcess,
+        command: str,
+        forward_env: tuple[str, ...] = (),
+        max_line: int = 1_048_576,
+        base_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._command = command
+        self._forward_env = forward_env
+        self._max_line = max_line
+        self._base_env = dict(os.environ if base_env is None else base_env)
+
+    def _argv(self, agent: str) -> list[str]:
+        argv = command_argv(self._command, agent)
+        # An installed agentd-agent sits next to the interpreter running agentd, which may
+        # not be on PATH (a virtualenv that was never activated).
+        found = shutil.which(argv[0]) or shutil.which(argv[0], path=os.path.dirname(sys.executable))
+        if found is None:
+            raise TransportError("spawn", f"{argv[0]}: command not found")
+        return [found, *argv[1:]]
+
+    def spawn(self, target: AgentTarget, sink: AgentSink) -> Deferred[AgentProcess]:
+        argv = self._argv(target.agent)
+        env = dict(self._base_env)
+        env.update({name: os.environ[name] for name in self._forward_env if name in os.environ})
+        env.update(target.env)
+        protocol = _AgentProcessProtocol(sink, self._max_line)
+        try:
+            self._reactor.spawnProcess(protocol, argv[0], argv, env=env)
+        except OSError as e:
+            raise TransportError("spawn", e.strerror or "cannot start the agent") from None
+        return succeed(protocol)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)

@@ -1,0 +1,82 @@
+"""The one Site: the agent WebSocket route, health, metrics, the HTTP API and static files."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.twisted import MetricsResource
+from twisted.logger import Logger
+from twisted.web.resource import NoResource, Resource
+from twisted.web.server import Request, Site
+from twisted.web.static import Data
+
+_log = Logger()
+
+
+class AccessLoggingSite(Site):
+    """A Site whose access log never carries query strings (they may hold tokens)."""
+
+    displayTracebacks = False
+
+    def log(self, request: Request) -> None:
+        _log.debug(
+            "{method} {path} {status}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("utf-8", "replace")[:200],
+            status=request.code,
+        )
+
+
+class _Root(Resource):
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NoResource()
+
+
+class _StaticFile(Data):
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(
+            b"content-security-policy",
+            b"default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+            b"style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+        )
+        return super().render_GET(request)  # type: ignore[no-any-return]
+
+
+def _static(name: str, content_type: str) -> Resource:
+    body = resources.files("agentd").joinpath("static", name).read_bytes()
+    return _StaticFile(body, content_type)
+
+
+def metrics_site(registry: CollectorRegistry) -> Site:
+    """A Site with only /metrics, for a separate (internal) listen endpoint."""
+    root = _Root()
+    root.putChild(b"metrics", MetricsResource(registry=registry))
+    return AccessLoggingSite(root)
+
+
+def build_site(
+    *,
+    agent_route: Resource,
+    health: Resource,
+    registry: CollectorRegistry | None,
+    api: dict[bytes, Resource],
+    demo_page: bool,
+) -> Site:
+    root = _Root()
+    root.putChild(b"projects", agent_route)
+    root.putChild(b"health", health)
+    if registry is not None:
+        root.putChild(b"metrics", MetricsResource(registry=registry))
+    api_root = _Root()
+    for name, resource in api.items():
+        api_root.putChild(name, resource)
+    root.putChild(b"api", api_root)
+    root.putChild(b"agent-client.js", _static("agent-client.js", "text/javascript"))
+    if demo_page:
+        index = _static("index.html", "text/html; charset=utf-8")
+        root.putChild(b"", index)
+        root.putChild(b"index.html", index)
+    return AccessLoggingSite(root)
