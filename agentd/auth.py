@@ -122,7 +122,7 @@ class Authenticator:
 
 
 def token_from_request(request: IRequest) -> str | None:
-    header = request.getHeader(b"authorization")
+    header = _header(request, b"authorization")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
@@ -134,6 +134,15 @@ def token_from_request(request: IRequest) -> str | None:
     if values and values[0]:
         return values[0].decode("utf-8", "replace")
     return None
+
+
+def _header(request: IRequest, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+def request_origin_allowed(request: IRequest, allowed: Iterable[str]) -> bool:
+    return origin_allowed(_header(request, b"origin"), _header(request, b"host"), allowed)
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: Iterable[str]) -> bool:

@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from agentd import metrics
-from agentd.auth import Authenticator, AuthError, Principal, origin_allowed
+from agentd.auth import Authenticator, AuthError, Principal, request_origin_allowed
 from agentd.config import PROJECT_RE
 from agentd.errors import ErrorCode
 from agentd.session import Session, SessionKey, SessionRegistry
@@ -108,7 +108,7 @@ class AgentWebSocket(WebSocketServerProtocol):
             self.session = self.factory.registry.open(key, self, ctx.session_id, ctx.last_seq)
         except Exception:
             _log.failure("cannot open session", project=ctx.project, agent=ctx.agent)
-            self.sendClose(1011, "internal error")
+            self.close(1011, "internal error")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
@@ -169,7 +169,9 @@ class AgentWebSocket(WebSocketServerProtocol):
         if self.session is not None:
             metrics.ACTIVE_CONNECTIONS.labels(self.context.agent).dec()
             self.session = None
-        self.sendClose(code, reason)
+        # sendClose only allows 1000 and 3000-4999; 1001 (going away) and 1011 (server
+        # error) are the standard codes for what agentd means.
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:120], isReply=False)
 
 
 class AgentWebSocketFactory(WebSocketServerFactory):
@@ -187,6 +189,7 @@ class AgentWebSocketFactory(WebSocketServerFactory):
             autoPingInterval=auto_ping_seconds,
             autoPingTimeout=max(auto_ping_seconds, 5.0) if auto_ping_seconds else 0,
             openHandshakeTimeout=10,
+            failByDrop=False,
             closeHandshakeTimeout=5,
             perMessageCompressionAccept=lambda offers: None,
         )
@@ -268,8 +271,7 @@ class AgentRoute(Resource):
             raise _Refused(e.status, e.reason) from None
         if not principal.may_access(project):
             raise _Refused(403, "token does not cover this project")
-        origin = request.getHeader(b"origin")
-        if not origin_allowed(origin, request.getHeader(b"host"), a.allowed_origins):
+        if not request_origin_allowed(request, a.allowed_origins):
             raise _Refused(403, "origin not allowed")
         session_id = _arg(request, b"session")
         if session_id is not None and not SESSION_ID_RE.match(session_id):
@@ -295,8 +297,8 @@ class AgentRoute(Resource):
         )
 
     def _finish(self, request: Request, ctx: ConnectionContext) -> bytes | int:
-        upgrade = (request.getHeader(b"upgrade") or "").lower()
-        if upgrade != "websocket":
+        upgrade = request.getHeader(b"upgrade") or b""
+        if upgrade.lower() != b"websocket":
             return _Refused(426, "WebSocket upgrade required").answer(request)
         metrics.HANDSHAKES.labels("101").inc()
         self._factory.upgrade(self._websocket, request, ctx)
