@@ -26,6 +26,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
+            "pyyaml>=6",
             "treq>=24",
             "playwright>=1.45",
             "ruff>=0.6",

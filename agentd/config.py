@@ -104,6 +104,8 @@ class UsageConfig:
 
 @dataclass(frozen=True)
 class KeysConfig:
+    """Each value is "env:NAME", "file:/absolute/path" or the secret itself (see docs/keys.md)."""
+
     anthropic: str = field(default="", repr=False)
     openai: str = field(default="", repr=False)
     encryption_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -256,6 +258,20 @@ def _validate(config: Config) -> None:
         raise ConfigError("[usage] monthly_budget_usd", "must not be negative")
     if not 0 < config.usage.soft_budget_ratio <= 1:
         raise ConfigError("[usage] soft_budget_ratio", "must be in (0, 1]")
+    k = config.keys
+    references = [("anthropic", k.anthropic), ("openai", k.openai)]
+    references += [(f"encryption_keys[{i}]", r) for i, r in enumerate(k.encryption_keys)]
+    for name, reference in references:
+        kind, colon, target = reference.partition(":")
+        if not (colon and kind.isascii() and kind.isalpha()):
+            continue
+        if kind == "env" and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", target):
+            continue
+        if kind == "file" and Path(target).is_absolute():
+            continue
+        raise ConfigError(
+            f"[keys] {name}", 'must be "env:NAME", "file:/absolute/path" or the secret itself'
+        )
     a = config.auth
     if a.jwt_public_key_file and not Path(a.jwt_public_key_file).is_file():
         raise ConfigError("[auth] jwt_public_key_file", f"{a.jwt_public_key_file}: no such file")

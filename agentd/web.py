@@ -7,7 +7,8 @@ from importlib import resources
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.logger import Logger
-from twisted.web.resource import NoResource, Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from twisted.web.static import Data
 
@@ -29,8 +30,8 @@ class AccessLoggingSite(Site):
 
 
 class _Root(Resource):
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        return NoResource()
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return notFound()
 
 
 class _StaticFile(Data):
@@ -79,4 +80,5 @@ def build_site(
         index = _static("index.html", "text/html; charset=utf-8")
         root.putChild(b"", index)
         root.putChild(b"index.html", index)
+        root.putChild(b"console.js", _static("console.js", "text/javascript"))
     return AccessLoggingSite(root)

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import pytest_twisted
 
-from tests.servers import RedisServer
+from tests.servers import RedisServer, SshServer
+
+if TYPE_CHECKING:
+    from tests.harness import RunningAgentd
 
 
 @pytest.fixture
@@ -17,3 +22,32 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[SshServer]:
+    """A real OpenSSH sshd on a loopback port, configured from vm-image/sshd_config."""
+    server = SshServer(tmp_path / "sshd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def agentd() -> Iterator[Callable[[dict[str, Any]], RunningAgentd]]:
+    """Start agentd from a config dict in the test's reactor; stopped after the test."""
+    from tests.harness import start
+
+    running: list[RunningAgentd] = []
+
+    def start_agentd(config: dict[str, Any]) -> RunningAgentd:
+        instance = start(config)
+        running.append(instance)
+        return instance
+
+    yield start_agentd
+    for instance in running:
+        if instance.service.running:
+            pytest_twisted.blockon(instance.service.stopService())

@@ -1,0 +1,339 @@
+"""``twistd agentd``: command-line options and the wiring of every part into one service."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+
+from agentd import __version__, metrics
+from agentd.auth import Authenticator
+from agentd.config import Config, ConfigError, load
+from agentd.gateway import Admission, AgentRoute, AgentWebSocketFactory
+from agentd.health import CheckResult, HealthCheck, HealthResource, redis_check
+from agentd.jsonlog import install_json_logging
+from agentd.keys import KeyStore
+from agentd.keys_api import KeysResource
+from agentd.pricing import PriceTable
+from agentd.ratelimit import RateLimiter
+from agentd.redisstore import RedisStore
+from agentd.session import SessionRegistry, SessionServices
+from agentd.transport import AgentTransport
+from agentd.transport.local import LocalTransport
+from agentd.transport.ssh import KnownHosts, SSHSettings, SSHTransport, load_private_key
+from agentd.usage import UsageEvent, UsageRecorder
+from agentd.usage_api import UsageResource
+from agentd.web import build_site, metrics_site
+
+_log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH] [--listen ENDPOINT ...]"
+    optParameters = [["config", "c", None, "TOML configuration file (default: embedded defaults)"]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on a Twisted endpoint string (repeatable; overrides [server] listen)."""
+        self["listen"].append(endpoint)
+
+    opt_l = opt_listen
+
+
+class AgentdService(MultiService):
+    """Starts the listeners; on stop, drains sessions before ending agents and usage."""
+
+    def __init__(
+        self,
+        config: Config,
+        clock: IReactorTime,
+        registry: SessionRegistry,
+        transport: AgentTransport,
+        limiter: RateLimiter,
+        usage: UsageRecorder,
+        store: RedisStore | None,
+        banner: str | None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.clock = clock
+        self.registry = registry
+        self.transport = transport
+        self.limiter = limiter
+        self.usage = usage
+        self.store = store
+        self.banner = banner
+        self.draining = False
+        self.handle_signals = False
+        self._drain_cut: Callable[[], None] | None = None
+
+    def startService(self) -> None:
+        self.usage.start()
+        super().startService()
+        if self.handle_signals:
+            # twistd's own handler makes the process end by the signal (status 143); a
+            # graceful drain that completes is a clean exit, status 0. The reactor installs
+            # its handlers as it starts running, so ours goes in after that.
+            self.clock.callWhenRunning(signal.signal, signal.SIGTERM, self._sigterm)  # type: ignore[attr-defined]
+        _log.info(
+            "agentd {version} started ({source}); transport {transport}",
+            version=__version__,
+            source=self.config.source,
+            transport=self.config.vms.transport,
+        )
+        if self.banner:
+            # Development mode only: the freshly generated token is meant to be copied.
+            # Straight to the terminal: twistd routes sys.stderr into the (redacting) log.
+            print(self.banner, file=sys.__stderr__, flush=True)
+
+    @defer.inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        self.draining = True
+        metrics.DRAINING.set(1)
+        _log.info("draining: no new connections; closing clients with 1001")
+        yield defer.maybeDeferred(super().stopService)
+        self.registry.close_all(1001, "server going away")
+        yield self._drain(self.config.server.drain_seconds)
+        yield self.registry.end_all().addTimeout(10, self.clock).addErrback(lambda _: None)
+        yield self.usage.stop()
+        self.limiter.stop()
+        yield self.transport.stop()
+        if self.store is not None:
+            yield self.store.disconnect().addErrback(lambda _: None)
+        _log.info("agentd stopped")
+
+    def _drain(self, seconds: float) -> Deferred[None]:
+        """Wait until no query is in flight, the drain time is over, or a second SIGTERM."""
+        done: Deferred[None] = Deferred()
+        deadline = self.clock.seconds() + seconds
+
+        def check() -> None:
+            if done.called:
+                return
+            if self.registry.busy() == 0 or self.clock.seconds() >= deadline:
+                poll.stop()
+                done.callback(None)
+
+        poll = LoopingCall(check)
+        poll.clock = self.clock
+
+        def cut() -> None:
+            if not done.called:
+                poll.stop()
+                done.callback(None)
+
+        self._drain_cut = cut
+        poll.start(0.1, now=True)
+        return done
+
+    def _sigterm(self, signum: int, frame: Any) -> None:
+        from twisted.internet import reactor
+
+        if not self.draining:
+            reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+        elif self._drain_cut is not None:
+            _log.info("second SIGTERM: ending the drain now")
+            reactor.callFromThread(self._drain_cut)  # type: ignore[attr-defined]
+
+    def ready(self) -> bool:
+        return self.running and not self.draining
+
+
+def _transport(config: Config, reactor: Any) -> AgentTransport:
+    v = config.vms
+    if v.transport == "local":
+        return LocalTransport(
+            reactor,
+            config.agents.command,
+            forward_env=v.forward_env,
+            max_line=config.server.max_message_bytes,
+        )
+    settings = SSHSettings(
+        user=v.user,
+        private_key=load_private_key(v.private_key),
+        known_hosts=KnownHosts(v.known_hosts),
+        command=config.agents.command,
+        forward_env={k: os.environ[k] for k in v.forward_env if k in os.environ},
+        connect_timeout=v.connect_timeout_seconds,
+        connect_attempts=v.connect_attempts,
+        backoff_base=v.connect_backoff_base_seconds,
+        backoff_cap=v.connect_backoff_cap_seconds,
+        max_channels=v.max_channels_per_connection,
+        max_line=config.server.max_message_bytes,
+    )
+    hosts = dict(v.hosts)
+
+    def host_for(project: str) -> str:
+        return hosts.get(project) or v.host.format(project=project)
+
+    return SSHTransport(reactor, reactor, settings, host_for, v.port)
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """The service twistd runs: JSON logging at the root, agentd below it."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    try:
+        config = load(options["config"])
+        if options["listen"]:
+            config = config.with_listen(tuple(options["listen"]))
+        root = install_json_logging(config.log)
+        agentd = build(config, reactor)
+    except ConfigError as e:
+        raise SystemExit(f"agentd: configuration error: {e}") from None
+    agentd.handle_signals = True
+    agentd.setServiceParent(root)
+    return root
+
+
+def build(config: Config, reactor: Any) -> AgentdService:
+    """Everything agentd runs, wired from one validated Config."""
+    dev_secret, banner = "", None
+    if not config.auth.jwt_secret and not config.auth.jwt_public_key_file:
+        if config.source != "embedded defaults":
+            raise ConfigError(
+                "[auth] jwt_secret", "required (or jwt_public_key_file, or AGENTD_JWT_SECRET)"
+            )
+        dev_secret = secrets.token_urlsafe(32)
+    authenticator = Authenticator.from_config(config.auth, dev_secret=dev_secret)
+
+    store = None
+    if config.redis.url:
+        store = RedisStore(config.redis.url, reactor, timeout=config.redis.timeout_ms / 1000)
+    prices = (
+        PriceTable.load(config.usage.prices_file)
+        if config.usage.prices_file
+        else (PriceTable.empty())
+    )
+    limiter = RateLimiter.from_config(config.ratelimit, store, reactor)
+    usage_recorder = UsageRecorder.from_config(config.usage, store, reactor, prices)
+    keystore = KeyStore.from_config(config.keys, store, reactor)
+    transport = _transport(config, reactor)
+
+    services = SessionServices(
+        transport=transport,
+        clock=reactor,
+        grace_seconds=config.sessions.grace_seconds,
+        replay_messages=config.sessions.replay_messages,
+        replay_bytes=config.sessions.replay_bytes,
+        limiter=limiter,
+        usage=usage_recorder,
+        keys=keystore,
+        usage_event=UsageEvent.from_agent_usage,
+    )
+    registry = SessionRegistry(services)
+    service = AgentdService(
+        config, reactor, registry, transport, limiter, usage_recorder, store, banner
+    )
+    factory = AgentWebSocketFactory(
+        registry, config.server.max_message_bytes, config.server.auto_ping_seconds
+    )
+    admission = Admission(
+        authenticator=authenticator,
+        agents=frozenset(config.agents.names),
+        allowed_origins=config.server.allowed_origins,
+        registry=registry,
+        max_sessions_per_user=config.ratelimit.max_sessions_per_user,
+        limiter=limiter,
+        draining=lambda: service.draining,
+    )
+    health = HealthResource(
+        checks=_health_checks(store, usage_recorder, limiter, transport),
+        clock=reactor,
+        version=__version__,
+        started_at=time.time(),
+        ready=service.ready,
+    )
+    separate_metrics = bool(config.server.metrics_listen)
+    site = build_site(
+        agent_route=AgentRoute(admission, factory),
+        health=health,
+        registry=None if separate_metrics else metrics.REGISTRY,
+        api={
+            b"usage": UsageResource(usage_recorder, authenticator),
+            b"keys": KeysResource(keystore, authenticator),
+        },
+        demo_page=config.server.demo_page,
+    )
+    for endpoint in config.server.listen:
+        listener = StreamServerEndpointService(serverFromString(reactor, endpoint), site)
+        listener.setServiceParent(service)
+    for endpoint in config.server.metrics_listen:
+        listener = StreamServerEndpointService(
+            serverFromString(reactor, endpoint), metrics_site(metrics.REGISTRY)
+        )
+        listener.setServiceParent(service)
+    if dev_secret:
+        token = authenticator.mint("dev", ["*"], ttl=7 * 24 * 3600)
+        url = _dev_url(config.server.listen[0])
+        service.banner = (
+            "agentd is running in development mode (embedded defaults, throwaway JWT secret).\n"
+            f"  demo console: {url}/?token={token}&project=demo&agent=echo\n"
+            f"  WebSocket:    {url.replace('http', 'ws', 1)}/projects/demo/agent/echo"
+            f"?token={token}\n"
+            f"  token:        {token}"
+        )
+    return service
+
+
+def _dev_url(endpoint: str) -> str:
+    parts = endpoint.split(":")
+    port = parts[1] if len(parts) > 1 else "8080"
+    host = "127.0.0.1"
+    for part in parts[2:]:
+        if part.startswith("interface="):
+            host = part.split("=", 1)[1] or host
+    scheme = "https" if parts[0] == "ssl" else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+def _health_checks(
+    store: RedisStore | None,
+    usage_recorder: UsageRecorder,
+    limiter: RateLimiter,
+    transport: AgentTransport,
+) -> list[HealthCheck]:
+    """Redis, the usage spool, the limiter and the SSH side; none alone makes agentd unhealthy:
+    each has a fallback, so its failure degrades service rather than stopping it."""
+    checks = []
+    if store is not None:
+        checks.append(redis_check(store))
+
+    def usage_probe() -> CheckResult:
+        detail = usage_recorder.health()
+        return CheckResult("ok" if detail.get("ok") else "degraded", detail)
+
+    def limiter_probe() -> CheckResult:
+        degraded = limiter.degraded
+        return CheckResult("degraded" if degraded else "ok", {"fallback": degraded})
+
+    checks.append(HealthCheck("usage", usage_probe))
+    checks.append(HealthCheck("ratelimit", limiter_probe))
+    if isinstance(transport, SSHTransport):
+        ssh = transport
+
+        def ssh_probe() -> CheckResult:
+            detail = ssh.health()
+            return CheckResult("degraded" if detail["failing"] else "ok", detail)
+
+        checks.append(HealthCheck("ssh", ssh_probe))
+    return checks

@@ -1,0 +1,164 @@
+"""Reconnection end to end: drops mid-stream, resume by seq, nothing lost or repeated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from tests.harness import merge, ssh_config, token
+from tests.wsclient import WsClient, connect
+
+
+class ResumingReader:
+    """What agent-client.js does: remember session and last seq, skip duplicates."""
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+        self.session: str | None = None
+        self.last_seq = 0
+        self.messages: list[dict[str, Any]] = []
+        self.resumes: list[dict[str, Any]] = []
+        self.client: WsClient | None = None
+
+    async def connect(self) -> None:
+        params: dict[str, Any] = {"token": token()}
+        if self.session:
+            params.update(session=self.session, last_seq=self.last_seq)
+        self.client = await connect(self.gateway.ws_url(**params))
+        hello = await self.client.recv()
+        assert hello["type"] == "session"
+        if self.session:
+            self.resumes.append(hello)
+        self.session = hello["session"]
+
+    async def read(self, count: int) -> bool:
+        """Read up to ``count`` messages; False if the connection dropped first."""
+        assert self.client is not None
+        for _ in range(count):
+            if self.client.closed.called and self.client.queue.pending == []:
+                return False
+            try:
+                message = await self.client.recv(timeout=2)
+            except Exception:
+                return False
+            if message["seq"] <= self.last_seq:
+                continue
+            assert message["seq"] == self.last_seq + 1, "a gap in seq"
+            self.last_seq = message["seq"]
+            self.messages.append(message)
+            if message["type"] == "done":
+                return True
+        return True
+
+    def done(self) -> bool:
+        return bool(self.messages) and self.messages[-1]["type"] == "done"
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_answer_survives_repeated_drops_with_every_seq_exactly_once(
+    tmp_path, sshd, agentd
+):
+    gateway = agentd(merge(ssh_config(tmp_path, sshd), sessions={"grace_seconds": 30.0}))
+    reader = ResumingReader(gateway)
+    await reader.connect()
+    words = [f"w{i}" for i in range(250)]
+    text = " ".join(words)
+    # 250 words x 48 = 12,000 deltas, paced so the answer is still streaming across drops.
+    reader.client.send(
+        {"type": "prompt", "id": "long", "text": text, "repeat": 48, "delay_ms": 0.05}
+    )
+    drops = 0
+    while not reader.done():
+        await reader.read(1500)
+        if reader.done():
+            break
+        if drops % 2 == 0:
+            reader.client.close()  # the browser goes away politely
+        else:
+            session = gateway.registry.by_id[reader.session]
+            session.client.transport.abortConnection()  # the network dies under agentd
+        await reader.client.closed
+        drops += 1
+        await reader.connect()
+    assert drops >= 4, "the answer finished before the drops were exercised"
+    seqs = [m["seq"] for m in reader.messages]
+    assert seqs == list(range(1, len(seqs) + 1))
+    deltas = [m["text"] for m in reader.messages if m["type"] == "delta"]
+    assert len(deltas) == 250 * 48
+    assert "".join(deltas) == text * 48
+    assert [m["type"] for m in reader.messages].count("ack") == 1
+    assert all(r["resumed"] and r["complete"] for r in reader.resumes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unacknowledged_prompt_resent_after_resume_is_forwarded_once(tmp_path, sshd, agentd):
+    gateway = agentd(merge(ssh_config(tmp_path, sshd), sessions={"grace_seconds": 30.0}))
+    reader = ResumingReader(gateway)
+    await reader.connect()
+    reader.client.send({"type": "prompt", "id": "once", "text": "only once please"})
+    reader.client.close()  # gone before the ack was read
+    await reader.client.closed
+    await reader.connect()
+    reader.client.send({"type": "prompt", "id": "once", "text": "only once please"})
+    while not reader.done():
+        assert await reader.read(50)
+    await sleep(0.3)  # a second forward would have produced a second answer by now
+    while reader.client.queue.pending:
+        message = await reader.client.recv()
+        if message["seq"] > reader.last_seq:
+            reader.messages.append(message)
+    kinds = [m["type"] for m in reader.messages]
+    assert kinds.count("done") == 1 and kinds.count("start") == 1
+    # The resend either found the prompt still being admitted (one ack) or already
+    # accepted (acknowledged again as a duplicate); either way it ran once.
+    acks = [m for m in reader.messages if m["type"] == "ack"]
+    assert all(a["id"] == "once" for a in acks) and 1 <= len(acks) <= 2
+    assert all(a.get("duplicate") for a in acks[1:])
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_keeps_running_while_detached_and_dies_after_grace(tmp_path, sshd, agentd):
+    gateway = agentd(merge(ssh_config(tmp_path, sshd), sessions={"grace_seconds": 1.0}))
+    reader = ResumingReader(gateway)
+    await reader.connect()
+    reader.client.send(
+        {"type": "prompt", "id": "p", "text": "a b c d", "repeat": 20, "delay_ms": 5}
+    )
+    await reader.read(2)
+    reader.client.close()
+    await reader.client.closed
+    await sleep(0.6)
+    await reader.connect()  # within grace: resumed, and the agent went on meanwhile
+    assert reader.resumes[-1]["resumed"] is True
+    assert reader.resumes[-1]["lastSeq"] > reader.last_seq
+    while not reader.done():
+        assert await reader.read(100)
+    reader.client.close()
+    await reader.client.closed
+    await sleep(1.5)
+    assert gateway.registry.by_id == {}
+    old = reader.session
+    await reader.connect()
+    assert reader.session != old  # expired: a fresh session
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_connection_to_a_session_supersedes_the_first_with_4001(tmp_path, agentd):
+    from tests.harness import base_config
+
+    gateway = agentd(merge(base_config(tmp_path), sessions={"grace_seconds": 30.0}))
+    first = ResumingReader(gateway)
+    await first.connect()
+    second = ResumingReader(gateway)
+    second.session = first.session
+    await second.connect()
+    code, _ = await first.client.closed
+    assert code == 4001
+    assert second.resumes[-1]["resumed"] is True
