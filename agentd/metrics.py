@@ -189,3 +189,43 @@ BUDGET_SOFT_WARNINGS = Counter(
 
 # Process state.
 DRAINING = Gauge("agentd_draining", "1 while agentd is shutting down gracefully", registry=REGISTRY)
+
+
+def initialize(agents: tuple[str, ...], error_codes: tuple[str, ...]) -> None:
+    """Create every known label combination at zero, so the first event is an increase.
+
+    Prometheus' ``increase()`` and ``rate()`` cannot see a series' first sample as a change;
+    a counter that appears at 1 would hide the event that created it from the alerts.
+    """
+    for agent in agents:
+        ACTIVE_CONNECTIONS.labels(agent)
+        QUERY_DURATION.labels(agent)
+        QUERIES_IN_FLIGHT.labels(agent)
+        FIRST_DELTA.labels(agent)
+        AGENT_BAD_LINES.labels(agent)
+        COST.labels(agent)
+        for code in error_codes:
+            ERRORS.labels(agent, code)
+        for outcome in ("done", "aborted", "error", "exited"):
+            QUERIES.labels(agent, outcome)
+        for event in ("started", "ended", "failed"):
+            AGENT_PROCESSES.labels(agent, event)
+        for kind in ("input", "output", "cache_read", "cache_write"):
+            TOKENS.labels(agent, kind)
+    for state in ("attached", "detached"):
+        SESSIONS.labels(state)
+    for event in ("created", "detached", "resumed", "expired", "superseded", "ended"):
+        SESSION_EVENTS.labels(event)
+    for direction in ("to_agent", "to_client"):
+        MESSAGES.labels(direction)
+        BYTES.labels(direction)
+    for reason in ("refused", "timeout", "unreachable", "lost", "auth", "host_key", "other"):
+        SSH_CONNECT_FAILURES.labels(reason)
+    for policy in ("prompts", "connections", "sessions"):
+        for result in ("allowed", "rejected"):
+            RATELIMIT_DECISIONS.labels(policy, result)
+    for result in ("recorded", "duplicate", "spooled", "replayed", "failed"):
+        USAGE_EVENTS.labels(result)
+    for scope in ("user", "project"):
+        BUDGET_REJECTIONS.labels(scope)
+        BUDGET_SOFT_WARNINGS.labels(scope)

@@ -23,6 +23,7 @@ from twisted.python import usage
 from agentd import __version__, metrics
 from agentd.auth import Authenticator
 from agentd.config import Config, ConfigError, load
+from agentd.errors import ErrorCode
 from agentd.gateway import Admission, AgentRoute, AgentWebSocketFactory
 from agentd.health import CheckResult, HealthCheck, HealthResource, redis_check
 from agentd.jsonlog import install_json_logging
@@ -207,6 +208,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
 def build(config: Config, reactor: Any) -> AgentdService:
     """Everything agentd runs, wired from one validated Config."""
+    metrics.initialize(config.agents.names, tuple(code.value for code in ErrorCode))
     dev_secret, banner = "", None
     if not config.auth.jwt_secret and not config.auth.jwt_public_key_file:
         if config.source != "embedded defaults":
