@@ -22,6 +22,7 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy agentd
 	$(VENV)/bin/pytest
 	node --test tests/js/
 

@@ -31,6 +31,7 @@ setup(
             "playwright>=1.45",
             "ruff>=0.6",
             "mypy>=1.10",
+            "mypy-zope>=1.0",
             "anthropic>=0.40",
             "openai>=1.50",
         ],

@@ -98,7 +98,7 @@ class AgentWebSocket(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         ctx = self.context
-        transport = self.transport
+        transport: Any = self.transport
         # twisted.web registered its HTTP channel as the producer; the socket is ours now.
         transport.unregisterProducer()
         transport.registerProducer(_Backpressure(self), True)
@@ -175,7 +175,7 @@ class AgentWebSocket(WebSocketServerProtocol):
 
 
 class AgentWebSocketFactory(WebSocketServerFactory):
-    protocol = AgentWebSocket
+    protocol = AgentWebSocket  # type: ignore[assignment]
 
     def __init__(
         self, registry: SessionRegistry, max_message_bytes: int, auto_ping_seconds: float
@@ -194,8 +194,8 @@ class AgentWebSocketFactory(WebSocketServerFactory):
             perMessageCompressionAccept=lambda offers: None,
         )
 
-    def buildProtocol(self, addr: Any) -> AgentWebSocket:
-        protocol: AgentWebSocket = super().buildProtocol(addr)
+    def buildProtocol(self, addr: Any) -> AgentWebSocket:  # type: ignore[override]
+        protocol: AgentWebSocket = super().buildProtocol(addr)  # type: ignore[assignment]
         assert self._next_context is not None
         protocol.context, self._next_context = self._next_context, None
         return protocol
@@ -259,7 +259,7 @@ class AgentRoute(Resource):
 
     def _admit(self, request: Request) -> ConnectionContext:
         a = self._admission
-        route = parse_route(request.postpath)
+        route = parse_route(request.postpath or [])
         if route is None or route[1] not in a.agents:
             raise _Refused(404, "no such route")
         project, agent = route

@@ -142,7 +142,7 @@ class Session:
         self._grace_call: IDelayedCall | None = None
         self._paused = False
         self.ended = False
-        self._log_context = {
+        self._log_context: dict[str, Any] = {
             "session": self.id[:8],
             "project": key.project,
             "user": key.user,
@@ -256,7 +256,7 @@ class Session:
 
     def _prompt_failed(self, failure: Any, prompt_id: str) -> None:
         self._pending.discard(prompt_id)
-        _log.failure("prompt handling failed", failure, **self._log_context)
+        _log.failure("prompt handling failed", failure=failure, **self._log_context)
         self.error(ErrorCode.INTERNAL, "internal error", id=prompt_id)
 
     async def _accept(self, message: dict[str, Any]) -> None:

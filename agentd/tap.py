@@ -154,7 +154,7 @@ class AgentdService(MultiService):
             reactor.callFromThread(self._drain_cut)  # type: ignore[attr-defined]
 
     def ready(self) -> bool:
-        return self.running and not self.draining
+        return bool(self.running) and not self.draining
 
 
 def _transport(config: Config, reactor: Any) -> AgentTransport:

@@ -7,6 +7,7 @@ from importlib import resources
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -20,7 +21,7 @@ class AccessLoggingSite(Site):
 
     displayTracebacks = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         _log.debug(
             "{method} {path} {status}",
             method=request.method.decode("ascii", "replace"),

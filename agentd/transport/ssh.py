@@ -226,6 +226,7 @@ class AgentChannel(SSHChannel):
     """One agent process on a VM: stdin/stdout/stderr of an exec request."""
 
     name = b"session"
+    conn: _Connection
 
     def __init__(
         self,
@@ -394,9 +395,10 @@ class _VMPool:
             return conn
 
         def failed(failure: Failure) -> Failure:
-            if proto.transport is not None and proto.transport.connected:
-                proto.transport.abortConnection()
-            e = _classify(failure.value)
+            transport = proto.transport
+            if transport is not None and getattr(transport, "connected", False):
+                transport.abortConnection()  # type: ignore[attr-defined]
+            e = _classify(failure.value)  # type: ignore[arg-type]
             if proto.failure is not None and isinstance(failure.value, defer.CancelledError):
                 e = proto.failure
             metrics.SSH_CONNECT_FAILURES.labels(e.reason).inc()
@@ -464,7 +466,7 @@ class _VMPool:
             channel = AgentChannel(sink, command, env, s.max_line, self._clock, conn)
             conn.agent_channels += 1
             self._cancel_idle(conn)
-            channel.ready.addErrback(lambda f, c=conn: self._release(c) or f)
+            channel.ready.addErrback(self._release_on_failure, conn)
             conn.openChannel(channel)
             try:
                 await channel.ready
@@ -491,6 +493,10 @@ class _VMPool:
             channel.closed = closed  # type: ignore[method-assign]
             return channel
         raise TransportError("channels", "could not open a channel on any connection")
+
+    def _release_on_failure(self, failure: Failure, conn: _Connection) -> Failure:
+        self._release(conn)
+        return failure
 
     def _release(self, conn: _Connection) -> None:
         conn.agent_channels -= 1
