@@ -11,7 +11,6 @@ from twisted.web import http
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
-from twisted.web.static import Data
 
 _log = Logger()
 
@@ -35,8 +34,23 @@ class _Root(Resource):
         return notFound()
 
 
-class _StaticFile(Data):
+class _StaticFile(Resource):
+    """One file shipped in agentd/static, held in memory."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes, content_type: str) -> None:
+        super().__init__()
+        self._body = body
+        self._type = content_type.encode()
+
+    def render_HEAD(self, request: Request) -> bytes:
+        self.render_GET(request)
+        return b""
+
     def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", self._type)
+        request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"referrer-policy", b"no-referrer")
         request.setHeader(
@@ -44,7 +58,7 @@ class _StaticFile(Data):
             b"default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
             b"style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
         )
-        return super().render_GET(request)  # type: ignore[no-any-return]
+        return self._body
 
 
 def _static(name: str, content_type: str) -> Resource:

@@ -1,0 +1,1 @@
+"""The VM-side agent CLI: one agent conversation over JSON lines on stdin and stdout."""
