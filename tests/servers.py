@@ -128,11 +128,17 @@ class SshServer:
     unprivileged user can only log that same user in).
     """
 
-    def __init__(self, directory: Path, max_sessions: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        max_sessions: int | None = None,
+        overrides: dict[str, str] | None = None,
+    ) -> None:
         self.directory = directory
         self.port = free_port()
         self.binary = require_binary("sshd", "/usr/sbin")
         self.max_sessions = max_sessions
+        self.overrides = overrides or {}
         self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o755)
@@ -160,6 +166,7 @@ class SshServer:
             replacements["PermitRootLogin"] = "prohibit-password"
         if self.max_sessions is not None:
             replacements["MaxSessions"] = str(self.max_sessions)
+        replacements.update(self.overrides)
         lines = []
         for line in SHIPPED_SSHD_CONFIG.read_text().splitlines():
             keyword = line.split(" ", 1)[0]
