@@ -15,10 +15,45 @@ from twisted.web.server import Request, Site
 _log = Logger()
 
 
+MAX_REQUEST_BODY = 64 * 1024
+
+
+class BoundedRequest(Request):
+    """Refuses request bodies over ``MAX_REQUEST_BODY`` as they arrive; twisted.web would
+    otherwise buffer any size before a resource sees it."""
+
+    _body_bytes = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_REQUEST_BODY:
+            self._refuse()
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_bytes += len(data)
+        if self._body_bytes > MAX_REQUEST_BODY:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        if not self._refused:
+            self._refused = True
+            transport = self.channel.transport
+            if transport is None:
+                return
+            transport.write(
+                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            transport.loseConnection()
+
+
 class AccessLoggingSite(Site):
     """A Site whose access log never carries query strings (they may hold tokens)."""
 
     displayTracebacks = False
+    requestFactory = BoundedRequest
 
     def log(self, request: http.Request) -> None:
         _log.debug(
