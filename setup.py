@@ -1,11 +1,11 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="agentd",
     version="0.1.0",
     description="Production gateway between browsers and AI coding agents on project VMs",
     python_requires=">=3.11",
-    packages=["agentd", "agentd.transport", "agentd.agent", "twisted.plugins"],
+    packages=[*find_packages(include=["agentd", "agentd.*"]), "twisted.plugins"],
     package_data={
         "agentd": ["static/*"],
         "twisted.plugins": ["agentd_plugin.py"],

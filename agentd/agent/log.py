@@ -1,0 +1,67 @@
+"""JSON log lines on stderr (stdout carries protocol lines only), with secrets redacted."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40}
+
+# Secrets shorter than this are not redacted: replacing every "a" would only garble the log.
+_MIN_SECRET_CHARS = 8
+
+
+def _timestamp(now: float) -> str:
+    seconds = int(now)
+    millis = int((now - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+class Log:
+    """Writes one JSON object per line to a file descriptor: level, message, timestamp, agent."""
+
+    def __init__(
+        self, agent: str, fd: int = 2, level: str = "info", secrets: Iterable[str] = ()
+    ) -> None:
+        self.agent = agent
+        self.fd = fd
+        self.threshold = LEVELS.get(level, LEVELS["info"])
+        self.secrets = sorted(
+            {s for s in secrets if len(s) >= _MIN_SECRET_CHARS}, key=len, reverse=True
+        )
+
+    def emit(self, level: str, message: str, query: str | None = None, **fields: Any) -> None:
+        if LEVELS[level] < self.threshold:
+            return
+        record: dict[str, Any] = {
+            "timestamp": _timestamp(time.time()),
+            "level": level,
+            "message": message,
+            "agent": self.agent,
+        }
+        if query is not None:
+            record["query"] = query
+        record.update(fields)
+        line = json.dumps(record, default=str)
+        for secret in self.secrets:
+            line = line.replace(secret, "[redacted]")
+        try:
+            os.write(self.fd, (line + "\n").encode("utf-8", "replace"))
+        except OSError:
+            # Nowhere left to report a broken stderr; the protocol on stdout goes on.
+            pass
+
+    def debug(self, message: str, query: str | None = None, **fields: Any) -> None:
+        self.emit("debug", message, query, **fields)
+
+    def info(self, message: str, query: str | None = None, **fields: Any) -> None:
+        self.emit("info", message, query, **fields)
+
+    def warn(self, message: str, query: str | None = None, **fields: Any) -> None:
+        self.emit("warn", message, query, **fields)
+
+    def error(self, message: str, query: str | None = None, **fields: Any) -> None:
+        self.emit("error", message, query, **fields)
