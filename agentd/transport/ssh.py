@@ -9,6 +9,7 @@ is paused the channel's receive window is not re-opened, so sshd stops reading f
 from __future__ import annotations
 
 import binascii
+import re
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -84,7 +85,10 @@ class KnownHosts:
                 except (binascii.Error, InvalidEntry, BadKeyError, ValueError):
                     # a line Conch cannot parse matches nothing, as in OpenSSH
                     continue
-                if not entry.matchesHost(name):
+                if isinstance(entry, HashedEntry):
+                    if not entry.matchesHost(name):
+                        continue
+                elif not _host_patterns_match(line.split(None, 1)[0], name):
                     continue
                 if revoked:
                     if entry.matchesKey(key):
@@ -94,6 +98,21 @@ class KnownHosts:
                 if entry.matchesKey(key):
                     return
         raise HostKeyError("changed" if seen else "unknown", name.decode())
+
+
+def _host_patterns_match(patterns: bytes, name: bytes) -> bool:
+    """OpenSSH's pattern lists: comma-separated, ``*`` and ``?`` wildcards, ``!`` negates."""
+    matched = False
+    for pattern in patterns.lower().split(b","):
+        negated = pattern.startswith(b"!")
+        if negated:
+            pattern = pattern[1:]
+        regex = re.escape(pattern).replace(rb"\*", b".*").replace(rb"\?", b".")
+        if re.fullmatch(regex, name.lower()):
+            if negated:
+                return False
+            matched = True
+    return matched
 
 
 @dataclass(frozen=True)
