@@ -1,0 +1,53 @@
+"""Sessions share pooled SSH connections and spill onto new ones when sshd refuses channels."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet import defer
+
+from agentd import metrics
+from tests.harness import merge, ssh_config, token
+from tests.servers import SshServer
+from tests.wsclient import connect
+
+
+async def one_session(gateway, user: str) -> list[dict]:
+    client = await connect(gateway.ws_url(token=token(user)))
+    await client.recv()
+    client.send({"type": "prompt", "id": "p", "text": f"hello {user}", "delay_ms": 300})
+    await client.recv_until("start")
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_channel_opens_another_connection_instead_of_failing(tmp_path, agentd):
+    sshd = SshServer(tmp_path / "sshd", max_sessions=2)
+    sshd.start()
+    try:
+        # agentd believes 10 channels fit on a connection; this sshd allows only 2.
+        gateway = agentd(merge(ssh_config(tmp_path, sshd), vms={"max_channels_per_connection": 10}))
+        before = metrics.SSH_CONNECT_ATTEMPTS._value.get()
+        clients = await defer.gatherResults(
+            [defer.ensureDeferred(one_session(gateway, f"user{i}")) for i in range(6)]
+        )
+        for i, client in enumerate(clients):
+            messages = await client.recv_until("done")
+            text = "".join(m["text"] for m in messages if m["type"] == "delta")
+            assert text == f"hello user{i}"
+            client.close()
+        assert metrics.SSH_CONNECT_ATTEMPTS._value.get() - before >= 3
+    finally:
+        sshd.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_on_one_vm_share_a_connection(tmp_path, sshd, agentd):
+    gateway = agentd(ssh_config(tmp_path, sshd))
+    before = metrics.SSH_CONNECT_ATTEMPTS._value.get()
+    clients = await defer.gatherResults(
+        [defer.ensureDeferred(one_session(gateway, f"user{i}")) for i in range(5)]
+    )
+    for client in clients:
+        await client.recv_until("done")
+        client.close()
+    assert metrics.SSH_CONNECT_ATTEMPTS._value.get() - before == 1
