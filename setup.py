@@ -14,6 +14,7 @@ setup(
         "twisted[conch,tls]>=24.3",
         "autobahn>=24.4",
         "txredisapi>=1.4.10",
+        "hiredis>=2",  # txredisapi parses replies with it when installed
         "prometheus-client>=0.20",
         "pyopenssl>=24",
         "service-identity>=24",
