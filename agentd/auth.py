@@ -82,7 +82,7 @@ class Authenticator:
         except jwt.InvalidTokenError:
             raise AuthError(401, "invalid token") from None
         user = claims.get("sub")
-        if not isinstance(user, str) or not USER_RE.match(user):
+        if not isinstance(user, str) or not USER_RE.fullmatch(user):
             raise AuthError(401, "invalid token subject")
         projects = claims.get("projects", [])
         if isinstance(projects, str):

@@ -24,7 +24,7 @@ def _token(argv: list[str]) -> int:
     parser.add_argument("--admin", action="store_true", help='add the claim role: "admin"')
     parser.add_argument("--config", help="agentd.toml (default: embedded defaults)")
     args = parser.parse_args(argv)
-    if not USER_RE.match(args.user):
+    if not USER_RE.fullmatch(args.user):
         parser.error("--user: letters, digits and _.@+- only, at most 128 characters")
     if args.ttl <= 0:
         parser.error("--ttl must be positive")

@@ -202,12 +202,12 @@ def _validate(config: Config) -> None:
     if s.auto_ping_seconds < 0 or s.drain_seconds < 0:
         raise ConfigError("[server]", "durations must not be negative")
     for origin in s.allowed_origins:
-        if not re.match(r"^https?://[^/\s]+$", origin):
+        if not re.fullmatch(r"https?://[^/\s]+", origin):
             raise ConfigError("[server] allowed_origins", f"{origin!r} is not scheme://host[:port]")
     if not config.agents.names:
         raise ConfigError("[agents] names", "needs at least one agent")
     for agent in config.agents.names:
-        if not AGENT_NAME_RE.match(agent):
+        if not AGENT_NAME_RE.fullmatch(agent):
             raise ConfigError("[agents] names", f"{agent!r} is not a valid agent name")
     if "{agent}" not in config.agents.command:
         raise ConfigError("[agents] command", "must contain {agent}")
@@ -228,7 +228,7 @@ def _validate(config: Config) -> None:
     except (KeyError, IndexError, ValueError):
         raise ConfigError("[vms] host", "may only use the {project} placeholder") from None
     for env in v.forward_env:
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", env):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
             raise ConfigError("[vms] forward_env", f"{env!r} is not an environment variable name")
     if v.transport == "ssh":
         if not v.private_key:
@@ -265,7 +265,7 @@ def _validate(config: Config) -> None:
         kind, colon, target = reference.partition(":")
         if not (colon and kind.isascii() and kind.isalpha()):
             continue
-        if kind == "env" and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", target):
+        if kind == "env" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", target):
             continue
         if kind == "file" and Path(target).is_absolute():
             continue

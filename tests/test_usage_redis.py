@@ -1,0 +1,426 @@
+"""UsageRecorder against a real redis-server that the tests stop, kill and restart."""
+
+from __future__ import annotations
+
+import calendar
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
+
+from agentd import metrics
+from agentd.config import UsageConfig
+from agentd.pricing import PriceTable
+from agentd.redisstore import RedisStore
+from agentd.usage import (
+    UsageEvent,
+    UsageRecorder,
+    UsageReport,
+    day_expiry,
+    month_expiry,
+    month_of,
+)
+from tests.servers import RedisServer
+
+REPO = Path(__file__).resolve().parent.parent
+PRICES = PriceTable.load(REPO / "etc" / "prices.toml")
+
+
+def event(query_id: str, timestamp: float, **changes: Any) -> UsageEvent:
+    fields: dict[str, Any] = {
+        "query_id": query_id,
+        "user": "alice",
+        "project": "p1",
+        "agent": "echo",
+        "model": "claude-sonnet-4-5",
+        "input_tokens": 1000,
+        "output_tokens": 100,
+        "cache_read_tokens": 10,
+        "cache_write_tokens": 1,
+        "reported_cost": 0.001234,
+        "timestamp": timestamp,
+    }
+    fields.update(changes)
+    return UsageEvent(**fields)
+
+
+class Recorders:
+    """Recorders on their own Redis connections and spool directories, closed at the end."""
+
+    def __init__(self, redis: RedisServer, tmp_path: Path) -> None:
+        self.redis = redis
+        self.tmp_path = tmp_path
+        self.open: list[tuple[UsageRecorder, RedisStore]] = []
+
+    def new(self, spool: str = "spool", timeout: float = 0.2, **config: Any) -> UsageRecorder:
+        store = RedisStore(self.redis.url, reactor, timeout=timeout)
+        recorder = UsageRecorder.from_config(
+            UsageConfig(spool_dir=str(self.tmp_path / spool), **config), store, reactor, PRICES
+        )
+        recorder.start()
+        self.open.append((recorder, store))
+        return recorder
+
+    async def close(self) -> None:
+        for recorder, store in self.open:
+            await recorder.stop()
+            await store.disconnect()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+def counter(result: str) -> float:
+    return float(metrics.USAGE_EVENTS.labels(result)._value.get())
+
+
+async def month_report(recorder: UsageRecorder, timestamp: float) -> UsageReport:
+    return await recorder.report("user", "alice", month_of(timestamp))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_done_twice_and_a_resume_replay_are_recorded_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new()
+        now = time.time()
+        await recorder.record(event("q1", now))
+        await recorder.record(event("q1", now))
+        await recorder.record(event("q1", now + 30, input_tokens=5))  # replayed after a resume
+        await recorder.record(event("q2", now))
+        totals = (await month_report(recorder, now)).totals
+        assert (totals.queries, totals.input_tokens, totals.cost) == (2, 2000, 2468)
+        record = json.loads(redis_server.cli("--raw", "GET", "{usage}:query:q1"))
+        assert (record["input_tokens"], record["cost"], record["cost_source"]) == (
+            1000,
+            1234,
+            "reported",
+        )
+    finally:
+        await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_recorders_on_separate_connections_count_exactly(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        first, second = recorders.new("a"), recorders.new("b")
+        now = time.time()
+        before = counter("recorded") + counter("replayed")
+        events = [event(f"q{i}", now, input_tokens=i) for i in range(300)]
+        await gatherResults(
+            [first.record(e) for e in events] + [second.record(e) for e in reversed(events)]
+        )
+        # A burst this size may outlast the timeout: the late ones are replayed from the spool.
+        await until(lambda: first.spool_depth == second.spool_depth == 0)
+        totals = (await month_report(first, now)).totals
+        assert totals.queries == 300
+        assert totals.input_tokens == sum(range(300))
+        assert counter("recorded") + counter("replayed") - before <= 300
+    finally:
+        await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_key_expires_with_its_day_and_month(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new(retention_days=30)
+        now = time.time()
+        day = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+        for i, (user, project) in enumerate([("alice", "p1"), ("bob", "p2"), ("alice", "p2")]):
+            await recorder.record(event(f"q{i}", now, user=user, project=project))
+        keys = redis_server.cli("--raw", "KEYS", "*").split()
+        assert len(keys) == 3 + 2 + 2 + 3 + 2 + 2  # records, users, projects, pairs, sets
+        for key in keys:
+            expires = int(redis_server.cli("--raw", "EXPIRETIME", key))
+            if ":projects:" in key or ":users:" in key:
+                assert expires == month_expiry(month_of(now), 30), key
+            else:
+                assert expires == day_expiry(day, 30), key
+    finally:
+        await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_keeps_the_last_days_and_refuses_older_events(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new()
+        now = time.time()
+        kept, dropped = now - 89.5 * 86400, now - 91.5 * 86400
+        await recorder.record(event("kept", kept))
+        await recorder.record(event("dropped", dropped))
+        assert (await month_report(recorder, kept)).totals.queries == 1
+        assert (await month_report(recorder, dropped)).totals.queries == int(
+            month_of(kept) == month_of(dropped)
+        )
+        ttl = int(redis_server.cli("--raw", "TTL", "{usage}:query:kept"))
+        assert 0 < ttl <= 1.5 * 86400
+        assert redis_server.cli("--raw", "EXISTS", "{usage}:query:dropped").strip() == "0"
+    finally:
+        await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_months_split_at_midnight_utc(redis_server: RedisServer, tmp_path: Path) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new()
+        today = datetime.datetime.now(datetime.UTC).date()
+        first_second = calendar.timegm(today.replace(day=1).timetuple())
+        await recorder.record(event("before", first_second - 1))
+        await recorder.record(event("after", first_second))
+        this = await month_report(recorder, first_second)
+        last = await month_report(recorder, first_second - 1)
+        assert [d.day for d, _ in this.days] == [1]
+        assert [d.day for d, _ in last.days] == [(today.replace(day=1) - datetime.timedelta(1)).day]
+        assert this.totals.queries == last.totals.queries == 1
+    finally:
+        await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_monthly_reads_use_no_keys_or_scan(redis_server: RedisServer, tmp_path: Path) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new()
+        now = time.time()
+        await recorder.record(event("q1", now))
+        redis_server.cli("CONFIG", "RESETSTAT")
+        await month_report(recorder, now)
+        await recorder.report("project", "p1", month_of(now))
+        await recorder.check_budget("alice", "p1")
+        stats = redis_server.cli("INFO", "commandstats")
+        assert "cmdstat_hgetall" in stats
+        assert "cmdstat_keys" not in stats and "cmdstat_scan" not in stats
+    finally:
+        await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_budgets_and_overrides_set_with_redis_cli(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new(monthly_budget_usd=1.0)
+        now = time.time()
+        await recorder.record(event("a", now, reported_cost=0.4))
+        assert (await recorder.check_budget("alice", "p1")).allowed
+        redis_server.cli("HSET", "{usage}:budgets", "user:alice", "0.4")
+        decision = await recorder.check_budget("alice", "p1")
+        assert (decision.allowed, decision.scope, decision.budget_usd, decision.spent_usd) == (
+            False,
+            "user",
+            0.4,
+            0.4,
+        )
+        redis_server.cli("HDEL", "{usage}:budgets", "user:alice")
+        redis_server.cli("HSET", "{usage}:budgets", "project:p1", "0.3")
+        assert (await recorder.check_budget("bob", "p1")).scope == "project"
+        await recorder.set_budget("project", "p1", None)
+        assert (await recorder.check_budget("bob", "p1")).allowed
+    finally:
+        await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_soft_threshold_is_logged_once_per_month_across_instances(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        first = recorders.new("a", monthly_budget_usd=1.0)
+        second = recorders.new("b", monthly_budget_usd=1.0)
+        await first.record(event("a", time.time(), reported_cost=0.85))
+        before = float(metrics.BUDGET_SOFT_WARNINGS.labels("user")._value.get())
+        for recorder in (first, second, first):
+            assert (await recorder.check_budget("alice", "p1")).allowed
+        await until(
+            lambda: float(metrics.BUDGET_SOFT_WARNINGS.labels("user")._value.get()) > before
+        )
+        await deferLater(reactor, 0.1, lambda: None)
+        assert float(metrics.BUDGET_SOFT_WARNINGS.labels("user")._value.get()) == before + 1
+    finally:
+        await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_stopped_while_1000_queries_finish_loses_and_doubles_nothing(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new()
+        redis_server.cli("CONFIG", "SET", "save", "3600 1")  # keep what it has across restarts
+        now = time.time()
+        events = [event(f"q{i}", now, input_tokens=i, reported_cost=i / 1e4) for i in range(1000)]
+        pending = []
+        for start in range(0, 1000, 50):
+            if start == 400:
+                redis_server.stop()
+            pending += [recorder.record(e) for e in events[start : start + 50]]
+            await deferLater(reactor, 0.005, lambda: None)
+        await gatherResults(pending)
+        depth = recorder.spool_depth
+        assert depth >= 600
+        assert recorder.health()["ok"] is False and recorder.health()["redis"] is False
+        spool = tmp_path / "spool" / "usage-spool.jsonl"
+        assert len(spool.read_bytes().splitlines()) == depth  # on disk before record() fired
+
+        redis_server.start()
+        await until(lambda: recorder.spool_depth == 0)
+        totals = (await month_report(recorder, now)).totals
+        assert totals.queries == 1000
+        assert totals.input_tokens == sum(range(1000))
+        assert totals.cost == sum(range(1000)) * 100
+        assert spool.read_bytes() == b""
+        assert recorder.health() == {
+            "ok": True,
+            "spool_depth": 0,
+            "spool_writable": True,
+            "redis": True,
+        }
+    finally:
+        await recorders.close()
+
+
+CHILD = """
+import sys
+from twisted.internet import defer, task
+from agentd.config import UsageConfig
+from agentd.pricing import PriceTable
+from agentd.redisstore import RedisStore
+from agentd.usage import UsageEvent, UsageRecorder
+
+def main(reactor):
+    url, spool, count, now = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    store = RedisStore(url, reactor, timeout=0.1)
+    recorder = UsageRecorder.from_config(
+        UsageConfig(spool_dir=spool), store, reactor, PriceTable.empty()
+    )
+    recorder.start()
+    done = defer.gatherResults([
+        recorder.record(UsageEvent(
+            f"q{i}", "alice", "p1", "echo", "m", i, 1, 0, 0, 0.000001, now
+        ))
+        for i in range(count)
+    ])
+    done.addCallback(lambda _: print("spooled", recorder.spool_depth, flush=True))
+    return done.addCallback(lambda _: defer.Deferred())
+
+task.react(main)
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_9_with_a_full_spool_then_restart_counts_exactly(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    now = time.time()
+    redis_server.stop()
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, redis_server.url, str(tmp_path / "spool"), "300", str(now)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"spooled 300\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    assert child.returncode == -signal.SIGKILL
+
+    redis_server.start()
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        # Some of these queries reach Redis another way first: they still count once.
+        other = recorders.new("other")
+        for i in range(100):
+            await other.record(event(f"q{i}", now, model="m", input_tokens=i, output_tokens=1))
+        successor = recorders.new()
+        assert successor.spool_depth == 300
+        await until(lambda: successor.spool_depth == 0)
+        totals = (await month_report(successor, now)).totals
+        assert totals.queries == 300
+        assert totals.input_tokens == sum(range(300))
+    finally:
+        await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_waits_for_writes_in_flight(redis_server: RedisServer, tmp_path: Path) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new()
+        now = time.time()
+        for i in range(200):
+            recorder.record(event(f"q{i}", now))
+        await recorder.stop()
+        assert recorder.spool_depth == 0
+        assert os.path.getsize(tmp_path / "spool" / "usage-spool.jsonl") == 0
+        reader = recorders.new("reader")
+        assert (await month_report(reader, now)).totals.queries == 200
+    finally:
+        await recorders.close()
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentd.cli", "usage", *args],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_agentd_usage_prints_the_report(redis_server: RedisServer, tmp_path: Path) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new()
+        now = time.time()
+        await recorder.record(event("q1", now))
+        await recorder.record(event("q2", now, project="p2"))
+        month = month_of(now)
+        env = {"AGENTD_REDIS_URL": redis_server.url}
+        out = run_cli("--user", "alice", "--month", month, env=env)
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert report == (await recorder.report("user", "alice", month)).as_json()
+        assert report["totals"]["queries"] == 2
+        csv = run_cli("--project", "p2", "--month", month, "--format", "csv", env=env)
+        assert csv.stdout.splitlines()[1].startswith(f"total,{month},,0.001234,")
+        bad = run_cli("--user", "alice", "--month", "2026-13", env=env)
+        assert bad.returncode == 2 and "YYYY-MM" in bad.stderr
+        no_redis = run_cli("--user", "alice", env={"AGENTD_REDIS_URL": ""})
+        assert no_redis.returncode == 2 and "[redis] url" in no_redis.stderr
+    finally:
+        await recorders.close()
