@@ -27,6 +27,10 @@ from agentd.transport import AgentProcess, AgentTarget, AgentTransport, Transpor
 
 _log = Logger()
 
+# Bound once: labels() is a locked dictionary lookup, too dear for every relayed message.
+_MESSAGES_TO_CLIENT = metrics.MESSAGES.labels("to_client")
+_BYTES_TO_CLIENT = metrics.BYTES.labels("to_client")
+
 SUPERSEDED = 4001
 # Prompt ids remembered per session for exactly-once acks; far more than a session's
 # prompts in any realistic grace period.
@@ -57,12 +61,14 @@ class ReplayLog:
         self._bytes = 0
 
     def append(self, seq: int, frame: bytes) -> None:
-        self._frames.append((seq, frame))
+        frames = self._frames
+        frames.append((seq, frame))
         self._bytes += len(frame)
-        while len(self._frames) > self._max_messages or (
-            self._bytes > self._max_bytes and len(self._frames) > 1
-        ):
-            self._bytes -= len(self._frames.popleft()[1])
+        if len(frames) > self._max_messages or self._bytes > self._max_bytes:
+            while len(frames) > self._max_messages or (
+                self._bytes > self._max_bytes and len(frames) > 1
+            ):
+                self._bytes -= len(frames.popleft()[1])
 
     def since(self, last_seq: int, current_seq: int) -> tuple[list[bytes], bool]:
         """Frames with seq > last_seq, and whether that is all of them."""
@@ -119,6 +125,8 @@ def _splice_seq(line: bytes, seq: int, obj: dict[str, Any]) -> bytes:
     if "seq" in obj or not obj:
         obj["seq"] = seq
         return orjson.dumps(obj)
+    if line[0] == 123 and line[-1] == 125:  # "{...}", as agents write it: no stripping
+        return b'{"seq":%d,' % seq + line[1:]
     body = line.lstrip()[1:]
     return b'{"seq":%d,%s' % (seq, body.strip())
 
@@ -184,6 +192,8 @@ class Session:
         metrics.SESSION_EVENTS.labels("detached").inc()
         # Nobody is reading now: let the agent run on into the replay log.
         self.resume_output()
+        if self._registry.draining:
+            return  # shutting down: running queries finish, then end_all ends the agents
         grace = self._services.grace_seconds
         if grace <= 0:
             self.end("detached")
@@ -236,8 +246,8 @@ class Session:
 
     def _send(self, frame: bytes) -> None:
         self.replay.append(self.seq, frame)
-        metrics.MESSAGES.labels("to_client").inc()
-        metrics.BYTES.labels("to_client").inc(len(frame))
+        _MESSAGES_TO_CLIENT.inc()
+        _BYTES_TO_CLIENT.inc(len(frame))
         if self.client is not None:
             self.client.send_frame(frame)
 
@@ -328,7 +338,8 @@ class Session:
             if services.keys is not None:
                 keys = await services.keys.keys_for(self.key.user)
                 env = dict(keys.env)
-                self._key_source = keys.source
+                # No key at all (the echo agent) has nobody to charge but the operator.
+                self._key_source = "user" if keys.source == "user" else "operator"
             target = AgentTarget(
                 project=self.key.project,
                 agent=self.key.agent,
@@ -364,30 +375,57 @@ class Session:
     # -- agent side -----------------------------------------------------------------------
 
     def agent_line(self, line: bytes) -> None:
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            obj = None
-        if type(obj) is not dict:
-            if line.strip():
-                metrics.AGENT_BAD_LINES.labels(self.key.agent).inc()
-                _log.warn(
-                    "agent wrote a line that is not a JSON object ({size} bytes)",
-                    size=len(line),
-                    **self._log_context,
-                )
-            return
-        kind = obj.get("type")
-        if kind in ("done", "error"):
-            self._finish_query(obj, kind)
-        elif kind in ("start", "delta") and self.queries:
-            query = self._query_for(obj)
-            if query is not None and query.outputs == 0:
+        self.agent_lines([line])
+
+    def agent_lines(self, lines: list[bytes]) -> None:
+        """Validate each line, give it the next seq, log it for replay and send it.
+
+        This is the hot path of a streaming answer: the metrics are counted once per call.
+        """
+        replay = self.replay
+        sent = size = 0
+        for line in lines:
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                obj = None
+            if type(obj) is not dict:
+                self._bad_line(line)
+                continue
+            kind = obj.get("type")
+            if kind == "delta" or kind == "start":
+                if self.queries:
+                    self._count_output(obj)
+            self.seq += 1
+            frame = _splice_seq(line, self.seq, obj)
+            replay.append(self.seq, frame)
+            sent += 1
+            size += len(frame)
+            client = self.client
+            if client is not None:
+                client.send_frame(frame)
+            if kind == "done" or kind == "error":
+                # After forwarding: recording usage never delays the answer.
+                self._finish_query(obj, kind)
+        if sent:
+            _MESSAGES_TO_CLIENT.inc(sent)
+            _BYTES_TO_CLIENT.inc(size)
+
+    def _bad_line(self, line: bytes) -> None:
+        if line.strip():
+            metrics.AGENT_BAD_LINES.labels(self.key.agent).inc()
+            _log.warn(
+                "agent wrote a line that is not a JSON object ({size} bytes)",
+                size=len(line),
+                **self._log_context,
+            )
+
+    def _count_output(self, obj: dict[str, Any]) -> None:
+        query = self._query_for(obj)
+        if query is not None:
+            if query.outputs == 0:
                 metrics.FIRST_DELTA.labels(self.key.agent).observe(time.monotonic() - query.started)
-            if query is not None:
-                query.outputs += 1
-        self.seq += 1
-        self._send(_splice_seq(line, self.seq, obj))
+            query.outputs += 1
 
     def _query_for(self, obj: dict[str, Any]) -> Query | None:
         prompt_id = obj.get("id")
@@ -482,9 +520,10 @@ class Session:
 class _Sink:
     """Adapts transport callbacks to the session without exposing the session itself."""
 
-    __slots__ = ("agent_ended", "agent_line", "agent_log", "agent_overlong")
+    __slots__ = ("agent_ended", "agent_line", "agent_lines", "agent_log", "agent_overlong")
 
     def __init__(self, session: Session) -> None:
+        self.agent_lines = session.agent_lines
         self.agent_line = session.agent_line
         self.agent_log = session.agent_log
         self.agent_overlong = session.agent_overlong
@@ -500,6 +539,7 @@ class SessionRegistry:
         self.by_key: dict[SessionKey, Session] = {}
         self._per_user: dict[str, int] = {}
         self._ending: dict[Session, Deferred[None]] = {}
+        self.draining = False
 
     def sessions_of(self, user: str) -> int:
         return self._per_user.get(user, 0)
@@ -553,6 +593,8 @@ class SessionRegistry:
         return sum(len(s.queries) for s in self.by_id.values())
 
     def close_all(self, code: int, reason: str) -> None:
+        """Shutdown: close every client; sessions stay until ``end_all``."""
+        self.draining = True
         for session in list(self.by_id.values()):
             if session.client is not None:
                 session.client.close(code, reason)

@@ -402,3 +402,32 @@ async def test_a_client_that_stops_reading_pauses_the_agent_and_memory_stays_bou
     received_while_paused = len(client.raw)
     assert received_while_paused < 100_000, "the flood was not held back"
     client.abort()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_line_at_the_size_limit_is_relayed_with_its_seq(tmp_path, agentd):
+    limit = 4096
+    script = tmp_path / "full_line_agent.py"
+    script.write_text(
+        "import sys, json\n"
+        "for line in sys.stdin:\n"
+        "    msg = json.loads(line)\n"
+        f"    head = json.dumps({{'type': 'delta', 'id': msg['id'], 'text': ''}})\n"
+        f"    text = 'x' * ({limit} - len(head))\n"
+        "    print(json.dumps({'type': 'delta', 'id': msg['id'], 'text': text}), flush=True)\n"
+        "    print(json.dumps({'type': 'done', 'id': msg['id']}), flush=True)\n"
+    )
+    gateway = agentd(
+        merge(
+            base_config(tmp_path),
+            server={"max_message_bytes": limit},
+            agents={"command": f"{sys.executable} {script} {{agent}}"},
+        )
+    )
+    client = await connect(gateway.ws_url(token=token()))
+    await client.recv()
+    client.send({"type": "prompt", "id": "p", "text": "x"})
+    messages = await client.recv_until("done")
+    delta = messages[1]
+    assert delta["type"] == "delta" and len(client.raw[2]) > limit
+    client.close()

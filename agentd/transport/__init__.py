@@ -27,6 +27,10 @@ class AgentTarget:
 
 
 class AgentSink(Protocol):
+    def agent_lines(self, lines: list[bytes]) -> None:
+        """Lines the agent wrote on stdout, in order, each without its newline: all the
+        complete lines of one read, so per-read work is done once, not once per line."""
+
     def agent_line(self, line: bytes) -> None:
         """One line the agent wrote on stdout, without its newline."""
 
@@ -87,21 +91,33 @@ def remote_command(template: str, agent: str) -> str:
 
 
 class LineSplitter:
-    """Splits a byte stream into lines, dropping (and reporting) lines over ``max_length``."""
+    """Splits a byte stream into lines, dropping (and reporting) lines over ``max_length``.
 
-    __slots__ = ("_buffer", "_discarding", "_max", "_on_line", "_on_overlong")
+    With ``on_lines``, the complete lines of each chunk are delivered in one call (per-read
+    work is then done once, not once per line); otherwise each goes to ``on_line``. A last
+    line without a newline goes to ``on_line`` from ``flush``.
+    """
+
+    __slots__ = ("_buffer", "_discarding", "_max", "_on_line", "_on_lines", "_on_overlong")
 
     def __init__(
         self,
         max_length: int,
         on_line: Callable[[bytes], None],
         on_overlong: Callable[[int], None],
+        on_lines: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         self._max = max_length
         self._on_line = on_line
         self._on_overlong = on_overlong
+        self._on_lines = on_lines or self._one_by_one
         self._buffer = b""
         self._discarding = 0
+
+    def _one_by_one(self, lines: list[bytes]) -> None:
+        on_line = self._on_line
+        for line in lines:
+            on_line(line)
 
     def feed(self, data: bytes) -> None:
         if self._buffer:
@@ -109,19 +125,33 @@ class LineSplitter:
             self._buffer = b""
         lines = data.split(b"\n")
         tail = lines.pop()
-        on_line = self._on_line
-        for line in lines:
-            if self._discarding:
-                self._on_overlong(self._discarding + len(line))
-                self._discarding = 0
-            elif len(line) > self._max:
-                self._on_overlong(len(line))
+        if lines and self._discarding:
+            self._on_overlong(self._discarding + len(lines[0]))
+            self._discarding = 0
+            del lines[0]
+        if lines:
+            if max(map(len, lines)) > self._max:
+                self._deliver_checked(lines)
             else:
-                on_line(line)
+                self._on_lines(lines)
         if self._discarding or len(tail) > self._max:
             self._discarding += len(tail)
         else:
             self._buffer = tail
+
+    def _deliver_checked(self, lines: list[bytes]) -> None:
+        """The rare chunk with an overlong line: each is reported in its place."""
+        good: list[bytes] = []
+        for line in lines:
+            if len(line) > self._max:
+                if good:
+                    self._on_lines(good)
+                    good = []
+                self._on_overlong(len(line))
+            else:
+                good.append(line)
+        if good:
+            self._on_lines(good)
 
     def flush(self) -> None:
         """End of stream: a last line without a newline still counts."""

@@ -45,6 +45,11 @@ _log = Logger()
 
 IDLE_CLOSE_SECONDS = 60.0
 TERMINATE_GRACE_SECONDS = 5.0
+# Connections being made to one VM at once: a burst of new sessions does not wait for the
+# handshakes one after another, and stays well under sshd's MaxStartups (10 by default).
+PARALLEL_CONNECTS = 4
+# Refused channels one session tolerates before giving up (a VM that refuses every channel).
+MAX_REFUSALS = 64
 
 
 class HostKeyError(Exception):
@@ -179,6 +184,13 @@ class _Connection(SSHConnection):
 
 
 class _ClientTransport(transport.SSHClientTransport):
+    # Conch offers hmac-sha2-512 first. hmac-sha2-256 is as sound a MAC and, on CPUs with SHA
+    # instructions, computes twice as fast; the MAC is the SSH hop's largest cost per byte.
+    supportedMACs = [
+        b"hmac-sha2-256",
+        *(m for m in transport.SSHClientTransport.supportedMACs if m != b"hmac-sha2-256"),
+    ]
+
     def __init__(self, host: str, port: int, settings: SSHSettings) -> None:
         self._host = host
         self._port = port
@@ -267,7 +279,10 @@ class AgentChannel(SSHChannel):
         self._exit_reason = "channel closed"
         self._kill_call: Any = None
         self._stdout = LineSplitter(
-            max_line, sink.agent_line, lambda n: sink.agent_overlong("stdout", n)
+            max_line,
+            sink.agent_line,
+            lambda n: sink.agent_overlong("stdout", n),
+            on_lines=sink.agent_lines,
         )
         self._stderr = LineSplitter(
             max_line, sink.agent_log, lambda n: sink.agent_overlong("stderr", n)
@@ -372,8 +387,22 @@ def _classify(e: BaseException) -> TransportError:
     return TransportError("other", type(e).__name__)
 
 
+class _Attempt:
+    """A connection being made, and the sessions waiting for it."""
+
+    __slots__ = ("room", "waiters")
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.waiters: list[Deferred[_Connection]] = []
+
+
 class _VMPool:
-    """Connections to one VM; a new one is opened when every existing one is full."""
+    """Connections to one VM; a new one is opened when every existing one is full.
+
+    The channels a connection may carry are ``max_channels``, or fewer once the VM refused
+    more (sshd's MaxSessions): what one connection taught applies to the next.
+    """
 
     def __init__(
         self, host: str, port: int, settings: SSHSettings, reactor: Any, clock: IReactorTime
@@ -385,7 +414,8 @@ class _VMPool:
         self._clock = clock
         self.connections: list[_Connection] = []
         self._transports: dict[_Connection, _ClientTransport] = {}
-        self._waiters: list[Deferred[_Connection]] = []
+        self._attempts: list[_Attempt] = []
+        self._refused_at: int | None = None
         self._idle_calls: dict[_Connection, Any] = {}
         self.last_failure: tuple[float, str] | None = None
 
@@ -433,33 +463,46 @@ class _VMPool:
         d.addCallbacks(connected, failed)
         return d
 
+    def _cap(self) -> int:
+        limit = self._settings.max_channels
+        return limit if self._refused_at is None else min(limit, self._refused_at)
+
     def _connect(self) -> Deferred[_Connection]:
-        """One connection attempt in flight per VM, however many sessions want one."""
+        """A connection for one more session: a place in an attempt in flight that will have
+        room for it, or a new attempt, up to PARALLEL_CONNECTS at once."""
         waiter: Deferred[_Connection] = Deferred()
-        self._waiters.append(waiter)
-        if len(self._waiters) == 1:
-            s = self._settings
-            attempt = retry(
-                self._connect_once,
-                attempts=s.connect_attempts,
-                base=s.backoff_base,
-                cap=s.backoff_cap,
-                clock=self._clock,
-                is_transient=lambda e: isinstance(e, TransportError) and e.transient,
-                on_retry=lambda n, delay, e: _log.info(
-                    "retrying SSH connection to {vm} in {delay:.2f}s", vm=self.vm, delay=delay
-                ),
-            )
+        attempt = next((a for a in self._attempts if a.room > 0), None)
+        if attempt is None and len(self._attempts) >= PARALLEL_CONNECTS:
+            attempt = self._attempts[0]  # its connection may be full by then: ask again after
+        if attempt is not None:
+            attempt.room -= 1
+            attempt.waiters.append(waiter)
+            return waiter
+        attempt = _Attempt(self._cap() - 1)
+        attempt.waiters.append(waiter)
+        self._attempts.append(attempt)
+        s = self._settings
+        connecting = retry(
+            self._connect_once,
+            attempts=s.connect_attempts,
+            base=s.backoff_base,
+            cap=s.backoff_cap,
+            clock=self._clock,
+            is_transient=lambda e: isinstance(e, TransportError) and e.transient,
+            on_retry=lambda n, delay, e: _log.info(
+                "retrying SSH connection to {vm} in {delay:.2f}s", vm=self.vm, delay=delay
+            ),
+        )
 
-            def settle(result: _Connection | Failure) -> None:
-                waiters, self._waiters = self._waiters, []
-                for w in waiters:
-                    if isinstance(result, Failure):
-                        w.errback(result)
-                    else:
-                        w.callback(result)
+        def settle(result: _Connection | Failure) -> None:
+            self._attempts.remove(attempt)
+            for w in attempt.waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
 
-            attempt.addBoth(settle)
+        connecting.addBoth(settle)
         return waiter
 
     def _lost(self, conn: _Connection) -> None:
@@ -476,12 +519,13 @@ class _VMPool:
         s = self._settings
         command = remote_command(s.command, target.agent)
         env = {**s.forward_env, **target.env}
-        for _ in range(64):
-            conn = next((c for c in self.connections if c.has_room(s.max_channels)), None)
+        refusals = 0
+        while refusals < MAX_REFUSALS:
+            conn = next((c for c in self.connections if c.has_room(self._cap())), None)
             if conn is None:
                 conn = await self._connect()
-            if not conn.has_room(s.max_channels):
-                continue  # another session took the last slot meanwhile
+                if not conn.has_room(self._cap()):
+                    continue  # others took its last slots first: wait for the next one
             channel = AgentChannel(sink, command, env, s.max_line, self._clock, conn)
             conn.agent_channels += 1
             self._cancel_idle(conn)
@@ -492,7 +536,9 @@ class _VMPool:
             except ChannelRefused:
                 if conn.lost:
                     continue
+                refusals += 1
                 conn.full_at = max(1, conn.agent_channels)
+                self._refused_at = min(self._refused_at or conn.full_at, conn.full_at)
                 _log.info(
                     "{vm} refused channel {n} on one connection; using another",
                     vm=self.vm,
