@@ -106,16 +106,19 @@ class AgentdService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
+        # Draining: /health/ready answers 503 and new WebSocket upgrades are refused with 503
+        # while the listeners stay open, so load balancers see why; clients reconnect
+        # elsewhere on 1001 while running queries finish.
         self.draining = True
         metrics.DRAINING.set(1)
-        _log.info("draining: no new connections; closing clients with 1001")
-        yield defer.maybeDeferred(super().stopService)
+        _log.info("draining: refusing new connections; closing clients with 1001")
         self.registry.close_all(1001, "server going away")
         yield self._drain(self.config.server.drain_seconds)
         yield self.registry.end_all().addTimeout(10, self.clock).addErrback(lambda _: None)
         yield self.usage.stop()
         self.limiter.stop()
         yield self.transport.stop()
+        yield defer.maybeDeferred(super().stopService)
         if self.store is not None:
             yield self.store.disconnect().addErrback(lambda _: None)
         _log.info("agentd stopped")
