@@ -1,0 +1,1 @@
+"""The benchmark suite: agentd side by side with websocketd and OpenSSH (docs/performance.md)."""

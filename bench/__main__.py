@@ -1,0 +1,116 @@
+"""``python -m bench``: agentd side by side with websocketd and OpenSSH, in one run.
+
+Starts everything it measures on loopback (agentd as ``twistd``, websocketd, a real sshd and
+redis-server), runs each scenario, and writes ``bench/results/<date>-<machine>.md`` and
+``.json``: the machine, each figure's median and spread over the runs, and the ratios to the
+targets. See docs/performance.md.
+
+    .venv/bin/python -m bench                    # the whole suite, several minutes
+    .venv/bin/python -m bench --only throughput  # one scenario (repeatable)
+    .venv/bin/python -m bench --smoke            # everything, tiny, for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import (
+    connections,
+    jsonlibs,
+    latency,
+    machine,
+    redis_overhead,
+    report,
+    slow,
+    storm,
+    throughput,
+)
+from bench.procs import raise_file_limit
+from bench.suite import Context
+
+SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "throughput": throughput.run,
+    "latency": latency.run,
+    "idle": connections.idle,
+    "sessions": connections.sessions,
+    "storm": storm.run,
+    "slow": slow.run,
+    "redis": redis_overhead.run,
+    "json": jsonlibs.run,
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny counts, one run: seconds")
+    parser.add_argument(
+        "--only", action="append", choices=sorted(SCENARIOS), help="run only this scenario"
+    )
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure (default 5)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="directory for results")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.runs = 1
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    raise_file_limit()
+    names = args.only or list(SCENARIOS)
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "smoke": args.smoke,
+        "runs": args.runs,
+        "machine": machine.describe(),
+        "scenarios": {},
+    }
+    failed = []
+
+    def log(text: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {text}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="agentd-bench-") as work:
+        ctx = Context(smoke=args.smoke, runs=args.runs, work=Path(work), log=log)
+        try:
+            for name in names:
+                log(f"{name}: starting")
+                began = time.monotonic()
+                try:
+                    with ctx.scope():
+                        results["scenarios"][name] = SCENARIOS[name](ctx)
+                except Exception as e:
+                    failed.append(name)
+                    results["scenarios"][name] = {"error": f"{type(e).__name__}: {e}"}
+                    traceback.print_exc()
+                log(f"{name}: done in {time.monotonic() - began:.1f}s")
+        finally:
+            ctx.close()
+    results["seconds"] = round(time.monotonic() - started, 1)
+    results["machine"]["load_after"] = machine.load()
+    stem = f"{datetime.now(UTC):%Y-%m-%d}-{socket.gethostname()}" + ("-smoke" if args.smoke else "")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    markdown = report.render(results)
+    (args.results / f"{stem}.md").write_text(markdown)
+    print(markdown)
+    print(f"results: {args.results / stem}.md and .json")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
