@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
+    listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1:backlog=1024",)
     metrics_listen: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     max_message_bytes: int = 1_048_576
