@@ -63,7 +63,7 @@ def storm(
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    # (clients, listen backlog): agentd's default endpoint, and one with a deeper backlog.
+    # (clients, listen backlog): Twisted's default backlog of 50, and agentd's default of 1024.
     cases = [(10, None)] if ctx.smoke else [(100, None), (1000, None), (1000, 1024)]
     deltas = 20 if ctx.smoke else 200  # 50 ms apart: still streaming when the storm hits
     results: dict[str, Any] = {}
