@@ -51,3 +51,26 @@ async def test_sessions_on_one_vm_share_a_connection(tmp_path, sshd, agentd):
         await client.recv_until("done")
         client.close()
     assert metrics.SSH_CONNECT_ATTEMPTS._value.get() - before == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dropped_vm_connection_ends_its_agents_and_the_next_prompt_reconnects(
+    tmp_path, sshd, agentd
+):
+    gateway = agentd(ssh_config(tmp_path, sshd))
+    clients = await defer.gatherResults(
+        [defer.ensureDeferred(one_session(gateway, f"user{i}")) for i in range(2)]
+    )
+    (pool,) = gateway.service.transport._pools.values()
+    (connection,) = pool._transports.values()
+    connection.transport.abortConnection()  # the network between agentd and the VM dies
+    for client in clients:
+        error = (await client.recv_until("error"))[-1]
+        assert error["code"] == "agent_exited" and error["exitStatus"] is None
+    before = metrics.SSH_CONNECT_ATTEMPTS._value.get()
+    clients[0].send({"type": "prompt", "id": "again", "text": "still here"})
+    messages = await clients[0].recv_until("done")
+    assert "".join(m["text"] for m in messages if m["type"] == "delta") == "still here"
+    assert metrics.SSH_CONNECT_ATTEMPTS._value.get() == before + 1
+    for client in clients:
+        client.close()
