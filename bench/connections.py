@@ -102,7 +102,7 @@ def sessions(ctx: Context) -> dict[str, Any]:
     agentd = ctx.agentd(
         "sessions",
         agents={"names": ["echo"], "command": "exec cat # {agent}"},
-        vms=ctx.ssh_vms(sshd, max_channels_per_connection=64),
+        vms=sshd.vms_section(max_channels_per_connection=64),
     )
     prompt = {"type": "prompt", "id": "p", "text": "are you there?"}
     warm(agentd, "warm", prompt, "prompt")

@@ -49,7 +49,7 @@ def run(ctx: Context) -> dict[str, Any]:
     sshd = ctx.sshd()
     setups = {
         "agentd": lambda: ctx.agentd("slow-local"),
-        "agentd-ssh": lambda: ctx.agentd("slow-ssh", vms=ctx.ssh_vms(sshd)),
+        "agentd-ssh": lambda: ctx.agentd("slow-ssh", vms=sshd.vms_section()),
     }
     for name, start in setups.items():
         agentd = start()

@@ -25,7 +25,7 @@ def storm(
         f"storm-{clients}",
         backlog=backlog,
         agents={"names": ["echo"], "command": f"exec {TICKER} {{agent}}"},
-        vms=ctx.ssh_vms(sshd),
+        vms=sshd.vms_section(),
     )
     prompt = {"type": "prompt", "id": "s", "text": "x", "repeat": deltas, "delay_ms": delay_ms}
     args = ["--port", str(agentd.port), "--prompt", json.dumps(prompt), "--until", "delta"]

@@ -99,17 +99,6 @@ class Context:
         self._current.callback(process.stop)
         return process.start()
 
-    def ssh_vms(self, sshd: SshServer, **extra: Any) -> dict[str, Any]:
-        return {
-            "transport": "ssh",
-            "host": "127.0.0.1",
-            "port": sshd.port,
-            "user": sshd.user,
-            "private_key": str(sshd.client_key),
-            "known_hosts": str(sshd.known_hosts),
-            **extra,
-        }
-
     def websocketd(self, command: list[str]) -> Websocketd:
         process = Websocketd(command)
         self._current.callback(process.stop)

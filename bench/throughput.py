@@ -22,7 +22,7 @@ SIZES = {"100B": 100, "4KiB": 4096}
 def targets(ctx: Context) -> list[Target]:
     sshd = ctx.sshd()
     local = ctx.agentd("throughput-local")
-    ssh = ctx.agentd("throughput-ssh", vms=ctx.ssh_vms(sshd))
+    ssh = ctx.agentd("throughput-ssh", vms=sshd.vms_section())
     websocketd = ctx.websocketd(ECHO.replace("{agent}", "echo").split())
     return [
         WebSocketTarget("agentd", local, local.port, local.path("bench", "echo", "t1"), True),

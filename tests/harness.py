@@ -63,17 +63,11 @@ def base_config(tmp_path: Path) -> dict[str, Any]:
 
 def ssh_config(tmp_path: Path, sshd: SshServer) -> dict[str, Any]:
     config = base_config(tmp_path)
-    config["vms"] = {
-        "transport": "ssh",
-        "host": "127.0.0.1",
-        "port": sshd.port,
-        "user": sshd.user,
-        "private_key": str(sshd.client_key),
-        "known_hosts": str(sshd.known_hosts),
-        "connect_attempts": 2,
-        "connect_backoff_base_seconds": 0.05,
-        "connect_timeout_seconds": 5.0,
-    }
+    config["vms"] = sshd.vms_section(
+        connect_attempts=2,
+        connect_backoff_base_seconds=0.05,
+        connect_timeout_seconds=5.0,
+    )
     return config
 
 

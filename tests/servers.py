@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -192,6 +193,18 @@ class SshServer:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+
+    def vms_section(self, **extra: Any) -> dict[str, Any]:
+        """The ``[vms]`` configuration that reaches this sshd."""
+        return {
+            "transport": "ssh",
+            "host": "127.0.0.1",
+            "port": self.port,
+            "user": self.user,
+            "private_key": str(self.client_key),
+            "known_hosts": str(self.known_hosts),
+            **extra,
+        }
 
     def log(self) -> str:
         path = self.directory / "sshd.log"

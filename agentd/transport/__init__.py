@@ -161,3 +161,15 @@ class LineSplitter:
             self._on_line(self._buffer)
         self._buffer = b""
         self._discarding = 0
+
+
+def output_splitters(sink: AgentSink, max_line: int) -> tuple[LineSplitter, LineSplitter]:
+    """The stdout and stderr splitters every transport feeds an agent's output through."""
+    stdout = LineSplitter(
+        max_line,
+        sink.agent_line,
+        lambda n: sink.agent_overlong("stdout", n),
+        on_lines=sink.agent_lines,
+    )
+    stderr = LineSplitter(max_line, sink.agent_log, lambda n: sink.agent_overlong("stderr", n))
+    return stdout, stderr

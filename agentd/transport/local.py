@@ -18,9 +18,9 @@ from agentd.transport import (
     AgentProcess,
     AgentSink,
     AgentTarget,
-    LineSplitter,
     TransportError,
     command_argv,
+    output_splitters,
 )
 
 # Twisted reads a child's pipes 8 KiB at a time. An agent streaming small deltas refills
@@ -52,15 +52,7 @@ class _AgentProcessProtocol(ProcessProtocol):
 
     def __init__(self, sink: AgentSink, max_line: int) -> None:
         self._sink = sink
-        self._stdout = LineSplitter(
-            max_line,
-            sink.agent_line,
-            lambda n: sink.agent_overlong("stdout", n),
-            on_lines=sink.agent_lines,
-        )
-        self._stderr = LineSplitter(
-            max_line, sink.agent_log, lambda n: sink.agent_overlong("stderr", n)
-        )
+        self._stdout, self._stderr = output_splitters(sink, max_line)
 
     def outReceived(self, data: bytes) -> None:
         self._stdout.feed(data)

@@ -36,8 +36,8 @@ from agentd.transport import (
     AgentProcess,
     AgentSink,
     AgentTarget,
-    LineSplitter,
     TransportError,
+    output_splitters,
     remote_command,
 )
 
@@ -278,15 +278,7 @@ class AgentChannel(SSHChannel):
         self._exit_status: int | None = None
         self._exit_reason = "channel closed"
         self._kill_call: Any = None
-        self._stdout = LineSplitter(
-            max_line,
-            sink.agent_line,
-            lambda n: sink.agent_overlong("stdout", n),
-            on_lines=sink.agent_lines,
-        )
-        self._stderr = LineSplitter(
-            max_line, sink.agent_log, lambda n: sink.agent_overlong("stderr", n)
-        )
+        self._stdout, self._stderr = output_splitters(sink, max_line)
 
     def openFailed(self, reason: Failure | BaseException) -> None:
         failure = reason if isinstance(reason, Failure) else Failure(reason)
