@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentd.secrets import SecretError, check_reference
+
 PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
@@ -262,16 +264,10 @@ def _validate(config: Config) -> None:
     references = [("anthropic", k.anthropic), ("openai", k.openai)]
     references += [(f"encryption_keys[{i}]", r) for i, r in enumerate(k.encryption_keys)]
     for name, reference in references:
-        kind, colon, target = reference.partition(":")
-        if not (colon and kind.isascii() and kind.isalpha()):
-            continue
-        if kind == "env" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", target):
-            continue
-        if kind == "file" and Path(target).is_absolute():
-            continue
-        raise ConfigError(
-            f"[keys] {name}", 'must be "env:NAME", "file:/absolute/path" or the secret itself'
-        )
+        try:
+            check_reference(reference)
+        except SecretError as e:
+            raise ConfigError(f"[keys] {name}", str(e)) from None
     a = config.auth
     if a.jwt_public_key_file and not Path(a.jwt_public_key_file).is_file():
         raise ConfigError("[auth] jwt_public_key_file", f"{a.jwt_public_key_file}: no such file")

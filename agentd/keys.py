@@ -25,7 +25,6 @@ import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -39,6 +38,7 @@ from twisted.python.failure import Failure
 
 from agentd.config import ConfigError, KeysConfig
 from agentd.redisstore import RedisStore, RedisURLError
+from agentd.secrets import SecretError, resolve_secret
 
 PROVIDER_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
 
@@ -168,33 +168,6 @@ def normalize_key(key: str) -> str:
 def generate_kek() -> str:
     """A new key-encryption key, as ``[keys] encryption_keys`` expects it."""
     return base64.urlsafe_b64encode(os.urandom(KEK_BYTES)).decode("ascii")
-
-
-def resolve_secret(reference: str, key: str, environ: Mapping[str, str]) -> str:
-    """The value a ``[keys]`` entry refers to: ``env:NAME``, ``file:/path``, else itself.
-
-    Surrounding whitespace (a file's trailing newline) is dropped. Errors name ``key``, the
-    variable or the path, never the value.
-    """
-    kind, colon, target = reference.partition(":")
-    if colon and kind == "env":
-        value = environ.get(target, "").strip()
-        if not value:
-            raise ConfigError(key, f"environment variable {target} is not set")
-        return value
-    if colon and kind == "file":
-        try:
-            value = Path(target).read_bytes().decode("ascii").strip()
-        except FileNotFoundError:
-            raise ConfigError(key, f"{target}: no such file") from None
-        except OSError as e:
-            raise ConfigError(key, f"{target}: {e.strerror or 'cannot be read'}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(key, f"{target}: not ASCII text") from None
-        if not value:
-            raise ConfigError(key, f"{target} is empty")
-        return value
-    return reference.strip()
 
 
 def parse_kek(text: str, key: str) -> bytes:
@@ -392,21 +365,24 @@ class KeyStore:
         Without Redis and without a configured KEK, a random KEK lives as long as the process,
         exactly like the records it protects.
         """
-        environ = os.environ if environ is None else environ
         operator_env: dict[str, str] = {}
         for provider, variable in PROVIDER_ENV.items():
             reference = getattr(config, provider)
             if reference:
                 name = f"[keys] {provider}"
                 try:
-                    operator_env[variable] = normalize_key(resolve_secret(reference, name, environ))
-                except InvalidKey as e:
+                    operator_env[variable] = normalize_key(resolve_secret(reference, environ))
+                except (SecretError, InvalidKey) as e:
                     raise ConfigError(name, str(e)) from None
         keks: list[bytes] = []
         ids: dict[str, int] = {}
         for index, reference in enumerate(config.encryption_keys):
             name = f"[keys] encryption_keys[{index}]"
-            kek = parse_kek(resolve_secret(reference, name, environ), name)
+            try:
+                text = resolve_secret(reference, environ)
+            except SecretError as e:
+                raise ConfigError(name, str(e)) from None
+            kek = parse_kek(text, name)
             kek_id = _Kek.derive(kek).id
             if kek_id in ids:
                 raise ConfigError(name, f"is the same key as encryption_keys[{ids[kek_id]}]")
