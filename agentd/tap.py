@@ -27,8 +27,8 @@ from agentd.errors import ErrorCode
 from agentd.gateway import Admission, AgentRoute, AgentWebSocketFactory
 from agentd.health import CheckResult, HealthCheck, HealthResource, redis_check
 from agentd.jsonlog import install_json_logging
-from agentd.keys import KeyStore
-from agentd.keys_api import KeysResource
+from agentd.keys.api import KeysResource
+from agentd.keys.store import KeyStore
 from agentd.pricing import PriceTable
 from agentd.ratelimit import RateLimiter
 from agentd.redisstore import RedisStore

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from agentd.config import ConfigError, KeysConfig, from_dict
-from agentd.keys import (
+from agentd.keys.store import (
     PROVIDER_ENV,
     REDIS_PREFIX,
     AgentKeys,

@@ -26,8 +26,8 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from agentd.auth import Authenticator
-from agentd.keys import PROVIDER_ENV, KeyStore, MemoryKeyRecords, RedisKeyRecords
-from agentd.keys_api import MAX_BODY_BYTES, KeysResource
+from agentd.keys.api import MAX_BODY_BYTES, KeysResource
+from agentd.keys.store import PROVIDER_ENV, KeyStore, MemoryKeyRecords, RedisKeyRecords
 from agentd.redisstore import RedisStore
 from tests.servers import RedisServer
 from tests.test_keys import (

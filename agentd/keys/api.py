@@ -19,7 +19,7 @@ from twisted.web.iweb import IRequest
 
 from agentd.api import APIResource, Refused, Reply, error_reply, path_segments
 from agentd.auth import Authenticator
-from agentd.keys import (
+from agentd.keys.store import (
     PROVIDER_ENV,
     InvalidKey,
     KeyStore,

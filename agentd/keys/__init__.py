@@ -1,0 +1,1 @@
+"""Provider API keys for agent processes: the operator's, and users' own sealed at rest."""
