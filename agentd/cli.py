@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return usage_report_main(rest)
         if command == "keys":
-            from agentd.keys.store import keys_main
+            from agentd.keys.cli import keys_main
 
             return keys_main(rest)
         handler = COMMANDS[command][1]

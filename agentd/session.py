@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from agentd import metrics
 from agentd.errors import ErrorCode, error_message
+from agentd.keys.source import KeySource
 from agentd.transport import AgentProcess, AgentTarget, AgentTransport, TransportError
 
 _log = Logger()
@@ -106,7 +107,7 @@ class SessionServices:
         replay_bytes: int,
         limiter: Any = None,
         usage: Any = None,
-        keys: Any = None,
+        keys: KeySource | None = None,
         usage_event: Callable[..., Any] | None = None,
     ) -> None:
         self.transport = transport

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,21 +19,21 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from agentd.config import ConfigError, KeysConfig, from_dict
-from agentd.keys.store import (
-    PROVIDER_ENV,
+from agentd.keys.records import (
     REDIS_PREFIX,
-    AgentKeys,
-    InvalidKey,
-    KeyStore,
     KeyStoreUnavailable,
     MemoryKeyRecords,
     RedisKeyRecords,
+)
+from agentd.keys.sealing import generate_kek, parse_kek
+from agentd.keys.source import PROVIDER_ENV, AgentKeys
+from agentd.keys.store import (
+    InvalidKey,
+    KeyStore,
     RotationIncomplete,
     StoredKeyUnreadable,
     UnknownProvider,
     UserKeysDisabled,
-    generate_kek,
-    parse_kek,
 )
 from agentd.redisstore import RedisStore
 from tests.servers import RedisServer, free_port
@@ -189,6 +191,29 @@ def test_generated_keks_are_distinct_and_parse() -> None:
     first, second = generate_kek(), generate_kek()
     assert first != second
     assert len(parse_kek(first, "k")) == 32
+
+
+# What each room pulls in.
+
+
+@pytest.mark.parametrize(
+    ("module", "absent"),
+    [
+        ("agentd.keys.sealing", ("twisted", "txredisapi")),
+        ("agentd.keys.source", ("twisted", "txredisapi", "cryptography")),
+    ],
+)
+def test_sealing_and_the_session_seam_import_without_twisted_or_redis(
+    module: str, absent: tuple[str, ...]
+) -> None:
+    probe = (
+        f"import sys, {module}; "
+        "print(' '.join(sorted({name.split('.')[0] for name in sys.modules})))"
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert not set(imported.stdout.split()) & set(absent)
 
 
 # What a session gets.

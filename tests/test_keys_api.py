@@ -27,7 +27,9 @@ from zope.interface import implementer
 
 from agentd.auth import Authenticator
 from agentd.keys.api import MAX_BODY_BYTES, KeysResource
-from agentd.keys.store import PROVIDER_ENV, KeyStore, MemoryKeyRecords, RedisKeyRecords
+from agentd.keys.records import MemoryKeyRecords, RedisKeyRecords
+from agentd.keys.source import PROVIDER_ENV
+from agentd.keys.store import KeyStore
 from agentd.redisstore import RedisStore
 from tests.servers import RedisServer
 from tests.test_keys import (

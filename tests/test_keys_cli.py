@@ -12,12 +12,14 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from agentd.keys.store import KeyStore, RedisKeyRecords, parse_kek
+from agentd.keys.records import RedisKeyRecords
+from agentd.keys.sealing import parse_kek
+from agentd.keys.store import KeyStore
 from agentd.redisstore import RedisStore
 from tests.servers import RedisServer
 from tests.test_keys import ALICE_KEY, BOB_KEY, NEW_KEK, OLD_KEK, operator_env
 
-RUN = "import sys; from agentd.keys.store import keys_main; sys.exit(keys_main(sys.argv[1:]))"
+RUN = "import sys; from agentd.keys.cli import keys_main; sys.exit(keys_main(sys.argv[1:]))"
 OLD_KEK_TEXT = base64.urlsafe_b64encode(OLD_KEK).decode()
 NEW_KEK_TEXT = base64.urlsafe_b64encode(NEW_KEK).decode()
 

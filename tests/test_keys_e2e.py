@@ -59,7 +59,7 @@ async def test_users_key_reaches_their_agent_and_the_operators_key_everyone_else
     tmp_path, sshd, redis_server, agentd, monkeypatch, log_lines
 ):
     monkeypatch.setenv("TEST_OPERATOR_ANTHROPIC", OPERATOR_KEY)
-    from agentd.keys.store import generate_kek
+    from agentd.keys.sealing import generate_kek
 
     monkeypatch.setenv("TEST_KEK", generate_kek())
     config = merge(

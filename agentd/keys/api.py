@@ -19,13 +19,9 @@ from twisted.web.iweb import IRequest
 
 from agentd.api import APIResource, Refused, Reply, error_reply, path_segments
 from agentd.auth import Authenticator
-from agentd.keys.store import (
-    PROVIDER_ENV,
-    InvalidKey,
-    KeyStore,
-    KeyStoreUnavailable,
-    UserKeysDisabled,
-)
+from agentd.keys.records import KeyStoreUnavailable
+from agentd.keys.source import PROVIDER_ENV
+from agentd.keys.store import InvalidKey, KeyStore, UserKeysDisabled
 
 MAX_BODY_BYTES = 4096
 
