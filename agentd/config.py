@@ -49,6 +49,7 @@ class AuthConfig:
     jwt_secret: str = field(default="", repr=False)
     jwt_public_key_file: str = ""
     jwt_algorithms: tuple[str, ...] = ()
+    max_token_lifetime_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,8 @@ def _validate(config: Config) -> None:
         except SecretError as e:
             raise ConfigError(f"[keys] {name}", str(e)) from None
     a = config.auth
+    if a.max_token_lifetime_seconds < 0:
+        raise ConfigError("[auth] max_token_lifetime_seconds", "must not be negative")
     if a.jwt_public_key_file and not Path(a.jwt_public_key_file).is_file():
         raise ConfigError("[auth] jwt_public_key_file", f"{a.jwt_public_key_file}: no such file")
     if config.log.level not in ("debug", "info", "warn", "error"):

@@ -48,6 +48,11 @@ def test_twistd_lists_the_plugin_from_any_directory(tmp_path):
         ('[vms]\ntransport = "ssh"\n', "[vms] private_key: required"),
         ("not toml at all [", "not valid TOML"),
         ('[vms]\ntransport = "local"\n', "[auth] jwt_secret: required"),
+        (
+            '[auth]\njwt_secret = "a-secret-long-enough-for-hs256-0123456789"\n'
+            'jwt_algorithms = ["HS256", "none"]\n',
+            '[auth] jwt_algorithms: "none" would accept unsigned tokens',
+        ),
     ],
 )
 def test_invalid_configuration_exits_nonzero_with_one_line_naming_the_key(tmp_path, toml, expected):
