@@ -1,5 +1,6 @@
-"""What agentd's JSON HTTP APIs share: one reply shape, refusals, token checks, and the
-asynchronous render that answers nobody once the client has gone."""
+"""What agentd's JSON HTTP APIs share: one reply shape, refusals, token and Origin checks,
+one bounded JSON parser, and the asynchronous render that answers nobody once the client has
+gone."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, cast
 
+import orjson
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -14,11 +16,17 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from agentd.auth import Authenticator, AuthError, Principal
+from agentd.auth import Authenticator, AuthError, Principal, request_origin_allowed
 
 _log = Logger()
 
 Header = tuple[bytes, bytes]
+
+# Deep enough for any message agentd or an agent defines; orjson itself stops at 1024 levels
+# but cannot encode more than 255, and a Python consumer stops near its recursion limit.
+MAX_JSON_DEPTH = 32
+# Methods a browser page on another site can send without a preflight, and that change nothing.
+_SAFE_METHODS = (b"GET", b"HEAD")
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,10 @@ class APIResource(Resource):
     isLeaf = True
     name = "API"
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, allowed_origins: tuple[str, ...] = ()) -> None:
         super().__init__()
         self._authenticator = authenticator
+        self._allowed_origins = allowed_origins
 
     def principal(self, request: IRequest) -> Principal:
         try:
@@ -76,9 +85,22 @@ class APIResource(Resource):
 
     async def _answer(self, request: IRequest) -> Reply:
         try:
+            self._check_origin(request)
             return await self.answer(request)
         except Refused as e:
             return e.reply
+
+    def _check_origin(self, request: IRequest) -> None:
+        """The WebSocket route's Origin rule, for every request that changes something.
+
+        A browser's CORS preflight already stops another site's PUT or DELETE; this does not
+        depend on it. Two Origin headers are refused whatever the method.
+        """
+        duplicated = len(request.requestHeaders.getRawHeaders(b"origin") or ()) > 1
+        if (duplicated or request.method not in _SAFE_METHODS) and not request_origin_allowed(
+            request, self._allowed_origins
+        ):
+            raise Refused(403, "origin not allowed")
 
     def _crashed(self, failure: Failure) -> Reply:
         _log.failure("{api} request failed", failure, api=self.name)
@@ -110,3 +132,50 @@ def path_segments(request: IRequest) -> list[bytes]:
 def argument(request: IRequest, name: bytes) -> str | None:
     values = request.args.get(name) if request.args else None
     return values[0].decode("utf-8", "replace") if values else None
+
+
+class JSONTooDeep(ValueError):
+    def __init__(self) -> None:
+        super().__init__(f"nests deeper than {MAX_JSON_DEPTH} levels")
+
+
+def parse_json(data: bytes | str) -> Any:
+    """The JSON value in ``data``; ValueError if it is not JSON, JSONTooDeep if it nests
+    arrays and objects deeper than ``MAX_JSON_DEPTH``."""
+    value = orjson.loads(data)
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise JSONTooDeep
+        pending.extend((child, depth + 1) for child in children)
+    return value
+
+
+def json_body(request: IRequest, max_bytes: int, expected: str) -> Any:
+    """The request's JSON body: declared as application/json, at most ``max_bytes`` bytes.
+
+    ``expected`` describes the body for the 400 answer when it is not JSON.
+    """
+    content_type = request.getHeader(b"content-type") or b""
+    if content_type.split(b";")[0].strip().lower() != b"application/json":
+        raise Refused(415, "send the body as application/json")
+    too_large = Refused(413, f"body must be at most {max_bytes} bytes")
+    declared = request.getHeader(b"content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
+        raise too_large
+    body = request.content.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise too_large
+    try:
+        return parse_json(body)
+    except JSONTooDeep as e:
+        raise Refused(400, f"body {e}") from None
+    except ValueError:
+        raise Refused(400, f"body must be {expected}") from None

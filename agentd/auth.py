@@ -243,6 +243,9 @@ def _header(request: IRequest, name: bytes) -> str | None:
 
 
 def request_origin_allowed(request: IRequest, allowed: Iterable[str]) -> bool:
+    """False for two Origin headers too: which one a proxy or library reads is anyone's guess."""
+    if len(request.requestHeaders.getRawHeaders(b"origin") or ()) > 1:
+        return False
     return origin_allowed(_header(request, b"origin"), _header(request, b"host"), allowed)
 
 

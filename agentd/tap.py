@@ -274,8 +274,8 @@ def build(config: Config, reactor: Any) -> AgentdService:
         health=health,
         registry=None if separate_metrics else metrics.REGISTRY,
         api={
-            b"usage": UsageResource(usage_recorder, authenticator),
-            b"keys": KeysResource(keystore, authenticator),
+            b"usage": UsageResource(usage_recorder, authenticator, config.server.allowed_origins),
+            b"keys": KeysResource(keystore, authenticator, config.server.allowed_origins),
         },
         demo_page=config.server.demo_page,
     )

@@ -31,8 +31,13 @@ class UsageResource(APIResource):
 
     name = "usage API"
 
-    def __init__(self, recorder: UsageRecorder, authenticator: Authenticator) -> None:
-        super().__init__(authenticator)
+    def __init__(
+        self,
+        recorder: UsageRecorder,
+        authenticator: Authenticator,
+        allowed_origins: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(authenticator, allowed_origins)
         self._recorder = recorder
 
     async def answer(self, request: IRequest) -> Reply:

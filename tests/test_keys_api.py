@@ -25,6 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from agentd.api import MAX_JSON_DEPTH, JSONTooDeep, parse_json
 from agentd.auth import Authenticator
 from agentd.keys.api import MAX_BODY_BYTES, KeysResource
 from agentd.keys.records import MemoryKeyRecords, RedisKeyRecords
@@ -48,12 +49,12 @@ ALICE = AUTH.mint("alice")
 BOB = AUTH.mint("bob")
 
 
-def site_root(keystore: KeyStore) -> Resource:
+def site_root(keystore: KeyStore, allowed_origins: tuple[str, ...] = ()) -> Resource:
     """Mounted where agentd's Site mounts it."""
     root = Resource()
     api = Resource()
     root.putChild(b"api", api)
-    api.putChild(b"keys", KeysResource(keystore, AUTH))
+    api.putChild(b"keys", KeysResource(keystore, AUTH, allowed_origins))
     return root
 
 
@@ -74,9 +75,9 @@ class Answer:
 class Client:
     """Synchronous requests against the resource tree through StubTreq."""
 
-    def __init__(self, keystore: KeyStore) -> None:
+    def __init__(self, keystore: KeyStore, allowed_origins: tuple[str, ...] = ()) -> None:
         # StubTreq copies treq's functions onto itself at run time.
-        self.stub: Any = StubTreq(site_root(keystore))
+        self.stub: Any = StubTreq(site_root(keystore, allowed_origins))
 
     def request(
         self,
@@ -85,8 +86,11 @@ class Client:
         token: str | None = ALICE,
         body: bytes | None = None,
         content_type: str | None = "application/json",
+        origins: list[str] | None = None,
     ) -> Answer:
-        headers: dict[bytes | str, bytes | str] = {}
+        headers: dict[bytes | str, bytes | str | list[str]] = {}
+        if origins is not None:
+            headers["Origin"] = origins
         if token is not None:
             headers["Cookie"] = f"agentd_token={token}"
         if content_type is not None:
@@ -238,6 +242,69 @@ def test_bodies_that_are_not_one_key_are_400(client: Client, body: bytes) -> Non
     answer = client.request("PUT", "/api/keys/anthropic", body=body)
     assert answer.status == 400
     assert answer.json() == {"error": 'body must be {"key": "..."}'}
+
+
+def test_deeply_nested_bodies_are_400_without_a_failure_logged(
+    client: Client, logged: list[LogEvent]
+) -> None:
+    for depth in (2000, 300, MAX_JSON_DEPTH + 1):
+        body = b'{"key":' + b"[" * depth + b"]" * depth + b"}"
+        answer = client.request("PUT", "/api/keys/anthropic", body=body)
+        assert answer.status == 400
+        # Past 1024 levels the parser itself gives up, before any depth can be counted.
+        expected = 'must be {"key": "..."}' if depth > 1024 else "nests deeper than 32 levels"
+        assert answer.json() == {"error": f"body {expected}"}
+    assert [formatEvent(e) for e in logged if e.get("log_failure") or e.get("isError")] == []
+
+
+def test_the_json_parser_allows_exactly_max_json_depth_levels() -> None:
+    def nested(depth: int) -> bytes:
+        return b"[" * (depth - 1) + b'{"a": 1}' + b"]" * (depth - 1)
+
+    assert parse_json(nested(MAX_JSON_DEPTH)) is not None
+    with pytest.raises(JSONTooDeep):
+        parse_json(nested(MAX_JSON_DEPTH + 1))
+    with pytest.raises(ValueError):
+        parse_json(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(ValueError):
+        parse_json(b'{"a": NaN}')
+
+
+@pytest.fixture
+def guarded(keystore: KeyStore) -> Client:
+    return Client(keystore, allowed_origins=("https://app.example",))
+
+
+def test_changes_from_another_origin_are_403_and_change_nothing(
+    guarded: Client, keystore: KeyStore
+) -> None:
+    body = json.dumps({"key": ALICE_KEY}).encode()
+    for origin in ("https://evil.example", "null", "http://agentd.test"):
+        for method in ("PUT", "DELETE"):
+            answer = guarded.request(method, "/api/keys/anthropic", body=body, origins=[origin])
+            assert answer.status == 403, (method, origin)
+            assert answer.json() == {"error": "origin not allowed"}
+    assert result(keystore.list("alice")) == []
+    assert guarded.request("PUT", "/api/keys/anthropic", body=body).status == 204
+    app = ["https://app.example"]
+    assert guarded.request("PUT", "/api/keys/anthropic", body=body, origins=app).status == 204
+    assert guarded.request("DELETE", "/api/keys/anthropic", origins=app).status == 204
+
+
+def test_without_allowed_origins_only_the_same_host_may_change_keys(client: Client) -> None:
+    body = json.dumps({"key": ALICE_KEY}).encode()
+    evil = client.request("PUT", "/api/keys/anthropic", body=body, origins=["http://evil.test"])
+    assert evil.status == 403
+    same = client.request("PUT", "/api/keys/anthropic", body=body, origins=["http://agentd.test"])
+    assert same.status == 204
+
+
+def test_two_origin_headers_are_403_whatever_the_method(guarded: Client) -> None:
+    twice = ["https://app.example", "https://app.example"]
+    assert guarded.request("GET", "/api/keys", origins=twice).status == 403
+    body = json.dumps({"key": ALICE_KEY}).encode()
+    assert guarded.request("PUT", "/api/keys/anthropic", body=body, origins=twice).status == 403
+    assert guarded.request("GET", "/api/keys", origins=["https://evil.example"]).status == 200
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])

@@ -7,6 +7,7 @@ import socket
 import pytest_twisted
 import treq
 from twisted.internet import threads
+from twisted.web.http_headers import Headers
 
 from tests.harness import auth, base_config, merge
 from tests.servers import free_port
@@ -77,3 +78,30 @@ async def test_metrics_can_move_to_their_own_endpoint(tmp_path, agentd):
     response = await treq.get(f"http://127.0.0.1:{metrics_port}/metrics")
     assert response.code == 200
     assert "agent_active_connections" in await response.text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_changes_are_checked_against_the_allowed_origins(tmp_path, agentd):
+    gateway = agentd(
+        merge(base_config(tmp_path), server={"allowed_origins": ["https://app.example"]})
+    )
+    body = b'{"key": "sk-ant-0123456789"}'
+    json_type = {"Content-Type": "application/json"}
+    for origin in ("https://evil.example", f"http://127.0.0.1:{gateway.port}"):
+        headers = {**auth(), **json_type, "Origin": origin}
+        for method, path in (
+            ("PUT", "/api/keys/anthropic"),
+            ("DELETE", "/api/keys/anthropic"),
+            ("POST", "/api/usage"),
+        ):
+            response = await treq.request(method, gateway.http + path, headers=headers, data=body)
+            assert response.code == 403, (method, origin)
+            assert await response.json() == {"error": "origin not allowed"}
+    twice = Headers({**auth(), "Origin": ["https://app.example", "https://app.example"]})
+    response = await gateway.get("/api/usage", headers=twice)
+    assert response.code == 403
+    await response.content()
+    allowed = {**auth(), **json_type, "Origin": "https://app.example"}
+    response = await treq.put(gateway.http + "/api/keys/anthropic", headers=allowed, data=body)
+    assert response.code == 204
+    await response.content()

@@ -12,12 +12,10 @@ Failures answer ``{"error": "..."}``. No answer, log line or error ever contains
 
 from __future__ import annotations
 
-import json
-
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from agentd.api import APIResource, Refused, Reply, error_reply, path_segments
+from agentd.api import APIResource, Refused, Reply, error_reply, json_body, path_segments
 from agentd.auth import Authenticator
 from agentd.keys.records import KeyStoreUnavailable
 from agentd.keys.source import PROVIDER_ENV
@@ -33,8 +31,13 @@ class KeysResource(APIResource):
 
     name = "user keys API"
 
-    def __init__(self, keystore: KeyStore, authenticator: Authenticator) -> None:
-        super().__init__(authenticator)
+    def __init__(
+        self,
+        keystore: KeyStore,
+        authenticator: Authenticator,
+        allowed_origins: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(authenticator, allowed_origins)
         self._keystore = keystore
 
     async def answer(self, request: IRequest) -> Reply:
@@ -79,20 +82,8 @@ class KeysResource(APIResource):
 
 
 def _key_from(request: IRequest) -> str:
-    content_type = request.getHeader(b"content-type") or b""
-    if content_type.split(b";")[0].strip().lower() != b"application/json":
-        raise Refused(415, "send the body as application/json")
-    declared = request.getHeader(b"content-length")
-    too_large = Refused(413, f"body must be at most {MAX_BODY_BYTES} bytes")
-    if declared is not None and declared.strip().isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_large
-    body = request.content.read(MAX_BODY_BYTES + 1)
-    if len(body) > MAX_BODY_BYTES:
-        raise too_large
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
+    expected = '{"key": "..."}'
+    data = json_body(request, MAX_BODY_BYTES, expected)
     if not isinstance(data, dict) or set(data) != {"key"} or not isinstance(data["key"], str):
-        raise Refused(400, 'body must be {"key": "..."}')
+        raise Refused(400, f"body must be {expected}")
     return data["key"]
