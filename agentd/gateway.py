@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import defer
@@ -24,6 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from agentd import metrics
+from agentd.api import JSONTooDeep, parse_json
 from agentd.auth import Authenticator, AuthError, Principal, request_origin_allowed
 from agentd.config import PROJECT_RE
 from agentd.errors import ErrorCode
@@ -32,6 +32,7 @@ from agentd.session import Session, SessionKey, SessionRegistry
 _log = Logger()
 
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+LAST_SEQ_RE = re.compile(r"[0-9]{1,16}")
 _OPEN = WebSocketServerProtocol.STATE_OPEN
 # A server's frame for one whole text message, unmasked and uncompressed (agentd refuses
 # compression): two header bytes below 126 bytes of payload, then 16- or 64-bit lengths.
@@ -130,8 +131,11 @@ class AgentWebSocket(WebSocketServerProtocol):
             session.error(ErrorCode.BAD_REQUEST, "messages must be JSON text")
             return
         try:
-            message = orjson.loads(payload)
-        except orjson.JSONDecodeError:
+            message = parse_json(payload)
+        except JSONTooDeep as e:
+            session.error(ErrorCode.BAD_REQUEST, f"message {e}")
+            return
+        except ValueError:
             session.error(ErrorCode.BAD_REQUEST, "message is not valid JSON")
             return
         if type(message) is not dict:
@@ -240,11 +244,16 @@ class AgentRoute(Resource):
     def render(self, request: Request) -> bytes | int:
         try:
             ctx = self._admit(request)
+            if not _is_upgrade(request):
+                # Before the limiter: a plain GET carrying the cookie spends none of the
+                # user's handshake budget, so it cannot lock the user out.
+                raise _Refused(426, "WebSocket upgrade required")
         except _Refused as refused:
             return refused.answer(request)
         limiter = self._admission.limiter
         if limiter is None:
-            return self._finish(request, ctx)
+            self._upgrade(request, ctx)
+            return NOT_DONE_YET
         finished: list[bool] = []
         request.notifyFinish().addBoth(lambda _: finished.append(True))
         d = defer.maybeDeferred(limiter.check_handshake, ctx.principal.user)
@@ -261,10 +270,7 @@ class AgentRoute(Resource):
                 request.write(body)
                 request.finish()
                 return
-            result = self._finish(request, ctx)
-            if result is not NOT_DONE_YET:
-                request.write(result)  # type: ignore[arg-type]
-                request.finish()
+            self._upgrade(request, ctx)
 
         def failed(failure: Any) -> None:
             _log.failure("handshake admission failed", failure)
@@ -295,7 +301,8 @@ class AgentRoute(Resource):
         if session_id is not None and not SESSION_ID_RE.fullmatch(session_id):
             session_id = None
         last_seq_text = _arg(request, b"last_seq") or "0"
-        if not last_seq_text.isdigit() or int(last_seq_text) > MAX_SEQ:
+        # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+        if not LAST_SEQ_RE.fullmatch(last_seq_text) or int(last_seq_text) > MAX_SEQ:
             raise _Refused(400, "last_seq must be a non-negative integer")
         key = SessionKey(project, principal.user, agent)
         if (
@@ -314,13 +321,9 @@ class AgentRoute(Resource):
             peer=str(getattr(peer, "host", "")),
         )
 
-    def _finish(self, request: Request, ctx: ConnectionContext) -> bytes | int:
-        upgrade = request.getHeader(b"upgrade") or b""
-        if upgrade.lower() != b"websocket":
-            return _Refused(426, "WebSocket upgrade required").answer(request)
+    def _upgrade(self, request: Request, ctx: ConnectionContext) -> None:
         metrics.HANDSHAKES.labels("101").inc()
         self._factory.upgrade(self._websocket, request, ctx)
-        return NOT_DONE_YET
 
 
 class _Refused(Exception):
@@ -340,6 +343,11 @@ class _Refused(Exception):
         if self.status == 426:
             request.setHeader(b"upgrade", b"websocket")
         return self.reason.encode() + b"\n"
+
+
+def _is_upgrade(request: Request) -> bool:
+    upgrade = request.getHeader(b"upgrade") or b""
+    return request.method == b"GET" and upgrade.strip().lower() == b"websocket"
 
 
 def _arg(request: Request, name: bytes) -> str | None:

@@ -15,6 +15,7 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.web.http_headers import Headers
 
 from agentd import metrics
 from tests import harness
@@ -124,6 +125,7 @@ REJECTIONS = [
     ("shell in agent", "/projects/demo/agent/echo;id", {"token": token()}, 404),
     ("extra path", "/projects/demo/agent/echo/x", {"token": token()}, 404),
     ("bad last_seq", "/projects/demo/agent/echo", {"token": token(), "last_seq": "-1"}, 400),
+    ("superscript last_seq", "/projects/demo/agent/echo", {"token": token(), "last_seq": "²"}, 400),
 ]
 
 
@@ -170,6 +172,22 @@ async def test_same_host_origin_is_allowed_when_no_origins_are_configured(tmp_pa
     client = await connect(
         gateway.ws_url(token=token()), headers={"Origin": f"http://127.0.0.1:{gateway.port}"}
     )
+    assert (await client.recv())["type"] == "session"
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_origin_headers_are_refused_even_when_both_are_allowed(tmp_path, agentd):
+    gateway = agentd(
+        merge(base_config(tmp_path), server={"allowed_origins": ["https://app.example"]})
+    )
+    headers = Headers({**handshake_headers(), "Origin": ["https://app.example"] * 2})
+    response = await treq.get(
+        gateway.http + "/projects/demo/agent/echo", params={"token": token()}, headers=headers
+    )
+    assert response.code == 403
+    assert await response.text() == "origin not allowed\n"
+    client = await connect(gateway.ws_url(token=token()), headers={"Origin": "https://app.example"})
     assert (await client.recv())["type"] == "session"
     client.close()
 
@@ -280,6 +298,25 @@ async def test_malformed_client_messages_get_bad_request_and_the_connection_stay
     client.send({"type": "ping", "id": "k"})
     assert (await client.recv())["type"] == "pong"
     client.send({"type": "prompt", "id": "ok", "text": "fine now"})
+    assert (await client.recv_until("done"))[-1]["type"] == "done"
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_deeply_nested_messages_are_bad_requests_before_any_agent_work(tmp_path, agentd):
+    gateway = agentd(base_config(tmp_path))
+    client = await connect(gateway.ws_url(token=token()))
+    await client.recv()
+    # 300 levels: orjson reads them, but could not write them to the agent (255 at most).
+    deep = b'{"type":"prompt","id":"deep","text":"x","extra":' + b"[" * 300 + b"]" * 300 + b"}"
+    client.protocol.sendMessage(deep, isBinary=False)
+    reply = await client.recv()
+    assert (reply["type"], reply["code"]) == ("error", "bad_request")
+    assert reply["error"] == "message nests deeper than 32 levels"
+    assert gateway.registry.by_key and all(
+        s.process is None for s in gateway.registry.by_key.values()
+    )
+    client.send({"type": "prompt", "id": "ok", "text": "fine now", "extra": [[["shallow"]]]})
     assert (await client.recv_until("done"))[-1]["type"] == "done"
     client.close()
 

@@ -88,3 +88,41 @@ async def test_prompt_limit_answers_rate_limit_with_an_exact_retry_after(
     messages = await client.recv_until("done")
     assert messages[0]["type"] == "ack" and messages[0]["id"] == "p2"
     client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_upgrades_that_pass_every_check_spend_the_handshake_budget(
+    tmp_path, redis_server, agentd
+):
+    gateway = agentd(
+        merge(
+            base_config(tmp_path),
+            server={"allowed_origins": ["https://app.example"]},
+            redis={"url": redis_server.url, "timeout_ms": 500},
+            ratelimit={"connections_per_minute": 3},
+        )
+    )
+    cookie = {"Cookie": f"agentd_token={token('cookie')}"}
+    route = gateway.http + "/projects/demo/agent/echo"
+    for _ in range(30):
+        plain = await treq.get(route, headers=cookie)
+        assert plain.code == 426
+        await plain.content()
+    for method in ("POST", "HEAD"):
+        other = await treq.request(method, route, headers={**cookie, **handshake_headers()})
+        assert other.code == 426
+        await other.content()
+    evil = {**cookie, **handshake_headers(), "Origin": "https://evil.example"}
+    cross_site = await treq.get(route, headers=evil)
+    assert cross_site.code == 403
+    await cross_site.content()
+    for _ in range(3):
+        client = await connect(
+            gateway.ws_url(), headers={**cookie, "Origin": "https://app.example"}
+        )
+        assert (await client.recv())["type"] == "session"
+        client.close()
+        await client.closed
+    over = await treq.get(route, headers={**cookie, **handshake_headers()})
+    assert over.code == 429
+    await over.content()
