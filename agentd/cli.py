@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
+
+# The splitter serverFromString itself uses, so escaped colons read the same.
+from twisted.internet.endpoints import _parse as parse_endpoint
 
 from agentd.auth import Authenticator
 from agentd.config import USER_RE, ConfigError, load
@@ -36,6 +40,14 @@ def _token(argv: list[str]) -> int:
         )
         return 2
     authenticator = Authenticator.from_config(config.auth)
+    longest = authenticator.max_lifetime_seconds
+    if longest and args.ttl > longest:
+        print(
+            f"agentd token: --ttl {args.ttl} is longer than "
+            f"[auth] max_token_lifetime_seconds ({longest:g}); agentd would refuse the token",
+            file=sys.stderr,
+        )
+        return 2
     role = "admin" if args.admin else None
     print(authenticator.mint(args.user, args.project, ttl=args.ttl, role=role))
     return 0
@@ -48,11 +60,43 @@ def _check_config(argv: list[str]) -> int:
     parser.add_argument("path")
     args = parser.parse_args(argv)
     config = load(args.path)
+    if config.auth.jwt_secret or config.auth.jwt_public_key_file:
+        Authenticator.from_config(config.auth)
+    exposed = [e for e in config.server.listen if beyond_loopback(e)]
+    if exposed and not config.server.allowed_origins:
+        print(
+            f"{args.path}: warning: [server] allowed_origins is empty and agentd listens on "
+            f"{exposed[0]}, beyond loopback: any origin whose name resolves to this host "
+            "passes the same-host check (DNS rebinding); list your web app's origins",
+            file=sys.stderr,
+        )
     print(
         f"{args.path}: ok ({config.vms.transport} transport, agents: "
         f"{', '.join(config.agents.names)})"
     )
     return 0
+
+
+def beyond_loopback(endpoint: str) -> bool:
+    """Whether a listen endpoint may accept connections from other hosts.
+
+    Unix sockets do not; tcp, tcp6 and ssl do unless their interface is a loopback address
+    (none means every address); any other kind of endpoint is assumed to.
+    """
+    args, kwargs = parse_endpoint(endpoint)
+    kind = args[0] if args else ""
+    if kind == "unix":
+        return False
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return True
+    positional = args[2] if kind == "tcp" and len(args) > 2 else ""
+    interface = kwargs.get("interface", positional)
+    if interface == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return True
 
 
 COMMANDS = {
