@@ -12,12 +12,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from agentd.cli import beyond_loopback
 from agentd.config import ServerConfig
 from agentd.metrics import REGISTRY
 
@@ -26,6 +28,7 @@ PROMETHEUS = REPO / "etc" / "prometheus"
 DASHBOARD = REPO / "etc" / "grafana" / "agentd.json"
 UNIT = REPO / "etc" / "systemd" / "agentd.service"
 OPERATIONS = REPO / "docs" / "operations.md"
+EXAMPLE_CONFIG = REPO / "etc" / "agentd.toml"
 
 PROMQL_WORDS = {
     "by",
@@ -332,3 +335,16 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert [line for line in result.stderr.splitlines() if "agentd.service" in line] == []
+
+
+def test_the_example_config_serves_metrics_on_loopback_at_the_scraped_port() -> None:
+    endpoints = tomllib.loads(EXAMPLE_CONFIG.read_text())["server"]["metrics_listen"]
+    assert endpoints
+    assert not any(beyond_loopback(endpoint) for endpoint in endpoints)
+    [job] = [
+        j
+        for j in load_yaml(PROMETHEUS / "prometheus.yml")["scrape_configs"]
+        if j["job_name"] == "agentd"
+    ]
+    scraped = {t.rsplit(":", 1)[1] for c in job["static_configs"] for t in c["targets"]}
+    assert {endpoint.split(":")[1] for endpoint in endpoints} == scraped
