@@ -93,8 +93,12 @@ class Authenticator:
     @classmethod
     def from_config(cls, config: AuthConfig, dev_secret: str = "") -> Authenticator:
         if config.jwt_public_key_file:
+            try:
+                public_key = Path(config.jwt_public_key_file).read_bytes()
+            except OSError as e:
+                raise ConfigError(_KEY_FILE, e.strerror or "cannot be read") from None
             return cls(
-                public_key=Path(config.jwt_public_key_file).read_bytes(),
+                public_key=public_key,
                 algorithms=config.jwt_algorithms,
                 max_lifetime_seconds=config.max_token_lifetime_seconds,
             )

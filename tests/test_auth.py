@@ -198,6 +198,10 @@ def test_unusable_keys_and_short_secrets_stop_startup_naming_the_setting(tmp_pat
         Authenticator.from_config(AuthConfig(jwt_public_key_file=str(path)))
     assert error.value.key == "[auth] jwt_public_key_file"
 
+    with pytest.raises(ConfigError) as error:
+        Authenticator.from_config(AuthConfig(jwt_public_key_file=str(tmp_path)))
+    assert error.value.key == "[auth] jwt_public_key_file"
+
 
 def test_max_token_lifetime_refuses_tokens_that_live_longer() -> None:
     limited = Authenticator(secret=SECRET, max_lifetime_seconds=3600)
