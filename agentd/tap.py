@@ -33,7 +33,7 @@ from agentd.pricing import PriceTable
 from agentd.ratelimit import RateLimiter
 from agentd.redisstore import RedisStore
 from agentd.session import SessionRegistry, SessionServices
-from agentd.transport import AgentTransport
+from agentd.transport import AgentTransport, forwarded_env
 from agentd.transport.local import LocalTransport
 from agentd.transport.ssh import KnownHosts, SSHSettings, SSHTransport, load_private_key
 from agentd.usage import UsageEvent, UsageRecorder
@@ -174,7 +174,7 @@ def _transport(config: Config, reactor: Any) -> AgentTransport:
         private_key=load_private_key(v.private_key),
         known_hosts=KnownHosts(v.known_hosts),
         command=config.agents.command,
-        forward_env={k: os.environ[k] for k in v.forward_env if k in os.environ},
+        forward_env=forwarded_env(v.forward_env, os.environ),
         connect_timeout=v.connect_timeout_seconds,
         connect_attempts=v.connect_attempts,
         backoff_base=v.connect_backoff_base_seconds,

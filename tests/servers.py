@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -108,9 +109,10 @@ SHIPPED_SSHD_CONFIG = REPO / "vm-image" / "sshd_config"
 
 
 def agent_command() -> str:
-    """How the VM side runs the agent CLI in tests: the installed console script."""
+    """How the VM side runs the agent CLI in tests: the installed console script importing
+    this checkout's code (agents get no PYTHONPATH from agentd or sshd)."""
     script = Path(sys.executable).parent / "agentd-agent"
-    return f"{script} {{agent}}"
+    return f"env PYTHONPATH={shlex.quote(str(REPO))} {script} {{agent}}"
 
 
 def keygen(path: Path, comment: str = "agentd-test") -> Path:

@@ -8,11 +8,33 @@ by line, and a sink that cannot keep up pauses the process instead of buffering 
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
+
+# What a local agent inherits from agentd's own environment: where programs, its home and
+# temporary files are, the locale and time zone, and whose process it is; about what sshd
+# gives an exec session on a VM. Nothing else passes unless ``[vms] forward_env`` names it:
+# agentd's environment holds its JWT secret, key-encryption keys and the operator's keys.
+INHERITED_ENV = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+)
+
+
+def forwarded_env(names: Iterable[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables among ``names`` that ``environ`` sets, with their values."""
+    return {name: environ[name] for name in names if name in environ}
 
 
 @dataclass(frozen=True)

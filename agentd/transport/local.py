@@ -15,11 +15,13 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from agentd.transport import (
+    INHERITED_ENV,
     AgentProcess,
     AgentSink,
     AgentTarget,
     TransportError,
     command_argv,
+    forwarded_env,
     output_splitters,
 )
 
@@ -90,7 +92,12 @@ class _AgentProcessProtocol(ProcessProtocol):
 
 
 class LocalTransport:
-    """Runs the agent command as a child process of agentd, without a shell."""
+    """Runs the agent command as a child process of agentd, without a shell.
+
+    The agent's environment is built, never inherited: ``INHERITED_ENV`` and ``forward_env``
+    as agentd's environment (``environ``) had them when the transport was made, then the
+    session's provider keys.
+    """
 
     def __init__(
         self,
@@ -98,13 +105,16 @@ class LocalTransport:
         command: str,
         forward_env: tuple[str, ...] = (),
         max_line: int = 1_048_576,
-        base_env: Mapping[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self._reactor = reactor
         self._command = command
-        self._forward_env = forward_env
         self._max_line = max_line
-        self._base_env = dict(os.environ if base_env is None else base_env)
+        self._env = forwarded_env(
+            (*INHERITED_ENV, *forward_env), os.environ if environ is None else environ
+        )
+        # An agent without PATH could not find the programs it runs: the system's default.
+        self._env.setdefault("PATH", os.defpath)
 
     def _argv(self, agent: str) -> list[str]:
         argv = command_argv(self._command, agent)
@@ -117,9 +127,7 @@ class LocalTransport:
 
     def spawn(self, target: AgentTarget, sink: AgentSink) -> Deferred[AgentProcess]:
         argv = self._argv(target.agent)
-        env = dict(self._base_env)
-        env.update({name: os.environ[name] for name in self._forward_env if name in os.environ})
-        env.update(target.env)
+        env = {**self._env, **target.env}
         protocol = _AgentProcessProtocol(sink, self._max_line)
         try:
             _AgentProcess(self._reactor, argv[0], argv, env, None, protocol)

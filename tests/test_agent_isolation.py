@@ -1,0 +1,95 @@
+"""What reaches an agent from agentd, end to end: its environment over both transports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+
+from agentd.keys import generate_kek
+from tests.harness import SECRET, base_config, merge, ssh_config, token
+from tests.wsclient import WsClient, connect
+
+JWT_SECRET = "agentd-jwt-secret-that-mints-admin-tokens-0123456789"
+OPERATOR_KEY = "sk-ant-operator-0123456789abcdefXYZ"
+USER_KEY = "sk-ant-user-alice-9876543210fedcbaQRS"
+FORWARDED = "forwarded-on-purpose"
+
+
+def reporting_agent(tmp_path: Path) -> str:
+    """An agent command that answers each prompt with its environment and the line it got."""
+    script = tmp_path / "report_agent.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "for line in sys.stdin:\n"
+        "    msg = json.loads(line)\n"
+        "    done = {'type': 'done', 'id': msg['id'], 'env': dict(os.environ), 'line': msg}\n"
+        "    print(json.dumps(done), flush=True)\n"
+    )
+    return f"{sys.executable} {script} {{agent}}"
+
+
+async def ask(client: WsClient, prompt_id: str, **fields: Any) -> dict[str, Any]:
+    client.send({"type": "prompt", "id": prompt_id, "text": "hi", **fields})
+    return (await client.recv_until("done"))[-1]
+
+
+async def session(gateway: Any, user: str = "alice") -> WsClient:
+    client = await connect(gateway.ws_url(token=token(user)))
+    assert (await client.recv())["type"] == "session"
+    return client
+
+
+@pytest.mark.parametrize("transport", ["local", "ssh"])
+@pytest_twisted.ensureDeferred
+async def test_an_agent_sees_its_sessions_key_and_forward_env_but_none_of_agentds_secrets(
+    tmp_path, request, agentd, monkeypatch, transport
+):
+    kek = generate_kek()
+    monkeypatch.setenv("AGENTD_JWT_SECRET", JWT_SECRET)
+    monkeypatch.setenv("AGENTD_KEK", kek)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", OPERATOR_KEY)
+    monkeypatch.setenv("AGENTD_FORWARDED", FORWARDED)
+    monkeypatch.setenv("UNRELATED_SETTING", "stays-with-agentd")
+    if transport == "ssh":
+        config = ssh_config(tmp_path, request.getfixturevalue("sshd"))
+    else:
+        config = base_config(tmp_path)
+    gateway = agentd(
+        merge(
+            config,
+            agents={"command": reporting_agent(tmp_path)},
+            vms={"forward_env": ["AGENTD_FORWARDED", "NOT_SET_ANYWHERE"]},
+            keys={"anthropic": "env:ANTHROPIC_API_KEY", "encryption_keys": ["env:AGENTD_KEK"]},
+        )
+    )
+    put = await treq.put(
+        gateway.http + "/api/keys/anthropic",
+        json={"key": USER_KEY},
+        headers={"Authorization": f"Bearer {token('alice')}"},
+    )
+    assert put.code == 204, await put.text()
+
+    seen: dict[str, dict[str, str]] = {}
+    for user in ("alice", "bob"):
+        client = await session(gateway, user)
+        seen[user] = (await ask(client, "env"))["env"]
+        client.close()
+        await client.closed
+
+    alice, bob = seen["alice"], seen["bob"]
+    assert alice["ANTHROPIC_API_KEY"] == USER_KEY
+    assert bob["ANTHROPIC_API_KEY"] == OPERATOR_KEY
+    for env in (alice, bob):
+        assert env["AGENTD_FORWARDED"] == FORWARDED
+        for name in ("AGENTD_JWT_SECRET", "AGENTD_KEK", "UNRELATED_SETTING", "NOT_SET_ANYWHERE"):
+            assert name not in env
+        for secret in (JWT_SECRET, SECRET, kek):
+            assert secret not in json.dumps(env)
+        assert "PATH" in env and "HOME" in env
+    assert OPERATOR_KEY not in json.dumps(alice)
