@@ -39,6 +39,8 @@ _OPEN = WebSocketServerProtocol.STATE_OPEN
 # Written straight to the transport, it costs a fraction of autobahn's general sendMessage.
 _SHORT_TEXT_HEADERS = [bytes((0x81, size)) for size in range(126)]
 PROMPT_ID_MAX = 128
+# A prompt's ``options``, the one object agentd passes on to the agent, as encoded JSON.
+PROMPT_OPTIONS_MAX_BYTES = 4096
 MAX_SEQ = 2**53
 
 
@@ -144,14 +146,24 @@ class AgentWebSocket(WebSocketServerProtocol):
         kind = message.get("type")
         if kind == "prompt":
             prompt_id, text = message.get("id"), message.get("text")
+            options = message.get("options")
             if not isinstance(prompt_id, str) or not 0 < len(prompt_id) <= PROMPT_ID_MAX:
                 session.error(
                     ErrorCode.BAD_REQUEST, f"prompt needs an id: a string of 1 to {PROMPT_ID_MAX}"
                 )
             elif not isinstance(text, str):
                 session.error(ErrorCode.BAD_REQUEST, "prompt needs a text string", id=prompt_id)
+            elif options is not None and type(options) is not dict:
+                session.error(ErrorCode.BAD_REQUEST, "options must be an object", id=prompt_id)
+            elif options and len(orjson.dumps(options)) > PROMPT_OPTIONS_MAX_BYTES:
+                session.error(
+                    ErrorCode.BAD_REQUEST,
+                    f"options must be at most {PROMPT_OPTIONS_MAX_BYTES} bytes of JSON",
+                    id=prompt_id,
+                )
             else:
-                session.prompt(message)
+                # Only the documented fields reach the agent; anything else a client adds stays.
+                session.prompt(prompt_id, text, options or None)
         elif kind == "abort":
             session.abort()
         elif kind == "ping":

@@ -254,15 +254,17 @@ class Session:
 
     # -- prompts --------------------------------------------------------------------------
 
-    def prompt(self, message: dict[str, Any]) -> None:
-        prompt_id = message["id"]
+    def prompt(self, prompt_id: str, text: str, options: dict[str, Any] | None = None) -> None:
+        """Forward a prompt to the agent, once per id; ``options`` is passed on as it is."""
         if prompt_id in self._accepted:
             self.emit({"type": "ack", "id": prompt_id, "duplicate": True})
             return
         if prompt_id in self._pending:
             return  # its ack (or refusal) is on the way
         self._pending.add(prompt_id)
-        self._prompt_chain.addCallback(lambda _: defer.ensureDeferred(self._accept(message)))
+        self._prompt_chain.addCallback(
+            lambda _: defer.ensureDeferred(self._accept(prompt_id, text, options))
+        )
         self._prompt_chain.addErrback(self._prompt_failed, prompt_id)
 
     def _prompt_failed(self, failure: Any, prompt_id: str) -> None:
@@ -270,8 +272,7 @@ class Session:
         _log.failure("prompt handling failed", failure=failure, **self._log_context)
         self.error(ErrorCode.INTERNAL, "internal error", id=prompt_id)
 
-    async def _accept(self, message: dict[str, Any]) -> None:
-        prompt_id = message["id"]
+    async def _accept(self, prompt_id: str, text: str, options: dict[str, Any] | None) -> None:
         try:
             if self.ended:
                 return
@@ -312,6 +313,9 @@ class Session:
             query = Query(prompt_id, "q_" + secrets.token_hex(12), time.monotonic())
             self.queries[prompt_id] = query
             metrics.QUERIES_IN_FLIGHT.labels(self.key.agent).inc()
+            message: dict[str, Any] = {"type": "prompt", "id": prompt_id, "text": text}
+            if options is not None:
+                message["options"] = options
             line = orjson.dumps(message)
             process.write_line(line)
             metrics.MESSAGES.labels("to_agent").inc()

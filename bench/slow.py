@@ -9,6 +9,7 @@ for comparison.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from typing import Any
 
@@ -22,8 +23,8 @@ READ_EVERY = 0.1  # 10 KB/s
 
 def flood(server: Process, port: int, path: str, seconds: float) -> dict[str, Any]:
     client = BlockingClient("127.0.0.1", port, path)
-    prompt = {"type": "prompt", "id": "flood", "text": "x", "repeat": 1_000_000}
-    prompt["delta_bytes"] = 1024
+    options = {"repeat": 1_000_000, "delta_bytes": 1024}
+    prompt = {"type": "prompt", "id": "flood", "text": "x", "options": options}
     client.send(json.dumps(prompt).encode())
     received = 0
     with sampled_rss(server.pid, 1.0) as samples:
@@ -56,7 +57,7 @@ def run(ctx: Context) -> dict[str, Any]:
         results[name] = flood(agentd, agentd.port, agentd.path("bench", "echo", "slow"), seconds)
         agentd.stop()
         ctx.log(f"slow {name}: RSS grew {results[name]['growth_kib']} KiB")
-    websocketd = ctx.websocketd(ECHO.replace("{agent}", "echo").split())
+    websocketd = ctx.websocketd(shlex.split(ECHO.replace("{agent}", "echo")))
     results["websocketd"] = flood(websocketd, websocketd.port, "/", seconds)
     websocketd.stop()
     return results

@@ -27,7 +27,8 @@ def storm(
         agents={"names": ["echo"], "command": f"exec {TICKER} {{agent}}"},
         vms=sshd.vms_section(),
     )
-    prompt = {"type": "prompt", "id": "s", "text": "x", "repeat": deltas, "delay_ms": delay_ms}
+    options = {"repeat": deltas, "delay_ms": delay_ms}
+    prompt = {"type": "prompt", "id": "s", "text": "x", "options": options}
     args = ["--port", str(agentd.port), "--prompt", json.dumps(prompt), "--until", "delta"]
     args += ["--deltas", str(deltas), "--concurrency", "100"]
     workers = ctx.workers(1 if clients <= 250 else 4, clients, args, f"storm{clients}-")

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import BIN, Agentd, Process, Websocketd, descendants, rss_kib
+from bench.procs import Agentd, Process, Websocketd, descendants, rss_kib
 from bench.ws import BlockingClient
-from tests.servers import RedisServer, SshServer
+from tests.servers import RedisServer, SshServer, agent_command
 
-ECHO = f"{BIN / 'agentd-agent'} {{agent}}"
+# The echo agent as the tests run it: with the test options the scenarios ask it for
+# (repeat, delta_bytes, delay_ms in a prompt's options), importing this checkout's code.
+ECHO = agent_command()
 TICKER = str(Path(__file__).resolve().parent / "agents" / "ticker")
 # Every scenario sends more prompts than the production limit of 60 a minute allows.
 UNLIMITED = {"prompts_per_minute": 10_000_000, "connections_per_minute": 10_000_000}

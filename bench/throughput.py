@@ -10,6 +10,7 @@ each alike; the CPU each process used during a run shows which side saturated.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ def targets(ctx: Context) -> list[Target]:
     sshd = ctx.sshd()
     local = ctx.agentd("throughput-local")
     ssh = ctx.agentd("throughput-ssh", vms=sshd.vms_section())
-    websocketd = ctx.websocketd(ECHO.replace("{agent}", "echo").split())
+    websocketd = ctx.websocketd(shlex.split(ECHO.replace("{agent}", "echo")))
     return [
         WebSocketTarget("agentd", local, local.port, local.path("bench", "echo", "t1"), True),
         WebSocketTarget("websocketd", websocketd, websocketd.port, "/", False),
@@ -34,7 +35,8 @@ def targets(ctx: Context) -> list[Target]:
 
 def stream(target: Target, deltas: int, size: int) -> dict[str, Any]:
     prompt_id = f"t{time.monotonic_ns()}"
-    prompt = {"type": "prompt", "id": prompt_id, "text": "x", "repeat": deltas, "delta_bytes": size}
+    options = {"repeat": deltas, "delta_bytes": size}
+    prompt = {"type": "prompt", "id": prompt_id, "text": "x", "options": options}
     expected = deltas + 2 + target.extra_messages  # start, deltas, done (+ ack)
     meter = CpuMeter(target.pids()).start()
     client_cpu = time.process_time()

@@ -108,11 +108,13 @@ REPO = Path(__file__).resolve().parent.parent
 SHIPPED_SSHD_CONFIG = REPO / "vm-image" / "sshd_config"
 
 
-def agent_command() -> str:
+def agent_command(test_options: bool = True) -> str:
     """How the VM side runs the agent CLI in tests: the installed console script importing
-    this checkout's code (agents get no PYTHONPATH from agentd or sshd)."""
+    this checkout's code (agents get no PYTHONPATH from agentd or sshd), by default with the
+    test options that tests drive the echo agent by."""
     script = Path(sys.executable).parent / "agentd-agent"
-    return f"env PYTHONPATH={shlex.quote(str(REPO))} {script} {{agent}}"
+    flag = " --test-options" if test_options else ""
+    return f"env PYTHONPATH={shlex.quote(str(REPO))} {script}{flag} {{agent}}"
 
 
 def keygen(path: Path, comment: str = "agentd-test") -> Path:

@@ -19,10 +19,14 @@ import pytest
 from agentd.agent import cli
 from tests.fake_providers import REPO, AgentProcess, agent_env
 
+# The agent CLI, and the same with the test options that drive the echo agent in tests.
+CLI = [sys.executable, "-m", "agentd.agent.cli"]
+TEST_CLI = [*CLI, "--test-options"]
+
 
 @pytest.fixture
 def echo() -> Iterator[AgentProcess]:
-    agent = AgentProcess("echo", agent_env())
+    agent = AgentProcess("echo", agent_env(), command=TEST_CLI)
     yield agent
     agent.stop()
 
@@ -53,7 +57,7 @@ def test_echo_streams_the_prompt_back_one_word_a_delta(echo: AgentProcess) -> No
 
 
 def test_echo_repeat_streams_ten_thousand_deltas_that_join_back(echo: AgentProcess) -> None:
-    echo.send({"type": "prompt", "id": "q1", "text": "one two ", "repeat": 5000})
+    echo.send({"type": "prompt", "id": "q1", "text": "one two ", "options": {"repeat": 5000}})
     lines = echo.read_query("q1")
     assert len(deltas(lines)) == 10_000
     assert "".join(deltas(lines)) == "one two " * 5000
@@ -61,7 +65,9 @@ def test_echo_repeat_streams_ten_thousand_deltas_that_join_back(echo: AgentProce
 
 
 def test_echo_delta_bytes_sends_deltas_of_exactly_that_size(echo: AgentProcess) -> None:
-    echo.send({"type": "prompt", "id": "q1", "text": "x", "delta_bytes": 100, "repeat": 7})
+    echo.send(
+        {"type": "prompt", "id": "q1", "text": "x", "options": {"delta_bytes": 100, "repeat": 7}}
+    )
     texts = deltas(echo.read_query("q1"))
     assert len(texts) == 7
     assert {len(t.encode()) for t in texts} == {100}
@@ -69,7 +75,7 @@ def test_echo_delta_bytes_sends_deltas_of_exactly_that_size(echo: AgentProcess) 
 
 def test_echo_pushes_well_over_100k_lines_a_second() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "agentd.agent.cli", "echo"],
+        [*TEST_CLI, "echo"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -84,7 +90,7 @@ def test_echo_pushes_well_over_100k_lines_a_second() -> None:
             pass
         started = time.monotonic()
         process.stdin.write(
-            b'{"type":"prompt","id":"q1","text":"x","delta_bytes":16,"repeat":1000000}\n'
+            b'{"type":"prompt","id":"q1","text":"x","options":{"delta_bytes":16,"repeat":1000000}}\n'
         )
         process.stdin.flush()
         # Read in bulk, so that what is measured is the agent, not this reader.
@@ -106,15 +112,15 @@ def test_echo_pushes_well_over_100k_lines_a_second() -> None:
 
 def test_delay_ms_paces_the_deltas(echo: AgentProcess) -> None:
     started = time.monotonic()
-    echo.send({"type": "prompt", "id": "q1", "text": "a b c d e", "delay_ms": 50})
+    echo.send({"type": "prompt", "id": "q1", "text": "a b c d e", "options": {"delay_ms": 50}})
     assert len(deltas(echo.read_query("q1"))) == 5
     assert time.monotonic() - started >= 0.2
 
 
 def test_report_keys_proves_the_keys_arrived_without_revealing_them() -> None:
-    agent = AgentProcess("echo", agent_env(ANTHROPIC_API_KEY="sk-ant-test-key-123"))
+    agent = AgentProcess("echo", agent_env(ANTHROPIC_API_KEY="sk-ant-test-key-123"), TEST_CLI)
     try:
-        agent.send({"type": "prompt", "id": "q1", "text": "hi", "report_keys": True})
+        agent.send({"type": "prompt", "id": "q1", "text": "hi", "options": {"report_keys": True}})
         done = agent.read_query("q1")[-1]
     finally:
         agent.stop()
@@ -134,12 +140,13 @@ def test_report_keys_proves_the_keys_arrived_without_revealing_them() -> None:
         (b'{"type": "launch", "id": "q9"}\n', "q9"),
         (b'{"type": "prompt", "text": "no id"}\n', None),
         (b'{"type": "prompt", "id": "q9", "text": ""}\n', "q9"),
-        (b'{"type": "prompt", "id": "q9", "text": "x", "repeat": 0}\n', "q9"),
-        (b'{"type": "prompt", "id": "q9", "text": "x", "repeat": true}\n', "q9"),
-        (b'{"type": "prompt", "id": "q9", "text": "x", "delay_ms": 5000}\n', "q9"),
-        (b'{"type": "prompt", "id": "q9", "text": "x", "delta_bytes": "8"}\n', "q9"),
-        (b'{"type": "prompt", "id": "q9", "text": "x", "report_keys": 1}\n', "q9"),
-        (b'{"type": "prompt", "id": "q9", "text": "x", "exit": 300}\n', "q9"),
+        (b'{"type": "prompt", "id": "q9", "text": "x", "options": []}\n', "q9"),
+        (b'{"type": "prompt", "id": "q9", "text": "x", "options": {"repeat": 0}}\n', "q9"),
+        (b'{"type": "prompt", "id": "q9", "text": "x", "options": {"repeat": true}}\n', "q9"),
+        (b'{"type": "prompt", "id": "q9", "text": "x", "options": {"delay_ms": 5000}}\n', "q9"),
+        (b'{"type": "prompt", "id": "q9", "text": "x", "options": {"delta_bytes": "8"}}\n', "q9"),
+        (b'{"type": "prompt", "id": "q9", "text": "x", "options": {"report_keys": 1}}\n', "q9"),
+        (b'{"type": "prompt", "id": "q9", "text": "x", "options": {"exit": 300}}\n', "q9"),
     ],
 )
 def test_malformed_line_gets_bad_request_and_the_agent_keeps_serving(
@@ -154,6 +161,38 @@ def test_malformed_line_gets_bad_request_and_the_agent_keeps_serving(
     assert deltas(echo.read_query("after")) == ["still ", "here"]
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"exit": 7}, {"report_keys": True}, {"repeat": 3, "delay_ms": 1}, {"delta_bytes": 8}],
+)
+def test_test_options_are_refused_without_the_flag_and_the_agent_keeps_serving(
+    options: dict[str, object],
+) -> None:
+    agent = AgentProcess("echo", agent_env(ANTHROPIC_API_KEY="sk-ant-test-key-123"), CLI)
+    try:
+        agent.send({"type": "prompt", "id": "q1", "text": "a b", "options": options})
+        error = agent.read()
+        agent.send({"type": "prompt", "id": "q2", "text": "still here", "options": {"x": 1}})
+        lines = agent.read_query("q2")
+    finally:
+        agent.stop()
+    assert error["type"] == "error" and error["code"] == "bad_request"
+    assert error["id"] == "q1"
+    assert "--test-options" in error["error"] and all(name in error["error"] for name in options)
+    assert deltas(lines) == ["still ", "here"]
+    assert "keys" not in lines[-1]
+
+
+def test_test_options_outside_the_options_object_are_ignored(echo: AgentProcess) -> None:
+    echo.send(
+        {"type": "prompt", "id": "q1", "text": "a b", "exit": 7, "repeat": 3, "report_keys": True}
+    )
+    lines = echo.read_query("q1")
+    assert deltas(lines) == ["a ", "b"]
+    assert "keys" not in lines[-1]
+    assert echo.process.poll() is None
+
+
 def test_blank_lines_are_ignored(echo: AgentProcess) -> None:
     echo.send(b"\n  \n")
     echo.send({"type": "prompt", "id": "q1", "text": "x"})
@@ -161,7 +200,7 @@ def test_blank_lines_are_ignored(echo: AgentProcess) -> None:
 
 
 def test_prompt_while_a_query_runs_is_refused_as_busy(echo: AgentProcess) -> None:
-    echo.send({"type": "prompt", "id": "slow", "text": "a b c d", "delay_ms": 100})
+    echo.send({"type": "prompt", "id": "slow", "text": "a b c d", "options": {"delay_ms": 100}})
     assert echo.read() == {"type": "start", "id": "slow"}
     echo.send({"type": "prompt", "id": "second", "text": "x"})
     lines = echo.read_query("second")
@@ -174,7 +213,9 @@ def test_prompt_while_a_query_runs_is_refused_as_busy(echo: AgentProcess) -> Non
 
 
 def test_abort_ends_the_running_query_with_partial_usage(echo: AgentProcess) -> None:
-    echo.send({"type": "prompt", "id": "q1", "text": "a b c d e f g h", "delay_ms": 200})
+    echo.send(
+        {"type": "prompt", "id": "q1", "text": "a b c d e f g h", "options": {"delay_ms": 200}}
+    )
     assert echo.read()["type"] == "start"
     assert echo.read()["type"] == "delta"
     echo.send({"type": "abort"})
@@ -188,7 +229,7 @@ def test_abort_ends_the_running_query_with_partial_usage(echo: AgentProcess) -> 
 
 
 def test_abort_naming_another_query_is_ignored(echo: AgentProcess) -> None:
-    echo.send({"type": "prompt", "id": "q1", "text": "a b c", "delay_ms": 50})
+    echo.send({"type": "prompt", "id": "q1", "text": "a b c", "options": {"delay_ms": 50}})
     echo.send({"type": "abort", "id": "other"})
     done = echo.read_query("q1")[-1]
     assert done["type"] == "done"
@@ -197,7 +238,7 @@ def test_abort_naming_another_query_is_ignored(echo: AgentProcess) -> None:
 
 
 def test_sigterm_mid_query_reports_partial_usage_and_exits_0(echo: AgentProcess) -> None:
-    echo.send({"type": "prompt", "id": "q1", "text": "a b c d e f", "delay_ms": 300})
+    echo.send({"type": "prompt", "id": "q1", "text": "a b c d e f", "options": {"delay_ms": 300}})
     assert echo.read()["type"] == "start"
     assert echo.read()["type"] == "delta"
     echo.process.send_signal(signal.SIGTERM)
@@ -209,7 +250,7 @@ def test_sigterm_mid_query_reports_partial_usage_and_exits_0(echo: AgentProcess)
 
 
 def test_stdin_eof_mid_query_reports_partial_usage_and_exits_0(echo: AgentProcess) -> None:
-    echo.send({"type": "prompt", "id": "q1", "text": "a b c d e f", "delay_ms": 300})
+    echo.send({"type": "prompt", "id": "q1", "text": "a b c d e f", "options": {"delay_ms": 300}})
     assert echo.read()["type"] == "start"
     echo.close_stdin()
     assert echo.wait() == 0
@@ -221,7 +262,7 @@ def test_stdin_eof_mid_query_reports_partial_usage_and_exits_0(echo: AgentProces
 
 def test_stdin_eof_when_idle_exits_0_without_output() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "agentd.agent.cli", "echo"],
+        [*CLI, "echo"],
         input=b"",
         capture_output=True,
         env=agent_env(),
@@ -248,7 +289,7 @@ def test_stdout_may_be_a_regular_file(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     with out.open("wb") as stdout:
         process = subprocess.Popen(
-            [sys.executable, "-m", "agentd.agent.cli", "echo"],
+            [*TEST_CLI, "echo"],
             stdin=subprocess.PIPE,
             stdout=stdout,
             stderr=subprocess.DEVNULL,
@@ -256,7 +297,9 @@ def test_stdout_may_be_a_regular_file(tmp_path: Path) -> None:
             cwd=REPO,
         )
         assert process.stdin is not None
-        process.stdin.write(b'{"type":"prompt","id":"q1","text":"to a file","repeat":2}\n')
+        process.stdin.write(
+            b'{"type":"prompt","id":"q1","text":"to a file","options":{"repeat":2}}\n'
+        )
         process.stdin.flush()
         deadline = time.monotonic() + 10
         while b'"done"' not in out.read_bytes() and time.monotonic() < deadline:
@@ -270,7 +313,7 @@ def test_stdout_may_be_a_regular_file(tmp_path: Path) -> None:
 
 def test_sigterm_exits_even_when_the_peer_stopped_reading() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "agentd.agent.cli", "echo"],
+        [*TEST_CLI, "echo"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -280,7 +323,7 @@ def test_sigterm_exits_even_when_the_peer_stopped_reading() -> None:
     assert process.stdin is not None and process.stdout is not None
     # Far more output than the pipe holds, and nobody reads it.
     process.stdin.write(
-        b'{"type":"prompt","id":"q1","text":"x","delta_bytes":1000,"repeat":100000}\n'
+        b'{"type":"prompt","id":"q1","text":"x","options":{"delta_bytes":1000,"repeat":100000}}\n'
     )
     process.stdin.flush()
     time.sleep(0.5)
@@ -297,7 +340,7 @@ def test_sigterm_exits_even_when_the_peer_stopped_reading() -> None:
 
 def test_reader_closing_stdout_ends_the_agent_with_status_0() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "agentd.agent.cli", "echo"],
+        [*TEST_CLI, "echo"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -305,7 +348,9 @@ def test_reader_closing_stdout_ends_the_agent_with_status_0() -> None:
         cwd=REPO,
     )
     assert process.stdin is not None and process.stdout is not None
-    process.stdin.write(b'{"type":"prompt","id":"q1","text":"a b c d e f g","delay_ms":100}\n')
+    process.stdin.write(
+        b'{"type":"prompt","id":"q1","text":"a b c d e f g","options":{"delay_ms":100}}\n'
+    )
     process.stdin.flush()
     assert json.loads(process.stdout.readline())["type"] == "start"
     process.stdout.close()
@@ -317,7 +362,7 @@ def test_reader_closing_stdout_ends_the_agent_with_status_0() -> None:
 
 
 def test_exit_option_ends_the_process_with_that_status(echo: AgentProcess) -> None:
-    echo.send({"type": "prompt", "id": "q1", "text": "x", "exit": 7})
+    echo.send({"type": "prompt", "id": "q1", "text": "x", "options": {"exit": 7}})
     assert echo.wait() == 7
     assert echo.remaining() == []
 
@@ -342,9 +387,10 @@ def test_unusable_agents_file_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert "agents.claude.max_tokens" in line["error"]
 
 
-def test_wrong_arguments_exit_2_with_usage() -> None:
+@pytest.mark.parametrize("arguments", [[], ["--test-options"], ["--verbose", "echo"]])
+def test_wrong_arguments_exit_2_with_usage(arguments: list[str]) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "agentd.agent.cli"],
+        [*CLI, *arguments],
         capture_output=True,
         env=agent_env(),
         cwd=REPO,

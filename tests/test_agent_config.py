@@ -86,14 +86,34 @@ def test_a_named_agents_file_must_exist(tmp_path: Path) -> None:
         agents.find("echo", {"AGENTD_AGENTS": str(tmp_path / "missing.toml")})
 
 
-def test_prompt_options_are_parsed() -> None:
+def test_test_options_are_parsed_from_the_options_object_under_the_flag() -> None:
     prompt = parse_line(
-        b'{"type":"prompt","id":"q","text":"t","repeat":3,"delay_ms":2.5,'
-        b'"delta_bytes":8,"report_keys":true,"exit":4,"extra":"ignored"}'
+        b'{"type":"prompt","id":"q","text":"t","options":{"repeat":3,"delay_ms":2.5,'
+        b'"delta_bytes":8,"report_keys":true,"exit":4,"extra":"ignored"}}',
+        test_options=True,
     )
     assert isinstance(prompt, Prompt)
     assert (prompt.repeat, prompt.delay_ms, prompt.delta_bytes) == (3, 2.5, 8)
     assert (prompt.report_keys, prompt.exit_status) == (True, 4)
+
+
+def test_test_options_without_the_flag_are_a_bad_request_naming_them() -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_line(b'{"type":"prompt","id":"q","text":"t","options":{"exit":4,"repeat":2}}')
+    assert caught.value.query_id == "q"
+    assert "exit" in caught.value.problem and "repeat" in caught.value.problem
+    assert "--test-options" in caught.value.problem
+
+
+def test_options_without_test_options_and_top_level_test_fields_change_nothing() -> None:
+    for test_options in (False, True):
+        prompt = parse_line(
+            b'{"type":"prompt","id":"q","text":"t","repeat":3,"report_keys":true,"exit":4,'
+            b'"options":{"temperature":0.2}}',
+            test_options=test_options,
+        )
+        assert isinstance(prompt, Prompt)
+        assert (prompt.repeat, prompt.report_keys, prompt.exit_status) == (1, False, None)
 
 
 def test_abort_may_name_a_query() -> None:

@@ -1,4 +1,5 @@
-"""What reaches an agent from agentd, end to end: its environment over both transports."""
+"""What reaches an agent from agentd, end to end: its environment over both transports, and
+the prompt fields a browser can set."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import treq
 
 from agentd.keys import generate_kek
 from tests.harness import SECRET, base_config, merge, ssh_config, token
+from tests.servers import agent_command
 from tests.wsclient import WsClient, connect
 
 JWT_SECRET = "agentd-jwt-secret-that-mints-admin-tokens-0123456789"
@@ -93,3 +95,88 @@ async def test_an_agent_sees_its_sessions_key_and_forward_env_but_none_of_agentd
             assert secret not in json.dumps(env)
         assert "PATH" in env and "HOME" in env
     assert OPERATOR_KEY not in json.dumps(alice)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_agent_gets_only_type_id_text_and_options_of_a_browsers_prompt(tmp_path, agentd):
+    gateway = agentd(merge(base_config(tmp_path), agents={"command": reporting_agent(tmp_path)}))
+    client = await session(gateway)
+    done = await ask(
+        client,
+        "p1",
+        exit=3,
+        repeat=5,
+        delta_bytes=1_048_576,
+        report_keys=True,
+        options={"effort": "low", "nested": [1, {"a": None}]},
+    )
+    assert done["line"] == {
+        "type": "prompt",
+        "id": "p1",
+        "text": "hi",
+        "options": {"effort": "low", "nested": [1, {"a": None}]},
+    }
+    done = await ask(client, "p2", exit=3)
+    assert done["line"] == {"type": "prompt", "id": "p2", "text": "hi"}
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [([1, 2], "must be an object"), ("repeat", "must be an object"), ({"x": "y" * 4096}, "4096")],
+)
+@pytest_twisted.ensureDeferred
+async def test_options_that_are_not_a_small_object_are_a_bad_request(
+    tmp_path, agentd, options, problem
+):
+    gateway = agentd(base_config(tmp_path))
+    client = await session(gateway)
+    client.send({"type": "prompt", "id": "p", "text": "hi", "options": options})
+    error = await client.recv()
+    assert error["type"] == "error" and error["code"] == "bad_request"
+    assert error["id"] == "p" and problem in error["error"]
+    assert next(iter(gateway.registry.by_id.values())).process is None, "an agent was started"
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_test_options_at_the_top_of_a_browsers_prompt_have_no_effect(tmp_path, agentd):
+    gateway = agentd(base_config(tmp_path))  # the echo agent, with --test-options
+    client = await session(gateway)
+    client.send(
+        {"type": "prompt", "id": "p", "text": "a b", "exit": 3, "repeat": 4, "report_keys": True}
+    )
+    messages = await client.recv_until("done")
+    assert [m["text"] for m in messages if m["type"] == "delta"] == ["a ", "b"]
+    assert "keys" not in messages[-1]
+    assert not any(m.get("code") == "agent_exited" for m in messages)
+    # The same option where it belongs works, under the test flag.
+    client.send({"type": "prompt", "id": "q", "text": "a b", "options": {"repeat": 2}})
+    messages = await client.recv_until("done")
+    assert [m["text"] for m in messages if m["type"] == "delta"] == ["a ", "b"] * 2
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_the_test_flag_the_agent_refuses_test_options_from_a_browser(
+    tmp_path, agentd, monkeypatch
+):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", OPERATOR_KEY)
+    gateway = agentd(
+        merge(
+            base_config(tmp_path),
+            agents={"command": agent_command(test_options=False)},
+            keys={"anthropic": "env:ANTHROPIC_API_KEY"},
+        )
+    )
+    client = await session(gateway)
+    for n, options in enumerate(({"report_keys": True}, {"exit": 3}, {"repeat": 1_000_000})):
+        client.send({"type": "prompt", "id": f"test{n}", "text": "hi", "options": options})
+        error = (await client.recv_until("error"))[-1]
+        assert error["code"] == "bad_request" and "--test-options" in error["error"]
+        assert error["id"] == f"test{n}"
+        client.send({"type": "prompt", "id": f"plain{n}", "text": "hi"})
+        messages = await client.recv_until("done")
+        assert not any(m.get("code") == "agent_exited" for m in messages)
+        assert messages[-1]["usage"]["outputTokens"] == 1 and "keys" not in messages[-1]
+    client.close()

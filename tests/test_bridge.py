@@ -366,7 +366,7 @@ async def test_agent_exit_is_reported_and_the_next_prompt_starts_a_new_agent(
     gateway = agentd(ssh_config(tmp_path, sshd))
     client = await connect(gateway.ws_url(token=token()))
     await client.recv()
-    client.send({"type": "prompt", "id": "p1", "text": "bye", "exit": 3})
+    client.send({"type": "prompt", "id": "p1", "text": "bye", "options": {"exit": 3}})
     error = (await client.recv_until("error"))[-1]
     assert error["code"] == "agent_exited" and error["exitStatus"] == 3
     client.send({"type": "prompt", "id": "p2", "text": "alive again"})
@@ -425,7 +425,12 @@ async def test_a_client_that_stops_reading_pauses_the_agent_and_memory_stays_bou
     pauses = metrics.FLOW_PAUSES._value.get()
     # The agent wants to send 200,000 deltas of 4 KiB: 800 MiB.
     client.send(
-        {"type": "prompt", "id": "flood", "text": "x", "repeat": 200_000, "delta_bytes": 4096}
+        {
+            "type": "prompt",
+            "id": "flood",
+            "text": "x",
+            "options": {"repeat": 200_000, "delta_bytes": 4096},
+        }
     )
     await client.recv()  # ack
     client.protocol.transport.pauseProducing()  # the browser stops reading

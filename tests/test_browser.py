@@ -7,6 +7,7 @@ browser); stopping it makes every new attempt fail before the WebSocket opens.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -24,7 +25,7 @@ import pytest
 from playwright.sync_api import BrowserContext, Page, Playwright, WebSocket, expect, sync_playwright
 
 from tests.harness import SECRET, token
-from tests.servers import free_port, wait_for_port
+from tests.servers import agent_command, free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -125,8 +126,11 @@ class Agentd:
 
 @pytest.fixture
 def agentd(tmp_path: Path) -> Iterator[Agentd]:
-    """agentd on its embedded defaults (local transport, echo agent), behind a proxy."""
+    """agentd on its defaults (local transport, echo agent), behind a proxy; only the agent
+    command differs, so the console can ask the echo agent for a slow answer."""
     port = free_port()
+    config = tmp_path / "agentd.toml"
+    config.write_text(f"[agents]\ncommand = {json.dumps(agent_command())}\n")
     env = {
         **os.environ,
         "AGENTD_JWT_SECRET": SECRET,
@@ -140,6 +144,8 @@ def agentd(tmp_path: Path) -> Iterator[Agentd]:
             "--pidfile=",
             f"--logfile={log}",
             "agentd",
+            "--config",
+            str(config),
             "--listen",
             f"tcp:{port}:interface=127.0.0.1",
         ],
@@ -205,10 +211,10 @@ class Console:
     def expect_status(self, status: str, timeout: float = 15_000) -> None:
         expect(self.pill).to_have_attribute("data-status", status, timeout=timeout)
 
-    def send(self, text: str, extra: str = "") -> None:
-        if extra:
-            self.page.get_by_text("Extra fields").click()
-            self.page.get_by_label("JSON object merged into the prompt message").fill(extra)
+    def send(self, text: str, options: str = "") -> None:
+        if options:
+            self.page.get_by_text("Options", exact=True).click()
+            self.page.get_by_label("JSON object sent as the prompt's options").fill(options)
         self.page.get_by_label("Prompt", exact=True).fill(text)
         self.page.get_by_role("button", name="Send").click()
 
@@ -229,7 +235,7 @@ def test_page_resumes_a_long_answer_after_the_server_cuts_the_connection(
     console = Console(browser.new_page()).open(agentd.console_url(token()))
     console.expect_status("open")
     text = numbered_words(WORDS)
-    console.send(text, extra=f'{{"delay_ms": {DELAY_MS}}}')
+    console.send(text, options=f'{{"delay_ms": {DELAY_MS}}}')
     turn = console.transcript.locator(".turn").first
     expect(turn.locator(".answer .text")).to_contain_text("w020")
 

@@ -42,7 +42,12 @@ async def reported_keys(gateway: Any, user: str, raw: list[bytes]) -> dict[str, 
     client = await connect(gateway.ws_url(token=token(user)))
     await client.recv()
     client.send(
-        {"type": "prompt", "id": "k", "text": "which key", "report_keys": True, "delay_ms": 200}
+        {
+            "type": "prompt",
+            "id": "k",
+            "text": "which key",
+            "options": {"report_keys": True, "delay_ms": 200},
+        }
     )
     await client.recv_until("start")
     listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout

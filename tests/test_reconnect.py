@@ -72,7 +72,12 @@ async def test_long_answer_survives_repeated_drops_with_every_seq_exactly_once(
     text = " ".join(words)
     # 250 words x 48 = 12,000 deltas, paced so the answer is still streaming across drops.
     reader.client.send(
-        {"type": "prompt", "id": "long", "text": text, "repeat": 48, "delay_ms": 0.05}
+        {
+            "type": "prompt",
+            "id": "long",
+            "text": text,
+            "options": {"repeat": 48, "delay_ms": 0.05},
+        }
     )
     drops = 0
     while not reader.done():
@@ -129,7 +134,12 @@ async def test_agent_keeps_running_while_detached_and_dies_after_grace(tmp_path,
     reader = ResumingReader(gateway)
     await reader.connect()
     reader.client.send(
-        {"type": "prompt", "id": "p", "text": "a b c d", "repeat": 20, "delay_ms": 5}
+        {
+            "type": "prompt",
+            "id": "p",
+            "text": "a b c d",
+            "options": {"repeat": 20, "delay_ms": 5},
+        }
     )
     await reader.read(2)
     reader.client.close()

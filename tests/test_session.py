@@ -99,7 +99,7 @@ def test_first_message_is_session_and_seq_counts_from_one():
         "project": "demo",
         "agent": "echo",
     }
-    session.prompt({"type": "prompt", "id": "a", "text": "hi"})
+    session.prompt("a", "hi")
     agent = transport.processes[0]
     assert agent.lines == [{"type": "prompt", "id": "a", "text": "hi"}]
     agent.say(type="delta", id="a", text="hi")
@@ -123,7 +123,7 @@ def test_resume_replays_exactly_what_was_missed():
     _, transport, registry = make()
     first = FakeClient()
     session = registry.open(KEY, first, None, 0)
-    session.prompt({"type": "prompt", "id": "a", "text": "x"})
+    session.prompt("a", "x")
     agent = transport.processes[0]
     for i in range(5):
         agent.say(type="delta", id="a", text=str(i))
@@ -144,7 +144,7 @@ def test_replay_overflow_says_incomplete_and_replays_what_is_left():
     _, transport, registry = make(messages=3)
     first = FakeClient()
     session = registry.open(KEY, first, None, 0)
-    session.prompt({"type": "prompt", "id": "a", "text": "x"})
+    session.prompt("a", "x")
     agent = transport.processes[0]
     session.detach(first)
     for i in range(10):
@@ -168,7 +168,7 @@ def test_grace_expiry_ends_the_agent_and_forgets_the_session():
     clock, transport, registry = make(grace=120)
     client = FakeClient()
     session = registry.open(KEY, client, None, 0)
-    session.prompt({"type": "prompt", "id": "a", "text": "x"})
+    session.prompt("a", "x")
     session.detach(client)
     clock.advance(119)
     assert not transport.processes[0].terminated and session.id in registry.by_id
@@ -184,7 +184,7 @@ def test_reattaching_within_grace_cancels_expiry():
     clock, transport, registry = make(grace=10)
     client = FakeClient()
     session = registry.open(KEY, client, None, 0)
-    session.prompt({"type": "prompt", "id": "a", "text": "x"})
+    session.prompt("a", "x")
     session.detach(client)
     clock.advance(5)
     registry.open(KEY, FakeClient(), session.id, 1)
@@ -207,8 +207,8 @@ def test_duplicate_prompt_ids_are_acked_but_forwarded_once():
     _, transport, registry = make()
     client = FakeClient()
     session = registry.open(KEY, client, None, 0)
-    session.prompt({"type": "prompt", "id": "a", "text": "x"})
-    session.prompt({"type": "prompt", "id": "a", "text": "x"})
+    session.prompt("a", "x")
+    session.prompt("a", "x")
     assert len(transport.processes[0].lines) == 1
     acks = [f for f in client.frames if f.get("type") == "ack"]
     assert [a["id"] for a in acks] == ["a", "a"] and acks[1]["duplicate"] is True
@@ -218,7 +218,7 @@ def test_resume_by_another_user_starts_a_fresh_session_and_reveals_nothing():
     _, transport, registry = make()
     alice = FakeClient()
     session = registry.open(KEY, alice, None, 0)
-    session.prompt({"type": "prompt", "id": "secret", "text": "alice's prompt"})
+    session.prompt("secret", "alice's prompt")
     transport.processes[0].say(type="delta", id="secret", text="alice's answer")
     mallory = FakeClient()
     other = registry.open(SessionKey("demo", "mallory", "echo"), mallory, session.id, 0)
@@ -232,7 +232,7 @@ def test_a_fresh_connection_replaces_the_earlier_session_of_the_same_key():
     _, transport, registry = make()
     first = FakeClient()
     old = registry.open(KEY, first, None, 0)
-    old.prompt({"type": "prompt", "id": "a", "text": "x"})
+    old.prompt("a", "x")
     new = registry.open(KEY, FakeClient(), None, 0)
     assert new is not old and first.closed[0] == 4001
     assert transport.processes[0].terminated
@@ -243,11 +243,11 @@ def test_agent_exit_reports_agent_exited_and_the_next_prompt_respawns():
     _, transport, registry = make()
     client = FakeClient()
     session = registry.open(KEY, client, None, 0)
-    session.prompt({"type": "prompt", "id": "a", "text": "x"})
+    session.prompt("a", "x")
     transport.processes[0].sink.agent_ended(3, "exited with 3")
     error = client.frames[-1]
     assert error["code"] == "agent_exited" and error["exitStatus"] == 3
-    session.prompt({"type": "prompt", "id": "b", "text": "y"})
+    session.prompt("b", "y")
     assert len(transport.processes) == 2
 
 
@@ -256,7 +256,7 @@ def test_unreachable_vm_gives_vm_unavailable_for_that_prompt():
     transport.fail_with = TransportError("refused", "connection refused", transient=True)
     client = FakeClient()
     session = registry.open(KEY, client, None, 0)
-    session.prompt({"type": "prompt", "id": "a", "text": "x"})
+    session.prompt("a", "x")
     assert client.frames[-1]["code"] == "vm_unavailable" and client.frames[-1]["id"] == "a"
 
 
@@ -264,7 +264,7 @@ def test_backpressure_pauses_the_agent_and_detach_lets_it_run_on():
     _, transport, registry = make()
     client = FakeClient()
     session = registry.open(KEY, client, None, 0)
-    session.prompt({"type": "prompt", "id": "a", "text": "x"})
+    session.prompt("a", "x")
     session.pause_output()
     assert transport.processes[0].paused
     session.detach(client)

@@ -19,7 +19,14 @@ async def test_stop_drains_running_queries_before_ending_agents(tmp_path, agentd
     client = await connect(gateway.ws_url(token=token()))
     await client.recv()
     # About a second of streaming still to come when the stop begins.
-    client.send({"type": "prompt", "id": "slow", "text": "a b c d e", "repeat": 10, "delay_ms": 20})
+    client.send(
+        {
+            "type": "prompt",
+            "id": "slow",
+            "text": "a b c d e",
+            "options": {"repeat": 10, "delay_ms": 20},
+        }
+    )
     await client.recv_until("start")
     done_before = metrics.QUERIES.labels("echo", "done")._value.get()
     started = time.monotonic()

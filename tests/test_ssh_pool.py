@@ -14,7 +14,9 @@ from tests.wsclient import connect
 async def one_session(gateway, user: str) -> list[dict]:
     client = await connect(gateway.ws_url(token=token(user)))
     await client.recv()
-    client.send({"type": "prompt", "id": "p", "text": f"hello {user}", "delay_ms": 300})
+    client.send(
+        {"type": "prompt", "id": "p", "text": f"hello {user}", "options": {"delay_ms": 300}}
+    )
     await client.recv_until("start")
     return client
 

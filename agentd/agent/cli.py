@@ -1,5 +1,8 @@
 """``agentd-agent AGENT``: serve one agent conversation over JSON lines on stdin and stdout.
 
+``--test-options`` lets prompts use the test options (see ``protocol.parse_line``); agentd
+never passes it, only tests and benchmarks configure a command that does.
+
 Exit status: 0 after stdin EOF or SIGTERM, 1 after an internal error, 2 when the agent is
 unknown or unusable as configured, or whatever a test prompt's ``exit`` asks for.
 """
@@ -38,7 +41,8 @@ from agentd.agent.providers import (
     make_provider,
 )
 
-USAGE = "usage: agentd-agent AGENT"
+USAGE = "usage: agentd-agent [--test-options] AGENT"
+TEST_OPTIONS_FLAG = "--test-options"
 # On the way out, output the peer has not read within this long is dropped: agentd may have
 # stopped reading (a paused session) and must not keep a stopping agent alive by it.
 FLUSH_SECONDS = 5.0
@@ -111,12 +115,18 @@ class PromptServer:
     """Answers prompts one at a time; a prompt while one runs is refused with ``busy``."""
 
     def __init__(
-        self, spec: agents.AgentSpec, provider: Provider, output: Output, log: Log
+        self,
+        spec: agents.AgentSpec,
+        provider: Provider,
+        output: Output,
+        log: Log,
+        test_options: bool = False,
     ) -> None:
         self.spec = spec
         self.provider = provider
         self.output = output
         self.log = log
+        self.test_options = test_options
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.query: asyncio.Task[None] | None = None
         self.query_id: str | None = None
@@ -140,7 +150,7 @@ class PromptServer:
             if not event.strip():
                 continue
             try:
-                message = parse_line(event)
+                message = parse_line(event, self.test_options)
             except BadRequest as e:
                 extra = {} if e.query_id is None else {"id": e.query_id}
                 self._error(ErrorCode.BAD_REQUEST, e.problem, **extra)
@@ -275,7 +285,9 @@ class LogBridge(logging.Handler):
         self.log.emit(level, message, logger=record.name)
 
 
-async def run(spec: agents.AgentSpec, provider: Provider, log: Log) -> int:
+async def run(
+    spec: agents.AgentSpec, provider: Provider, log: Log, test_options: bool = False
+) -> int:
     loop = asyncio.get_running_loop()
 
     def on_exception(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
@@ -288,7 +300,7 @@ async def run(spec: agents.AgentSpec, provider: Provider, log: Log) -> int:
 
     loop.set_exception_handler(on_exception)
     output = await open_stdout(lambda: server.deliver(Stop(0, "stdout closed")))
-    server = PromptServer(spec, provider, output, log)
+    server = PromptServer(spec, provider, output, log, test_options)
 
     def deliver(event: Event) -> None:
         try:
@@ -300,7 +312,7 @@ async def run(spec: agents.AgentSpec, provider: Provider, log: Log) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.deliver, Stop(0, signal.Signals(signum).name))
     threading.Thread(target=read_lines, args=(0, deliver), name="stdin", daemon=True).start()
-    log.info("agent ready", provider=spec.provider, model=spec.model)
+    log.info("agent ready", provider=spec.provider, model=spec.model, testOptions=test_options)
     return await server.serve()
 
 
@@ -317,6 +329,9 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     signal.signal(signal.SIGTERM, _exit_quietly)
     args = sys.argv[1:] if argv is None else argv
     environ = os.environ if env is None else env
+    test_options = args[:1] == [TEST_OPTIONS_FLAG]
+    if test_options:
+        args = args[1:]
     if len(args) != 1 or args[0].startswith("-"):
         os.write(2, (USAGE + "\n").encode())
         _fatal(ErrorCode.BAD_REQUEST, USAGE)
@@ -347,7 +362,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     # The SDKs warn through the warnings module (deprecated models); log those as JSON too.
     logging.captureWarnings(True)
     try:
-        return asyncio.run(run(spec, provider, log))
+        return asyncio.run(run(spec, provider, log, test_options))
     except Exception as e:
         log.error("internal error", exception=type(e).__name__, traceback=traceback.format_exc())
         os.set_blocking(1, True)

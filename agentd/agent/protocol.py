@@ -39,7 +39,8 @@ class BadRequest(ValueError):
 
 
 class Prompt:
-    """A validated ``prompt`` message. The test options are honoured by the echo provider."""
+    """A validated ``prompt`` message. Its test options (``agentd-agent --test-options`` only)
+    are honoured by the echo provider, and ``exit_status`` by every agent."""
 
     __slots__ = ("delay_ms", "delta_bytes", "exit_status", "id", "repeat", "report_keys", "text")
 
@@ -71,17 +72,25 @@ class Abort:
         self.id = id
 
 
-def _integer(message: dict[str, Any], key: str, low: int, high: int, query_id: str) -> int | None:
-    value = message.get(key)
+# The fields of a prompt's ``options`` object that drive the test behaviour.
+TEST_OPTIONS = ("repeat", "delay_ms", "delta_bytes", "report_keys", "exit")
+
+
+def _integer(options: dict[str, Any], key: str, low: int, high: int, query_id: str) -> int | None:
+    value = options.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise BadRequest(f"{key} must be an integer from {low} to {high}", query_id)
+        raise BadRequest(f"options.{key} must be an integer from {low} to {high}", query_id)
     return value
 
 
-def parse_line(line: bytes) -> Prompt | Abort:
-    """Parse one input line; raises BadRequest naming what is wrong."""
+def parse_line(line: bytes, test_options: bool = False) -> Prompt | Abort:
+    """Parse one input line; raises BadRequest naming what is wrong.
+
+    A prompt's test options are read from its ``options`` object, and refused unless
+    ``test_options`` is set: agentd passes ``options`` on from any browser.
+    """
     try:
         message = json.loads(line)
     except ValueError:
@@ -102,24 +111,34 @@ def parse_line(line: bytes) -> Prompt | Abort:
     text = message.get("text")
     if not isinstance(text, str) or not text:
         raise BadRequest("text must be a non-empty string", query_id)
-    delay_ms = message.get("delay_ms", 0)
+    options = message.get("options", {})
+    if not isinstance(options, dict):
+        raise BadRequest("options must be an object", query_id)
+    asked = [name for name in TEST_OPTIONS if name in options]
+    if not asked:
+        return Prompt(id=query_id, text=text)
+    if not test_options:
+        raise BadRequest(
+            f"test options ({', '.join(asked)}) need agentd-agent --test-options", query_id
+        )
+    delay_ms = options.get("delay_ms", 0)
     if (
         isinstance(delay_ms, bool)
         or not isinstance(delay_ms, int | float)
         or not 0 <= delay_ms <= 1000
     ):
-        raise BadRequest("delay_ms must be a number from 0 to 1000", query_id)
-    report_keys = message.get("report_keys", False)
+        raise BadRequest("options.delay_ms must be a number from 0 to 1000", query_id)
+    report_keys = options.get("report_keys", False)
     if not isinstance(report_keys, bool):
-        raise BadRequest("report_keys must be true or false", query_id)
+        raise BadRequest("options.report_keys must be true or false", query_id)
     return Prompt(
         id=query_id,
         text=text,
-        repeat=_integer(message, "repeat", 1, 1_000_000, query_id) or 1,
+        repeat=_integer(options, "repeat", 1, 1_000_000, query_id) or 1,
         delay_ms=float(delay_ms),
-        delta_bytes=_integer(message, "delta_bytes", 1, 1_048_576, query_id),
+        delta_bytes=_integer(options, "delta_bytes", 1, 1_048_576, query_id),
         report_keys=report_keys,
-        exit_status=_integer(message, "exit", 0, 255, query_id),
+        exit_status=_integer(options, "exit", 0, 255, query_id),
     )
 
 

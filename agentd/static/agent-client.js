@@ -236,13 +236,18 @@ export class AgentClient {
 
   /**
    * Queue a prompt and return its id. It goes out as soon as a session is established and
-   * again after every reconnect until the server acknowledges it. `extra` fields are passed
-   * through to the agent.
+   * again after every reconnect until the server acknowledges it. `options`, a plain object
+   * of at most 4 KiB as JSON, reaches the agent as the prompt's `options`; agentd passes on
+   * nothing else.
    */
-  send(text, extra = {}) {
+  send(text, options = {}) {
     if (this.status === "closed") throw new Error("AgentClient is closed; call connect() first");
+    if (options === null || typeof options !== "object" || Array.isArray(options)) {
+      throw new TypeError("prompt options must be an object");
+    }
     const id = randomId();
-    const message = { ...extra, type: "prompt", id, text };
+    const message = { type: "prompt", id, text };
+    if (Object.keys(options).length) message.options = options;
     const data = JSON.stringify(message);
     const size = this._encoder.encode(data).length;
     if (size > this._maxMessageBytes) {

@@ -237,22 +237,22 @@ $("composer").addEventListener("submit", (event) => {
   error.textContent = "";
   const text = $("prompt").value;
   if (!client || !text.trim()) return;
-  let extra = {};
-  const raw = $("extra").value.trim();
+  let options = {};
+  const raw = $("options").value.trim();
   if (raw) {
     try {
-      extra = JSON.parse(raw);
+      options = JSON.parse(raw);
     } catch {
-      extra = null;
+      options = null;
     }
-    if (extra === null || typeof extra !== "object" || Array.isArray(extra)) {
-      error.textContent = "Extra fields must be a JSON object.";
+    if (options === null || typeof options !== "object" || Array.isArray(options)) {
+      error.textContent = "Options must be a JSON object.";
       return;
     }
   }
   let id;
   try {
-    id = client.send(text, extra);
+    id = client.send(text, options);
   } catch (failure) {
     error.textContent = failure.message;
     return;

@@ -359,16 +359,31 @@ describe("resume and resend", () => {
     assert.equal(second.searchParams.get("token"), "t0k");
   });
 
-  test("prompts are sent once a session exists, with ids and extra fields", () => {
+  test("prompts are sent once a session exists, with ids and their options", () => {
     const client = makeClient();
     client.connect();
-    const id = client.send("hello", { repeat: 3, type: "ignored" });
+    const id = client.send("hello", { repeat: 3, type: "stays inside" });
+    const plain = client.send("again");
     FakeSocket.last.open();
     assert.deepEqual(FakeSocket.last.sent, []);
     FakeSocket.last.receive({ type: "session", session: "s1", resumed: false, complete: true, lastSeq: 0 });
-    assert.deepEqual(FakeSocket.last.sent, [{ type: "prompt", id, text: "hello", repeat: 3 }]);
+    assert.deepEqual(FakeSocket.last.sent, [
+      { type: "prompt", id, text: "hello", options: { repeat: 3, type: "stays inside" } },
+      { type: "prompt", id: plain, text: "again" },
+    ]);
     assert.match(id, /^[0-9a-f]{24}$/);
-    assert.notEqual(client.send("again"), id);
+    assert.notEqual(plain, id);
+  });
+
+  test("options that are not an object are refused before anything is queued", () => {
+    const client = makeClient();
+    client.connect();
+    for (const options of [null, [1], "repeat", 3]) {
+      assert.throws(() => client.send("hello", options), TypeError);
+    }
+    FakeSocket.last.open();
+    FakeSocket.last.receive({ type: "session", session: "s1", resumed: false, complete: true, lastSeq: 0 });
+    assert.deepEqual(FakeSocket.last.sent, []);
   });
 
   test("unacknowledged prompts are resent after a resume, acknowledged ones are not", () => {

@@ -1,9 +1,9 @@
 """The echo provider: answers with the prompt's own text, for tests and benchmarks.
 
-It speaks the protocol exactly like a model would (start, deltas, done with usage) and
-honours the prompt's test options: ``repeat``, ``delay_ms``, ``delta_bytes`` and
-``report_keys``. A token is a word: the text split after each run of whitespace, so the
-deltas concatenate back to the text exactly.
+It speaks the protocol exactly like a model would (start, deltas, done with usage) and, when
+``agentd-agent --test-options`` runs it, honours the prompt's test options: ``repeat``,
+``delay_ms``, ``delta_bytes`` and ``report_keys``. A token is a word: the text split after
+each run of whitespace, so the deltas concatenate back to the text exactly.
 """
 
 from __future__ import annotations
