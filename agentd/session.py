@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from agentd import metrics
+from agentd.agentlog import LINES_PER_SECOND, LogBudget, parse_agent_log
 from agentd.errors import ErrorCode, error_message
 from agentd.keys.source import KeySource
 from agentd.transport import AgentProcess, AgentTarget, AgentTransport, TransportError
@@ -157,6 +158,8 @@ class Session:
             "user": key.user,
             "agent": key.agent,
         }
+        # Every log line the agent causes passes this budget, so no agent floods the log.
+        self._log_budget = LogBudget(self._clock, self._report_held_log_lines)
 
     # -- client side ----------------------------------------------------------------------
 
@@ -419,6 +422,8 @@ class Session:
     def _bad_line(self, line: bytes) -> None:
         if line.strip():
             metrics.AGENT_BAD_LINES.labels(self.key.agent).inc()
+            if not self._log_budget.allow():
+                return
             _log.warn(
                 "agent wrote a line that is not a JSON object ({size} bytes)",
                 size=len(line),
@@ -478,26 +483,21 @@ class Session:
         services.usage.record(event)
 
     def agent_log(self, line: bytes) -> None:
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            obj = None
-        if type(obj) is dict:
-            fields = {
-                f"agent_{k}": v
-                for k, v in obj.items()
-                if k not in ("message", "level") and isinstance(k, str)
-            }
-            level = obj.get("level")
-            message = str(obj.get("message", ""))
-        else:
-            fields, level = {}, "info"
-            message = line.decode("utf-8", "replace")
-        emit = _log.warn if level in ("warn", "warning", "error") else _log.info
-        emit("agent: {agent_message}", agent_message=message[:2000], **fields, **self._log_context)
+        if not self._log_budget.allow():
+            return
+        entry = parse_agent_log(line)
+        emit = _log.warn if entry.warning else _log.info
+        emit(
+            "agent: {agent_message}",
+            agent_message=entry.message,
+            **entry.fields,
+            **self._log_context,
+        )
 
     def agent_overlong(self, stream: str, size: int) -> None:
         metrics.AGENT_BAD_LINES.labels(self.key.agent).inc()
+        if not self._log_budget.allow():
+            return
         _log.warn(
             "dropped an agent {stream} line of {size} bytes (over the limit)",
             stream=stream,
@@ -505,8 +505,17 @@ class Session:
             **self._log_context,
         )
 
+    def _report_held_log_lines(self, count: int) -> None:
+        _log.warn(
+            "held back {count} log lines caused by the agent (more than {rate:g} a second)",
+            count=count,
+            rate=LINES_PER_SECOND,
+            **self._log_context,
+        )
+
     def agent_ended(self, exit_status: int | None, reason: str) -> None:
         self.process = None
+        self._log_budget.flush()
         metrics.AGENT_PROCESSES.labels(self.key.agent, "ended").inc()
         if self.queries:
             metrics.QUERIES_IN_FLIGHT.labels(self.key.agent).dec(len(self.queries))

@@ -1,17 +1,22 @@
-"""What reaches an agent from agentd, end to end: its environment over both transports, and
-the prompt fields a browser can set."""
+"""What reaches an agent from agentd, and what an agent can put into agentd's log, end to end:
+its environment over both transports, the prompt fields a browser can set, its stderr."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.logger import LogEvent, globalLogPublisher
 
+from agentd.jsonlog import json_line
 from agentd.keys import generate_kek
 from tests.harness import SECRET, base_config, merge, ssh_config, token
 from tests.servers import agent_command
@@ -45,6 +50,14 @@ async def session(gateway: Any, user: str = "alice") -> WsClient:
     client = await connect(gateway.ws_url(token=token(user)))
     assert (await client.recv())["type"] == "session"
     return client
+
+
+@pytest.fixture
+def events() -> Iterator[list[LogEvent]]:
+    seen: list[LogEvent] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
 
 
 @pytest.mark.parametrize("transport", ["local", "ssh"])
@@ -179,4 +192,48 @@ async def test_without_the_test_flag_the_agent_refuses_test_options_from_a_brows
         messages = await client.recv_until("done")
         assert not any(m.get("code") == "agent_exited" for m in messages)
         assert messages[-1]["usage"]["outputTokens"] == 1 and "keys" not in messages[-1]
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_thirty_stderr_lines_of_900_kb_leave_a_bounded_log(tmp_path, agentd, events):
+    script = tmp_path / "noisy_agent.py"
+    script.write_text(
+        "import json, sys\n"
+        "big = 'x' * 900_000\n"
+        "shapes = [\n"
+        "    {'level': 'warn', 'message': big},\n"
+        "    {'level': 'error', 'message': 'm', 'detail': big},\n"
+        "    {'level': 'info', 'message': 'm', 'nested': [[[[big]]]]},\n"
+        "    {'level': 'warn', 'message': 'm', **{f'k{i}': 'v' * 900 for i in range(1000)}},\n"
+        "    {'level': 'warn', 'message': 'm', big: 1},\n"
+        "]\n"
+        "for line in sys.stdin:\n"
+        "    msg = json.loads(line)\n"
+        "    for n in range(30):\n"
+        "        sys.stderr.write(json.dumps(shapes[n % len(shapes)]) + '\\n')\n"
+        "    sys.stderr.flush()\n"
+        "    print(json.dumps({'type': 'done', 'id': msg['id']}), flush=True)\n"
+    )
+    gateway = agentd(
+        merge(
+            base_config(tmp_path),
+            agents={"command": f"{sys.executable} {script} {{agent}}"},
+            server={"max_message_bytes": 1_048_576},
+        )
+    )
+    client = await session(gateway)
+    await ask(client, "p")
+
+    def relayed() -> list[LogEvent]:
+        return [e for e in events if e.get("log_format") == "agent: {agent_message}"]
+
+    for _ in range(200):
+        if len(relayed()) >= 30:
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    lines = [json_line(e) for e in relayed()]
+    assert len(lines) == 30
+    assert max(map(len, lines)) < 40_000
+    assert sum(map(len, lines)) < 30 * 40_000  # 27 MB before fields were cut
     client.close()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent, globalLogPublisher
 
+from agentd import agentlog, metrics
 from agentd.session import ReplayLog, SessionKey, SessionRegistry, SessionServices, _splice_seq
 from agentd.transport import AgentSink, AgentTarget, TransportError
 
@@ -282,3 +285,58 @@ def test_backpressure_pauses_the_agent_and_detach_lets_it_run_on():
 )
 def test_seq_is_added_without_changing_the_agent_message(line, expected):
     assert orjson.loads(_splice_seq(line, 7, orjson.loads(line))) == expected
+
+
+@pytest.fixture
+def agent_log_events() -> Iterator[list[LogEvent]]:
+    """The log events a session's agent caused, as agentd's log observers receive them."""
+    seen: list[LogEvent] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace") == "agentd.session":
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_a_flood_of_agent_warnings_is_held_back_and_summarised_once(agent_log_events):
+    clock, transport, registry = make()
+    session = registry.open(KEY, FakeClient(), None, 0)
+    session.prompt("a", "x")
+    sink = transport.processes[0].sink
+    bad_lines = metrics.AGENT_BAD_LINES.labels("echo")._value.get()
+    for _ in range(1000):
+        sink.agent_log(b'{"level":"warn","message":"disk full"}')
+    for _ in range(1000):
+        sink.agent_line(b"not json")
+        sink.agent_overlong("stdout", 2_000_000)
+    written = [e for e in agent_log_events if "held back" not in e["log_format"]]
+    assert len(written) == agentlog.BURST_LINES
+    assert not any("held back" in e["log_format"] for e in agent_log_events)
+
+    clock.advance(agentlog.SUMMARY_SECONDS)
+    [summary] = [e for e in agent_log_events if "held back" in e["log_format"]]
+    assert summary["count"] == 3000 - agentlog.BURST_LINES
+    assert summary["session"] == session.id[:8]
+    assert metrics.AGENT_BAD_LINES.labels("echo")._value.get() == bad_lines + 2000
+
+    # The bucket refilled meanwhile: a few lines a second get through again.
+    agent_log_events.clear()
+    for _ in range(5):
+        sink.agent_log(b'{"level":"warn","message":"disk full"}')
+    assert len(agent_log_events) == 5
+
+
+def test_lines_held_back_are_reported_when_the_agent_ends(agent_log_events):
+    clock, transport, registry = make()
+    session = registry.open(KEY, FakeClient(), None, 0)
+    session.prompt("a", "x")
+    sink = transport.processes[0].sink
+    for _ in range(agentlog.BURST_LINES + 7):
+        sink.agent_log(b"plain text on stderr")
+    sink.agent_ended(0, "exited with 0")
+    [summary] = [e for e in agent_log_events if "held back" in e["log_format"]]
+    assert summary["count"] == 7
+    assert clock.getDelayedCalls() == []
