@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, globalLogPublisher
 
 from agentd.jsonlog import json_line
-from agentd.keys import generate_kek
+from agentd.keys.sealing import generate_kek
 from tests.harness import SECRET, base_config, merge, ssh_config, token
 from tests.servers import agent_command
 from tests.wsclient import WsClient, connect
