@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 
 from agentd.retry import backoff_delay, retry
 from agentd.transport import TransportError
-from agentd.transport.ssh import _classify
+from agentd.transport.ssh.pool import _classify
 
 
 def test_full_jitter_stays_within_the_exponential_envelope():
