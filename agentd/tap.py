@@ -35,7 +35,9 @@ from agentd.redisstore import RedisStore
 from agentd.session import SessionRegistry, SessionServices
 from agentd.transport import AgentTransport, forwarded_env
 from agentd.transport.local import LocalTransport
-from agentd.transport.ssh.pool import KnownHosts, SSHSettings, SSHTransport, load_private_key
+from agentd.transport.ssh.known_hosts import KnownHosts
+from agentd.transport.ssh.settings import SSHSettings, load_private_key
+from agentd.transport.ssh.transport import SSHTransport
 from agentd.usage import UsageEvent, UsageRecorder
 from agentd.usage_api import UsageResource
 from agentd.web import build_site, metrics_site

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from twisted.conch.ssh.keys import Key
 
-from agentd.transport.ssh.pool import HostKeyError, KnownHosts
+from agentd.transport.ssh.known_hosts import HostKeyError, KnownHosts
 from tests.servers import keygen
 
 
