@@ -7,7 +7,7 @@ not re-opened, so sshd stops reading from the agent.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.conch.ssh import common
@@ -41,10 +41,15 @@ class AgentChannel(SSHChannel):
         max_line: int,
         clock: IReactorTime,
         conn: VMConnection,
+        on_closed: Callable[[], None],
     ) -> None:
+        """``on_closed`` is called when the channel of an agent that started closes, before
+        the sink hears of it: the pool's count of channels is right by the time a session
+        reacts to its agent's end."""
         super().__init__(conn=conn)
         self.sink = sink
         self.ready: Deferred[AgentChannel] = Deferred()
+        self.ready.addCallback(self._agent_started)
         self.paused = False
         self._command = command
         self._env = env
@@ -53,6 +58,12 @@ class AgentChannel(SSHChannel):
         self._exit_reason = "channel closed"
         self._kill_call: Any = None
         self._stdout, self._stderr = output_splitters(sink, max_line)
+        self._on_closed = on_closed
+        self._started = False
+
+    def _agent_started(self, channel: AgentChannel) -> AgentChannel:
+        self._started = True
+        return channel
 
     def openFailed(self, reason: Failure | BaseException) -> None:
         failure = reason if isinstance(reason, Failure) else Failure(reason)
@@ -101,6 +112,8 @@ class AgentChannel(SSHChannel):
         return 1
 
     def closed(self) -> None:
+        if self._started:
+            self._on_closed()
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
         self._stdout.flush()

@@ -7,7 +7,7 @@ A connection carries up to ``max_channels`` agent channels; when sshd refuses on
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet import defer, error
@@ -187,7 +187,15 @@ class VMPool:
                 conn = await self._connect()
                 if not conn.has_room(self._cap()):
                     continue  # others took its last slots first: wait for the next one
-            channel = AgentChannel(sink, command, env, s.max_line, self._clock, conn)
+            channel = AgentChannel(
+                sink,
+                command,
+                env,
+                s.max_line,
+                self._clock,
+                conn,
+                on_closed=partial(self._channel_closed, conn),
+            )
             conn.agent_channels += 1
             self._cancel_idle(conn)
             channel.ready.addErrback(self._release_on_failure, conn)
@@ -207,18 +215,12 @@ class VMPool:
                 )
                 continue
             metrics.SSH_CHANNELS.inc()
-            original_closed = channel.closed
-
-            def closed(
-                c: VMConnection = conn, original: Callable[[], None] = original_closed
-            ) -> None:
-                metrics.SSH_CHANNELS.dec()
-                self._release(c)
-                original()
-
-            channel.closed = closed  # type: ignore[method-assign]
             return channel
         raise TransportError("channels", "could not open a channel on any connection")
+
+    def _channel_closed(self, conn: VMConnection) -> None:
+        metrics.SSH_CHANNELS.dec()
+        self._release(conn)
 
     def _release_on_failure(self, failure: Failure, conn: VMConnection) -> Failure:
         self._release(conn)
