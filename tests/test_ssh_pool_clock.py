@@ -1,0 +1,418 @@
+"""The SSH pool's timing on a fake clock: idle close, the kill grace, refused channels,
+parallel connects, connect timeouts and retries.
+
+The VM is a real Conch SSH server in memory: connections are made on a MemoryReactorClock
+and their bytes moved by iosim pumps, so only the clock and the network are fake.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.avatar import ConchUser
+from twisted.conch.error import ConchError, ValidPublicKey
+from twisted.conch.ssh import common, connection, userauth
+from twisted.conch.ssh.channel import SSHChannel
+from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED
+from twisted.conch.ssh.factory import SSHFactory
+from twisted.conch.ssh.keys import Key
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ISSHPrivateKey
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.test.iosim import ConnectionCompleter, IOPump
+from zope.interface import implementer
+
+from agentd import metrics
+from agentd.transport import AgentTarget, TransportError
+from agentd.transport.ssh.channel import TERMINATE_GRACE_SECONDS
+from agentd.transport.ssh.known_hosts import KnownHosts
+from agentd.transport.ssh.pool import IDLE_CLOSE_SECONDS, MAX_REFUSALS, PARALLEL_CONNECTS
+from agentd.transport.ssh.settings import SSHSettings
+from agentd.transport.ssh.transport import SSHTransport
+
+PORT = 2222
+USER = "coder"
+
+
+class VMAgent(SSHChannel):
+    """The VM's side of one agent channel: accepts env and exec, notes signals and EOF."""
+
+    name = b"session"
+
+    def __init__(self, vm: MemoryVM, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.command: bytes | None = None
+        self.signals: list[bytes] = []
+        self.eof = False
+        self.ended = False
+        vm.agents.append(self)
+
+    def request_env(self, data: bytes) -> int:
+        return 1
+
+    def request_exec(self, data: bytes) -> int:
+        self.command = common.getNS(data)[0]
+        return 1
+
+    def request_signal(self, data: bytes) -> int:
+        self.signals.append(common.getNS(data)[0])
+        return 1
+
+    def eofReceived(self) -> None:
+        self.eof = True
+
+    def closed(self) -> None:
+        self.ended = True
+
+    def exit(self, status: int) -> None:
+        self.conn.sendRequest(self, b"exit-status", struct.pack(">L", status))
+        self.loseConnection()
+
+
+class VMUser(ConchUser):
+    """One login: opens agent channels until the VM's MaxSessions is reached."""
+
+    def __init__(self, vm: MemoryVM) -> None:
+        super().__init__()
+        self.vm = vm
+        self.conn: connection.SSHConnection
+
+    def lookupChannel(
+        self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes
+    ) -> SSHChannel:
+        if len(self.conn.channels) >= self.vm.max_sessions:
+            self.vm.refusals += 1
+            raise ConchError("no more sessions", OPEN_ADMINISTRATIVELY_PROHIBITED)
+        return VMAgent(self.vm, remoteWindow=windowSize, remoteMaxPacket=maxPacket, avatar=self)
+
+
+@implementer(IRealm)
+class VMRealm:
+    def __init__(self, vm: MemoryVM) -> None:
+        self.vm = vm
+
+    def requestAvatar(self, avatarId: bytes, mind: object, *interfaces: Any) -> tuple:
+        return interfaces[0], VMUser(self.vm), lambda: None
+
+
+@implementer(ICredentialsChecker)
+class AuthorizedKey:
+    """sshd's authorized_keys with one key (Conch's own checker module warns on import)."""
+
+    credentialInterfaces = (ISSHPrivateKey,)
+
+    def __init__(self, key: Key) -> None:
+        self.key = key
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes]:
+        if credentials.blob != self.key.blob():
+            return fail(UnauthorizedLogin())
+        if credentials.signature is None:
+            return fail(ValidPublicKey())  # asks the client to sign
+        if not self.key.verify(credentials.signature, credentials.sigData):
+            return fail(UnauthorizedLogin())
+        return succeed(credentials.username)
+
+
+class MemoryVM:
+    """A VM reached on a MemoryReactorClock: Conch's sshd with its own host key, which the
+    client's known_hosts lists, and the client's key authorized."""
+
+    def __init__(
+        self, reactor: MemoryReactorClock, directory: Path, max_sessions: int = 10
+    ) -> None:
+        self.reactor = reactor
+        self.max_sessions = max_sessions
+        self.refusals = 0
+        self.agents: list[VMAgent] = []
+        self.pumps: list[IOPump] = []
+        host_key = Key(ed25519.Ed25519PrivateKey.generate())
+        self.client_key = Key(ed25519.Ed25519PrivateKey.generate())
+        self.known_hosts = directory / "known_hosts"
+        self.known_hosts.write_text(
+            f"[127.0.0.1]:{PORT} {host_key.public().toString('openssh').decode()}\n"
+        )
+        factory = SSHFactory()
+        factory.publicKeys = {b"ssh-ed25519": host_key.public()}
+        factory.privateKeys = {b"ssh-ed25519": host_key}
+        factory.primes = None
+        factory.services = {
+            b"ssh-userauth": self._userauth,
+            b"ssh-connection": connection.SSHConnection,
+        }
+        factory.portal = Portal(VMRealm(self), [AuthorizedKey(self.client_key.public())])
+        reactor.listenTCP(PORT, factory)
+        self._completer = ConnectionCompleter(reactor)
+
+    def _userauth(self) -> userauth.SSHUserAuthServer:
+        service = userauth.SSHUserAuthServer()
+        service.clock = self.reactor  # its login timeout, off the global reactor
+        return service
+
+    def connecting(self) -> int:
+        """TCP connects in progress; the ones given up are dropped from the reactor's list."""
+        live = [
+            (client, connector)
+            for client, connector in zip(self.reactor.tcpClients, self.reactor.connectors)
+            if not connector.stoppedConnecting
+        ]
+        self.reactor.tcpClients[:] = [client for client, _ in live]
+        self.reactor.connectors[:] = [connector for _, connector in live]
+        return len(live)
+
+    def accept(self) -> IOPump:
+        """Complete the oldest pending TCP connect and run everything that follows."""
+        self.connecting()
+        pump = self._completer.succeedOnce()
+        assert pump is not None, "no connection is being made"
+        self.pumps.append(pump)
+        self.flush()
+        return pump
+
+    def refuse(self) -> None:
+        self.connecting()
+        self._completer.failOnce()
+
+    def flush(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            for pump in self.pumps:
+                moved = pump.flush() or moved
+
+    def open_connections(self) -> int:
+        return sum(not pump.clientIO.disconnected for pump in self.pumps)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.ended: tuple[int | None, str] | None = None
+
+    def agent_lines(self, lines: list[bytes]) -> None:
+        self.lines.extend(lines)
+
+    def agent_line(self, line: bytes) -> None:
+        self.lines.append(line)
+
+    def agent_log(self, line: bytes) -> None:
+        pass
+
+    def agent_overlong(self, stream: str, size: int) -> None:
+        pass
+
+    def agent_ended(self, exit_status: int | None, reason: str) -> None:
+        self.ended = (exit_status, reason)
+
+
+@pytest.fixture
+def reactor() -> MemoryReactorClock:
+    return MemoryReactorClock()
+
+
+def make_transport(reactor: MemoryReactorClock, vm: MemoryVM, **settings: Any) -> SSHTransport:
+    return SSHTransport(
+        reactor,
+        reactor,
+        SSHSettings(
+            user=USER,
+            private_key=vm.client_key,
+            known_hosts=KnownHosts(str(vm.known_hosts)),
+            command="agentd-agent {agent}",
+            **settings,
+        ),
+        lambda project: "127.0.0.1",
+        PORT,
+    )
+
+
+def spawn(transport: SSHTransport, user: str = "u") -> tuple[Deferred[Any], Sink]:
+    sink = Sink()
+    d = transport.spawn(AgentTarget("demo", "echo", user, f"s-{user}"), sink)
+    return d, sink
+
+
+def result(d: Deferred[Any]) -> Any:
+    seen: list[Any] = []
+    d.addBoth(seen.append)
+    assert seen, "not fired"
+    if isinstance(seen[0], Failure):
+        seen[0].raiseException()
+    return seen[0]
+
+
+def failure(d: Deferred[Any]) -> BaseException:
+    seen: list[Any] = []
+    d.addBoth(seen.append)
+    assert seen and isinstance(seen[0], Failure), f"did not fail: {seen}"
+    return seen[0].value
+
+
+def counter(metric: Any) -> float:
+    return metric._value.get()
+
+
+def test_an_unused_connection_is_closed_after_the_idle_time(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path)
+    transport = make_transport(reactor, vm)
+    d, sink = spawn(transport)
+    vm.accept()
+    result(d)
+    vm.agents[0].exit(0)
+    vm.flush()
+    assert sink.ended == (0, "exited with 0")
+    reactor.advance(IDLE_CLOSE_SECONDS - 0.1)
+    vm.flush()
+    assert vm.open_connections() == 1
+    reactor.advance(0.1)
+    vm.flush()
+    assert vm.open_connections() == 0
+    assert transport.pool("demo").connections == []
+
+
+def test_a_session_within_the_idle_time_reuses_the_connection_and_restarts_the_idle_time(
+    reactor, tmp_path
+):
+    vm = MemoryVM(reactor, tmp_path)
+    transport = make_transport(reactor, vm)
+    d, _ = spawn(transport, "first")
+    vm.accept()
+    result(d)
+    vm.agents[0].exit(0)
+    vm.flush()
+    reactor.advance(IDLE_CLOSE_SECONDS - 1)
+    d, _ = spawn(transport, "second")
+    assert vm.connecting() == 0
+    vm.flush()
+    result(d)
+    vm.agents[1].exit(0)
+    vm.flush()
+    reactor.advance(2)  # past the first deadline
+    vm.flush()
+    assert vm.open_connections() == 1
+    reactor.advance(IDLE_CLOSE_SECONDS - 2)
+    vm.flush()
+    assert vm.open_connections() == 0
+
+
+def test_terminate_sends_term_and_eof_then_closes_the_channel_after_the_grace(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path)
+    transport = make_transport(reactor, vm)
+    d, sink = spawn(transport)
+    vm.accept()
+    channel = result(d)
+    channels_before = counter(metrics.SSH_CHANNELS)
+    channel.terminate()
+    vm.flush()
+    (agent,) = vm.agents
+    assert agent.signals == [b"TERM"] and agent.eof
+    reactor.advance(TERMINATE_GRACE_SECONDS - 0.1)
+    vm.flush()
+    assert not agent.ended and sink.ended is None  # the agent ignores TERM
+    reactor.advance(0.1)
+    vm.flush()
+    assert agent.ended
+    assert sink.ended == (None, "channel closed")
+    assert counter(metrics.SSH_CHANNELS) == channels_before - 1
+    assert vm.open_connections() == 1  # only the channel was closed
+
+
+def test_an_agent_that_exits_on_term_reports_its_status_and_is_not_killed(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path)
+    transport = make_transport(reactor, vm)
+    d, sink = spawn(transport)
+    vm.accept()
+    result(d).terminate()
+    vm.flush()
+    vm.agents[0].exit(143)
+    vm.flush()
+    assert sink.ended == (143, "exited with 143")
+    # what is left on the clock is the idle close of the connection, not a kill
+    assert [call.getTime() for call in reactor.getDelayedCalls()] == [
+        reactor.seconds() + IDLE_CLOSE_SECONDS
+    ]
+
+
+def test_a_refused_channel_spills_onto_a_new_connection_and_the_limit_is_remembered(
+    reactor, tmp_path
+):
+    vm = MemoryVM(reactor, tmp_path, max_sessions=2)
+    transport = make_transport(reactor, vm, max_channels=10)
+    first = [spawn(transport, f"user{i}")[0] for i in range(2)]
+    vm.accept()
+    for d in first:
+        result(d)
+    third, _ = spawn(transport, "user2")
+    vm.flush()
+    assert vm.refusals == 1 and vm.connecting() == 1
+    vm.accept()
+    result(third)
+    fourth, _ = spawn(transport, "user3")
+    vm.flush()
+    result(fourth)
+    fifth, _ = spawn(transport, "user4")
+    vm.flush()
+    # the second connection is known to be full at 2: no refusal teaches it again
+    assert vm.refusals == 1 and vm.connecting() == 1
+    vm.accept()
+    result(fifth)
+    assert vm.open_connections() == 3 and len(vm.agents) == 5
+
+
+def test_a_vm_that_refuses_every_channel_fails_the_session_after_the_refusal_cap(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path, max_sessions=0)
+    transport = make_transport(reactor, vm)
+    d, _ = spawn(transport)
+    vm.accept()
+    error = failure(d)
+    assert isinstance(error, TransportError) and error.reason == "channels"
+    assert vm.refusals == MAX_REFUSALS
+
+
+def test_sessions_arriving_while_a_connection_is_made_share_it(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path)
+    transport = make_transport(reactor, vm)
+    waiting = [spawn(transport, f"user{i}")[0] for i in range(3)]
+    assert vm.connecting() == 1
+    vm.accept()
+    for d in waiting:
+        result(d)
+    assert vm.open_connections() == 1
+    assert [agent.command for agent in vm.agents] == [b"agentd-agent echo"] * 3
+
+
+def test_a_burst_makes_at_most_parallel_connects_connections_at_once(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path)
+    transport = make_transport(reactor, vm, max_channels=1)
+    waiting = [spawn(transport, f"user{i}")[0] for i in range(PARALLEL_CONNECTS + 2)]
+    assert vm.connecting() == PARALLEL_CONNECTS
+    while vm.connecting():
+        assert vm.connecting() <= PARALLEL_CONNECTS
+        vm.accept()
+    for d in waiting:
+        result(d)
+    assert vm.open_connections() == PARALLEL_CONNECTS + 2
+
+
+def test_a_vm_that_accepts_tcp_but_never_speaks_ssh_is_dropped_and_retried(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path)
+    transport = make_transport(
+        reactor, vm, connect_timeout=10.0, connect_attempts=3, backoff_base=0.5
+    )
+    d, _ = spawn(transport)
+    silent = StringTransport()
+    reactor.tcpClients.pop()[2].buildProtocol(None).makeConnection(silent)
+    reactor.connectors.pop()
+    reactor.advance(10.0)
+    assert silent.disconnected  # aborted, not left half-open
+    reactor.advance(0.5)
+    vm.accept()
+    result(d)
