@@ -95,6 +95,7 @@ def test_authentication_and_host_key_failures_are_not_retried(reason):
         (error.ConnectionRefusedError(), "refused", True),
         (error.TimeoutError(), "timeout", True),
         (defer.TimeoutError(), "timeout", True),
+        (error.ConnectingCancelledError(None), "timeout", True),
         (error.DNSLookupError(), "unreachable", True),
         (error.NoRouteError(), "unreachable", True),
         (error.ConnectionLost(), "lost", True),

@@ -402,6 +402,37 @@ def test_a_burst_makes_at_most_parallel_connects_connections_at_once(reactor, tm
     assert vm.open_connections() == PARALLEL_CONNECTS + 2
 
 
+def test_a_connect_that_times_out_is_retried_after_a_backoff(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path)
+    transport = make_transport(
+        reactor, vm, connect_timeout=10.0, connect_attempts=3, backoff_base=0.5
+    )
+    timeouts = counter(metrics.SSH_CONNECT_FAILURES.labels("timeout"))
+    d, _ = spawn(transport)
+    reactor.advance(9.9)
+    assert vm.connecting() == 1 and not d.called
+    reactor.advance(0.1)
+    assert counter(metrics.SSH_CONNECT_FAILURES.labels("timeout")) == timeouts + 1
+    assert vm.connecting() == 0 and not d.called
+    reactor.advance(0.5)  # full jitter: the first backoff is at most backoff_base
+    assert vm.connecting() == 1
+    vm.accept()
+    result(d)
+
+
+def test_a_vm_that_never_answers_fails_with_timeout_once_the_attempts_are_spent(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path)
+    transport = make_transport(
+        reactor, vm, connect_timeout=10.0, connect_attempts=3, backoff_base=0.5
+    )
+    attempts = counter(metrics.SSH_CONNECT_ATTEMPTS)
+    d, _ = spawn(transport)
+    reactor.pump([0.5] * 80)
+    error = failure(d)
+    assert isinstance(error, TransportError) and error.reason == "timeout"
+    assert counter(metrics.SSH_CONNECT_ATTEMPTS) == attempts + 3
+
+
 def test_a_vm_that_accepts_tcp_but_never_speaks_ssh_is_dropped_and_retried(reactor, tmp_path):
     vm = MemoryVM(reactor, tmp_path)
     transport = make_transport(

@@ -41,6 +41,9 @@ def _classify(e: BaseException) -> TransportError:
         return TransportError("refused", "connection refused", transient=True)
     if isinstance(e, error.TimeoutError | defer.TimeoutError | defer.CancelledError):
         return TransportError("timeout", "connection timed out", transient=True)
+    if isinstance(e, error.ConnectingCancelledError):
+        # what HostnameEndpoint reports when the connect timeout cuts off a TCP connect
+        return TransportError("timeout", "connection timed out", transient=True)
     if isinstance(e, error.DNSLookupError | error.NoRouteError):
         return TransportError("unreachable", "host unreachable", transient=True)
     if isinstance(e, error.ConnectionLost | error.ConnectionDone | error.ConnectError):
