@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from twisted.conch.ssh import common
 from twisted.conch.ssh.channel import SSHChannel
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from agentd.transport import AgentSink, TransportError, output_splitters
@@ -56,7 +55,7 @@ class AgentChannel(SSHChannel):
         self._clock = clock
         self._exit_status: int | None = None
         self._exit_reason = "channel closed"
-        self._kill_call: Any = None
+        self._kill_call: IDelayedCall | None = None
         self._stdout, self._stderr = output_splitters(sink, max_line)
         self._on_closed = on_closed
         self._started = False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from twisted.conch.ssh import transport
 from twisted.conch.ssh.channel import SSHChannel
@@ -39,7 +38,9 @@ class _UserAuth(SSHUserAuthClient):
     def getPassword(self, prompt: bytes | None = None) -> None:
         return None
 
-    def getGenericAnswers(self, name: bytes, instruction: bytes, prompts: Any) -> Deferred[Any]:
+    def getGenericAnswers(
+        self, name: bytes, instruction: bytes, prompts: list[tuple[bytes, bool]]
+    ) -> Deferred[list[bytes]]:
         return fail(NotImplementedError("keyboard-interactive is not used"))
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -69,7 +68,12 @@ class VMPool:
     """
 
     def __init__(
-        self, host: str, port: int, settings: SSHSettings, reactor: Any, clock: IReactorTime
+        self,
+        host: str,
+        port: int,
+        settings: SSHSettings,
+        reactor: IReactorTCP,
+        clock: IReactorTime,
     ) -> None:
         self.host = host
         self.port = port
@@ -80,7 +84,7 @@ class VMPool:
         self._transports: dict[VMConnection, ClientTransport] = {}
         self._attempts: list[_Attempt] = []
         self._refused_at: int | None = None
-        self._idle_calls: dict[VMConnection, Any] = {}
+        self._idle_calls: dict[VMConnection, IDelayedCall] = {}
         self.last_failure: tuple[float, str] | None = None
 
     @property

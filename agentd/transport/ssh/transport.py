@@ -62,7 +62,7 @@ class SSHTransport:
             pool = self.pool(target.project)
         except (KeyError, ValueError) as e:
             return fail(TransportError("unreachable", str(e)))
-        return defer.ensureDeferred(pool.open(target, sink))  # type: ignore[return-value]
+        return defer.ensureDeferred(pool.open(target, sink))
 
     def stop(self) -> Deferred[None]:
         for pool in self._pools.values():
