@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import sys
@@ -33,10 +32,8 @@ from agentd.pricing import PriceTable
 from agentd.ratelimit import RateLimiter
 from agentd.redisstore import RedisStore
 from agentd.session import SessionRegistry, SessionServices
-from agentd.transport import AgentTransport, forwarded_env
+from agentd.transport import AgentTransport
 from agentd.transport.local import LocalTransport
-from agentd.transport.ssh.known_hosts import KnownHosts
-from agentd.transport.ssh.settings import SSHSettings, load_private_key
 from agentd.transport.ssh.transport import SSHTransport
 from agentd.usage import UsageEvent, UsageRecorder
 from agentd.usage_api import UsageResource
@@ -163,33 +160,8 @@ class AgentdService(MultiService):
 
 
 def _transport(config: Config, reactor: Any) -> AgentTransport:
-    v = config.vms
-    if v.transport == "local":
-        return LocalTransport(
-            reactor,
-            config.agents.command,
-            forward_env=v.forward_env,
-            max_line=config.server.max_message_bytes,
-        )
-    settings = SSHSettings(
-        user=v.user,
-        private_key=load_private_key(v.private_key),
-        known_hosts=KnownHosts(v.known_hosts),
-        command=config.agents.command,
-        forward_env=forwarded_env(v.forward_env, os.environ),
-        connect_timeout=v.connect_timeout_seconds,
-        connect_attempts=v.connect_attempts,
-        backoff_base=v.connect_backoff_base_seconds,
-        backoff_cap=v.connect_backoff_cap_seconds,
-        max_channels=v.max_channels_per_connection,
-        max_line=config.server.max_message_bytes,
-    )
-    hosts = dict(v.hosts)
-
-    def host_for(project: str) -> str:
-        return hosts.get(project) or v.host.format(project=project)
-
-    return SSHTransport(reactor, reactor, settings, host_for, v.port)
+    kind = LocalTransport if config.vms.transport == "local" else SSHTransport
+    return kind.from_config(config, reactor)
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -335,12 +307,5 @@ def _health_checks(
 
     checks.append(HealthCheck("usage", usage_probe))
     checks.append(HealthCheck("ratelimit", limiter_probe))
-    if isinstance(transport, SSHTransport):
-        ssh = transport
-
-        def ssh_probe() -> CheckResult:
-            detail = ssh.health()
-            return CheckResult("degraded" if detail["failing"] else "ok", detail)
-
-        checks.append(HealthCheck("ssh", ssh_probe))
+    checks.extend(transport.health_checks())
     return checks

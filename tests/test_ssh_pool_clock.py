@@ -1,5 +1,5 @@
-"""The SSH pool's timing on a fake clock: idle close, the kill grace, refused channels,
-parallel connects, connect timeouts and retries.
+"""The SSH transport on a fake clock: idle close, the kill grace, refused channels, parallel
+connects, connect timeouts and retries, the health check, and the transport [vms] builds.
 
 The VM is a real Conch SSH server in memory: connections are made on a MemoryReactorClock
 and their bytes moved by iosim pumps, so only the clock and the network are fake.
@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
 from zope.interface import implementer
 
-from agentd import metrics
+from agentd import config, metrics
 from agentd.transport import AgentTarget, TransportError
 from agentd.transport.ssh.channel import TERMINATE_GRACE_SECONDS
 from agentd.transport.ssh.known_hosts import KnownHosts
@@ -127,7 +127,11 @@ class MemoryVM:
     client's known_hosts lists, and the client's key authorized."""
 
     def __init__(
-        self, reactor: MemoryReactorClock, directory: Path, max_sessions: int = 10
+        self,
+        reactor: MemoryReactorClock,
+        directory: Path,
+        max_sessions: int = 10,
+        name: str = "127.0.0.1",
     ) -> None:
         self.reactor = reactor
         self.max_sessions = max_sessions
@@ -138,7 +142,7 @@ class MemoryVM:
         self.client_key = Key(ed25519.Ed25519PrivateKey.generate())
         self.known_hosts = directory / "known_hosts"
         self.known_hosts.write_text(
-            f"[127.0.0.1]:{PORT} {host_key.public().toString('openssh').decode()}\n"
+            f"[{name}]:{PORT} {host_key.public().toString('openssh').decode()}\n"
         )
         factory = SSHFactory()
         factory.publicKeys = {b"ssh-ed25519": host_key.public()}
@@ -447,3 +451,45 @@ def test_a_vm_that_accepts_tcp_but_never_speaks_ssh_is_dropped_and_retried(react
     reactor.advance(0.5)
     vm.accept()
     result(d)
+
+
+def test_the_ssh_health_check_is_degraded_while_a_vm_cannot_be_reached(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path)
+    transport = make_transport(reactor, vm, connect_attempts=1)
+    (check,) = transport.health_checks()
+    assert check.name == "ssh" and check.probe().status == "ok"
+    d, _ = spawn(transport)
+    vm.refuse()
+    reactor.advance(1)  # HostnameEndpoint gives up once no address is left to try
+    failure(d)
+    degraded = check.probe()
+    assert degraded.status == "degraded"
+    assert degraded.detail == {"failing": True, "failing_vms": 1, "connections": 0}
+    reactor.advance(300)  # a failure five minutes old no longer counts
+    assert check.probe().status == "ok"
+
+
+def test_from_config_reaches_the_vm_vms_names_with_its_key_user_and_command(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path, name="build-box.internal")
+    key_file = tmp_path / "id_ed25519"
+    key_file.write_bytes(vm.client_key.toString("openssh"))
+    built = config.from_dict(
+        {
+            "agents": {"names": ["echo"], "command": "run-agent {agent}"},
+            "vms": {
+                "transport": "ssh",
+                "host": "{project}.vms.internal",
+                "hosts": {"demo": "build-box.internal"},
+                "port": PORT,
+                "user": USER,
+                "private_key": str(key_file),
+                "known_hosts": str(vm.known_hosts),
+            },
+        },
+        env={},
+    )
+    transport = SSHTransport.from_config(built, reactor)
+    d, _ = spawn(transport)
+    vm.accept()
+    result(d)  # the host key checked is build-box.internal's, not demo.vms.internal's
+    assert vm.agents[0].command == b"run-agent echo"

@@ -10,9 +10,12 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
+
+if TYPE_CHECKING:
+    from agentd.health import HealthCheck
 
 # What a local agent inherits from agentd's own environment: where programs, its home and
 # temporary files are, the locale and time zone, and whose process it is; about what sshd
@@ -85,6 +88,9 @@ class AgentTransport(Protocol):
 
     def stop(self) -> Deferred[None]:
         """Close every connection this transport holds."""
+
+    def health_checks(self) -> list[HealthCheck]:
+        """What /health reports about reaching agents: none where nothing can be unreachable."""
 
 
 class TransportError(Exception):

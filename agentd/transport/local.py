@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from twisted.internet import error, main
 from twisted.internet.defer import Deferred, succeed
@@ -14,6 +15,7 @@ from twisted.internet.process import Process, ProcessReader
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from agentd.config import Config
 from agentd.transport import (
     INHERITED_ENV,
     AgentProcess,
@@ -24,6 +26,9 @@ from agentd.transport import (
     forwarded_env,
     output_splitters,
 )
+
+if TYPE_CHECKING:
+    from agentd.health import HealthCheck
 
 # Twisted reads a child's pipes 8 KiB at a time. An agent streaming small deltas refills
 # that many times a millisecond, and each read is a trip through the reactor and a wakeup of
@@ -116,6 +121,16 @@ class LocalTransport:
         # An agent without PATH could not find the programs it runs: the system's default.
         self._env.setdefault("PATH", os.defpath)
 
+    @classmethod
+    def from_config(cls, config: Config, reactor: IReactorProcess) -> LocalTransport:
+        v = config.vms
+        return cls(
+            reactor,
+            config.agents.command,
+            forward_env=v.forward_env,
+            max_line=config.server.max_message_bytes,
+        )
+
     def _argv(self, agent: str) -> list[str]:
         argv = command_argv(self._command, agent)
         # An installed agentd-agent sits next to the interpreter running agentd, which may
@@ -137,3 +152,6 @@ class LocalTransport:
 
     def stop(self) -> Deferred[None]:
         return succeed(None)
+
+    def health_checks(self) -> list[HealthCheck]:
+        return []

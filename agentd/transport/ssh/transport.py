@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
-from agentd.transport import AgentProcess, AgentSink, AgentTarget, TransportError
+from agentd.config import Config
+from agentd.health import CheckResult, HealthCheck
+from agentd.transport import (
+    AgentProcess,
+    AgentSink,
+    AgentTarget,
+    TransportError,
+    forwarded_env,
+)
+from agentd.transport.ssh.known_hosts import KnownHosts
 from agentd.transport.ssh.pool import VMPool
-from agentd.transport.ssh.settings import SSHSettings
+from agentd.transport.ssh.settings import SSHSettings, load_private_key
 
 
 class SSHTransport:
@@ -32,8 +41,36 @@ class SSHTransport:
         self._port = port
         self._pools: dict[tuple[str, int], VMPool] = {}
 
-    def health(self) -> dict[str, Any]:
-        """Failing while the most recent connection attempt to some VM, in the last five
+    @classmethod
+    def from_config(cls, config: Config, reactor: IReactorTCP) -> SSHTransport:
+        """The transport ``[vms]`` describes; reads the private key now, so a bad one stops
+        agentd at start, not at the first prompt."""
+        v = config.vms
+        settings = SSHSettings(
+            user=v.user,
+            private_key=load_private_key(v.private_key),
+            known_hosts=KnownHosts(v.known_hosts),
+            command=config.agents.command,
+            forward_env=forwarded_env(v.forward_env, os.environ),
+            connect_timeout=v.connect_timeout_seconds,
+            connect_attempts=v.connect_attempts,
+            backoff_base=v.connect_backoff_base_seconds,
+            backoff_cap=v.connect_backoff_cap_seconds,
+            max_channels=v.max_channels_per_connection,
+            max_line=config.server.max_message_bytes,
+        )
+        hosts = dict(v.hosts)
+
+        def host_for(project: str) -> str:
+            return hosts.get(project) or v.host.format(project=project)
+
+        return cls(reactor, IReactorTime(reactor), settings, host_for, v.port)
+
+    def health_checks(self) -> list[HealthCheck]:
+        return [HealthCheck("ssh", self._health)]
+
+    def _health(self) -> CheckResult:
+        """Degraded while the most recent connection attempt to some VM, in the last five
         minutes, failed."""
         now = self._clock.seconds()
         failing = [
@@ -41,11 +78,12 @@ class SSHTransport:
             for p in self._pools.values()
             if p.last_failure is not None and now - p.last_failure[0] < 300 and not p.connections
         ]
-        return {
+        detail = {
             "failing": bool(failing),
             "failing_vms": len(failing),
             "connections": sum(len(p.connections) for p in self._pools.values()),
         }
+        return CheckResult("degraded" if failing else "ok", detail)
 
     def pool(self, project: str) -> VMPool:
         host = self._host_for(project)
