@@ -71,6 +71,9 @@ class VMConnection(SSHConnection):
 
 
 class ClientTransport(transport.SSHClientTransport):
+    """The SSH client of one connection: ``ready`` fires with the authenticated connection,
+    or fails with why (``failure``: host key, auth, or lost on the way)."""
+
     # Conch offers hmac-sha2-512 first. hmac-sha2-256 is as sound a MAC and, on CPUs with SHA
     # instructions, computes twice as fast; the MAC is the SSH hop's largest cost per byte.
     supportedMACs = [

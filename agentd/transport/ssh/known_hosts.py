@@ -1,8 +1,9 @@
 """Host keys of VMs, checked as OpenSSH checks them against a ``known_hosts`` file.
 
-Conch's own ``KnownHostsFile`` does not match ``[host]:port`` entries and hashed (``|1|``)
-names by port, knows no wildcard patterns and skips ``@revoked`` lines; this matcher does all
-of that, and refuses unknown and changed keys.
+A VM's name is ``host`` on port 22 and ``[host]:port`` otherwise, written plain or hashed
+(``|1|``); plain names may be OpenSSH patterns (``*``, ``?``, ``!``), and an ``@revoked`` line
+refuses its key. Conch's ``KnownHostsFile`` knows no patterns, skips ``@revoked`` lines and
+asks whether to add unknown keys; here unknown and changed keys are refused.
 """
 
 from __future__ import annotations
