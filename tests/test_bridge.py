@@ -17,9 +17,9 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.web.http_headers import Headers
 
-from agentd import metrics
 from tests import harness
 from tests.harness import auth, base_config, merge, ssh_config, token
+from tests.samples import sample
 from tests.servers import keygen
 from tests.wsclient import connect, handshake_headers
 
@@ -204,14 +204,14 @@ async def test_unknown_vm_host_key_is_refused_with_vm_unavailable(tmp_path, sshd
     stranger = keygen(tmp_path / "stranger").with_suffix(".pub").read_text().split()
     sshd.known_hosts.write_text(f"[127.0.0.1]:{sshd.port} {stranger[0]} {stranger[1]}\n")
     gateway = agentd(ssh_config(tmp_path, sshd))
-    before = metrics.SSH_CONNECT_FAILURES.labels("host_key")._value.get()
+    before = sample("agentd_ssh_connect_failures_total", reason="host_key")
     client = await connect(gateway.ws_url(token=token()))
     await client.recv()
     client.send({"type": "prompt", "id": "p1", "text": "hi"})
     error = (await client.recv_until("error"))[-1]
     assert error["code"] == "vm_unavailable" and error["id"] == "p1"
     # a host-key failure is not retried
-    assert metrics.SSH_CONNECT_FAILURES.labels("host_key")._value.get() == before + 1
+    assert sample("agentd_ssh_connect_failures_total", reason="host_key") == before + 1
     client.close()
 
 
@@ -246,12 +246,12 @@ async def test_hashed_known_hosts_entries_match_host_and_port(tmp_path, sshd, ag
 async def test_sshd_down_gives_vm_unavailable_after_retries_and_recovers(tmp_path, sshd, agentd):
     gateway = agentd(ssh_config(tmp_path, sshd))
     sshd.stop()
-    before = metrics.SSH_CONNECT_FAILURES.labels("refused")._value.get()
+    before = sample("agentd_ssh_connect_failures_total", reason="refused")
     client = await connect(gateway.ws_url(token=token()))
     await client.recv()
     client.send({"type": "prompt", "id": "p1", "text": "hi"})
     assert (await client.recv_until("error"))[-1]["code"] == "vm_unavailable"
-    assert metrics.SSH_CONNECT_FAILURES.labels("refused")._value.get() == before + 2  # 2 attempts
+    assert sample("agentd_ssh_connect_failures_total", reason="refused") == before + 2  # 2 attempts
     sshd.start()
     client.send({"type": "prompt", "id": "p2", "text": "back again"})
     messages = await client.recv_until("done")
@@ -264,12 +264,12 @@ async def test_wrong_client_key_is_an_auth_failure_not_retried(tmp_path, sshd, a
     config = ssh_config(tmp_path, sshd)
     config["vms"]["private_key"] = str(keygen(tmp_path / "other_key"))
     gateway = agentd(config)
-    before = metrics.SSH_CONNECT_FAILURES.labels("auth")._value.get()
+    before = sample("agentd_ssh_connect_failures_total", reason="auth")
     client = await connect(gateway.ws_url(token=token()))
     await client.recv()
     client.send({"type": "prompt", "id": "p1", "text": "hi"})
     assert (await client.recv_until("error"))[-1]["code"] == "vm_unavailable"
-    assert metrics.SSH_CONNECT_FAILURES.labels("auth")._value.get() == before + 1
+    assert sample("agentd_ssh_connect_failures_total", reason="auth") == before + 1
 
 
 BAD_MESSAGES = [
@@ -352,14 +352,14 @@ async def test_non_json_agent_output_is_counted_not_forwarded(tmp_path, agentd):
     gateway = agentd(
         merge(base_config(tmp_path), agents={"command": f"{sys.executable} {script} {{agent}}"})
     )
-    before = metrics.AGENT_BAD_LINES.labels("echo")._value.get()
+    before = sample("agentd_agent_bad_lines_total", agent="echo")
     client = await connect(gateway.ws_url(token=token()))
     await client.recv()
     client.send({"type": "prompt", "id": "p", "text": "x"})
     messages = await client.recv_until("done")
     assert [m["type"] for m in messages] == ["ack", "delta", "done"]
     assert [m["seq"] for m in messages] == [1, 2, 3], "agentd's seq replaces the agent's"
-    assert metrics.AGENT_BAD_LINES.labels("echo")._value.get() == before + 2
+    assert sample("agentd_agent_bad_lines_total", agent="echo") == before + 2
     client.close()
 
 
@@ -426,7 +426,7 @@ async def test_a_client_that_stops_reading_pauses_the_agent_and_memory_stays_bou
     gateway = agentd(merge(ssh_config(tmp_path, sshd), sessions={"replay_bytes": 1_048_576}))
     client = await connect(gateway.ws_url(token=token()))
     await client.recv()
-    pauses = metrics.FLOW_PAUSES._value.get()
+    pauses = sample("agentd_flow_pauses_total")
     # The agent wants to send 200,000 deltas of 4 KiB: 800 MiB.
     client.send(
         {
@@ -442,7 +442,7 @@ async def test_a_client_that_stops_reading_pauses_the_agent_and_memory_stays_bou
     await sleep(3)
     grown = _rss_bytes() - rss_before
     session = next(iter(gateway.registry.by_id.values()))
-    assert metrics.FLOW_PAUSES._value.get() > pauses, "the agent was never paused"
+    assert sample("agentd_flow_pauses_total") > pauses, "the agent was never paused"
     assert session.replay.size <= 1_048_576 + 8192
     assert grown < 64 * 1024 * 1024, f"agentd grew by {grown} bytes for a stalled client"
     received_while_paused = len(client.raw)

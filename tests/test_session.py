@@ -11,9 +11,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 
-from agentd import agentlog, metrics
+from agentd import agentlog
 from agentd.session import ReplayLog, SessionKey, SessionRegistry, SessionServices, _splice_seq
 from agentd.transport import AgentSink, AgentTarget, TransportError
+from tests.samples import sample
 
 
 class FakeProcess:
@@ -306,7 +307,7 @@ def test_a_flood_of_agent_warnings_is_held_back_and_summarised_once(agent_log_ev
     session = registry.open(KEY, FakeClient(), None, 0)
     session.prompt("a", "x")
     sink = transport.processes[0].sink
-    bad_lines = metrics.AGENT_BAD_LINES.labels("echo")._value.get()
+    bad_lines = sample("agentd_agent_bad_lines_total", agent="echo")
     for _ in range(1000):
         sink.agent_log(b'{"level":"warn","message":"disk full"}')
     for _ in range(1000):
@@ -320,7 +321,7 @@ def test_a_flood_of_agent_warnings_is_held_back_and_summarised_once(agent_log_ev
     [summary] = [e for e in agent_log_events if "held back" in e["log_format"]]
     assert summary["count"] == 3000 - agentlog.BURST_LINES
     assert summary["session"] == session.id[:8]
-    assert metrics.AGENT_BAD_LINES.labels("echo")._value.get() == bad_lines + 2000
+    assert sample("agentd_agent_bad_lines_total", agent="echo") == bad_lines + 2000
 
     # The bucket refilled meanwhile: a few lines a second get through again.
     agent_log_events.clear()

@@ -8,8 +8,8 @@ import pytest_twisted
 import treq
 from twisted.internet import defer
 
-from agentd import metrics
 from tests.harness import base_config, merge, token
+from tests.samples import sample
 from tests.wsclient import connect, handshake_headers
 
 
@@ -28,7 +28,7 @@ async def test_stop_drains_running_queries_before_ending_agents(tmp_path, agentd
         }
     )
     await client.recv_until("start")
-    done_before = metrics.QUERIES.labels("echo", "done")._value.get()
+    done_before = sample("agentd_queries_total", agent="echo", outcome="done")
     started = time.monotonic()
     stopping = defer.ensureDeferred(gateway.service.stopService())
     code, _ = await client.closed
@@ -43,6 +43,6 @@ async def test_stop_drains_running_queries_before_ending_agents(tmp_path, agentd
     assert refused.code == 503 and refused.headers.getRawHeaders("retry-after")
     await stopping
     elapsed = time.monotonic() - started
-    assert metrics.QUERIES.labels("echo", "done")._value.get() == done_before + 1
+    assert sample("agentd_queries_total", agent="echo", outcome="done") == done_before + 1
     assert elapsed < 10, "the drain waited for its timeout instead of the query"
     assert gateway.registry.by_id == {}

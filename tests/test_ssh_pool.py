@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest_twisted
 from twisted.internet import defer
 
-from agentd import metrics
 from tests.harness import merge, ssh_config, token
+from tests.samples import sample
 from tests.servers import SshServer
 from tests.wsclient import connect
 
@@ -28,7 +28,7 @@ async def test_a_refused_channel_opens_another_connection_instead_of_failing(tmp
     try:
         # agentd believes 10 channels fit on a connection; this sshd allows only 2.
         gateway = agentd(merge(ssh_config(tmp_path, sshd), vms={"max_channels_per_connection": 10}))
-        before = metrics.SSH_CONNECT_ATTEMPTS._value.get()
+        before = sample("agentd_ssh_connect_attempts_total")
         clients = await defer.gatherResults(
             [defer.ensureDeferred(one_session(gateway, f"user{i}")) for i in range(6)]
         )
@@ -37,7 +37,7 @@ async def test_a_refused_channel_opens_another_connection_instead_of_failing(tmp
             text = "".join(m["text"] for m in messages if m["type"] == "delta")
             assert text == f"hello user{i}"
             client.close()
-        assert metrics.SSH_CONNECT_ATTEMPTS._value.get() - before >= 3
+        assert sample("agentd_ssh_connect_attempts_total") - before >= 3
     finally:
         sshd.stop()
 
@@ -45,14 +45,14 @@ async def test_a_refused_channel_opens_another_connection_instead_of_failing(tmp
 @pytest_twisted.ensureDeferred
 async def test_sessions_on_one_vm_share_a_connection(tmp_path, sshd, agentd):
     gateway = agentd(ssh_config(tmp_path, sshd))
-    before = metrics.SSH_CONNECT_ATTEMPTS._value.get()
+    before = sample("agentd_ssh_connect_attempts_total")
     clients = await defer.gatherResults(
         [defer.ensureDeferred(one_session(gateway, f"user{i}")) for i in range(5)]
     )
     for client in clients:
         await client.recv_until("done")
         client.close()
-    assert metrics.SSH_CONNECT_ATTEMPTS._value.get() - before == 1
+    assert sample("agentd_ssh_connect_attempts_total") - before == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -69,10 +69,10 @@ async def test_a_dropped_vm_connection_ends_its_agents_and_the_next_prompt_recon
     for client in clients:
         error = (await client.recv_until("error"))[-1]
         assert error["code"] == "agent_exited" and error["exitStatus"] is None
-    before = metrics.SSH_CONNECT_ATTEMPTS._value.get()
+    before = sample("agentd_ssh_connect_attempts_total")
     clients[0].send({"type": "prompt", "id": "again", "text": "still here"})
     messages = await clients[0].recv_until("done")
     assert "".join(m["text"] for m in messages if m["type"] == "delta") == "still here"
-    assert metrics.SSH_CONNECT_ATTEMPTS._value.get() == before + 1
+    assert sample("agentd_ssh_connect_attempts_total") == before + 1
     for client in clients:
         client.close()

@@ -20,7 +20,6 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 
-from agentd import metrics
 from agentd.config import ConfigError, UsageConfig
 from agentd.pricing import PriceTable
 from agentd.usage import (
@@ -38,6 +37,7 @@ from agentd.usage import (
     parse_month,
     user_day_key,
 )
+from tests.samples import sample
 
 T = TypeVar("T")
 
@@ -125,10 +125,6 @@ class Meter:
 
 def report(recorder: UsageRecorder, scope: str = "user", subject: str = "alice") -> UsageReport:
     return result_of(recorder.report(scope, subject, "2026-11"))
-
-
-def counter(metric: Any, *labels: str) -> float:
-    return float(metric.labels(*labels)._value.get())
 
 
 # --- The agent's usage object -------------------------------------------------------------
@@ -227,9 +223,9 @@ def test_from_agent_usage_refuses_malformed_usage(usage: Any) -> None:
 def test_invalid_events_are_refused_and_counted_as_failed(changes: dict[str, Any]) -> None:
     meter = Meter()
     recorder = meter.recorder
-    before = counter(metrics.USAGE_EVENTS, "failed")
+    before = sample("agentd_usage_events_total", result="failed")
     meter.record(event(**changes))
-    assert counter(metrics.USAGE_EVENTS, "failed") == before + 1
+    assert sample("agentd_usage_events_total", result="failed") == before + 1
     assert report(recorder).totals.queries == 0
 
 
@@ -291,13 +287,13 @@ def test_a_model_without_price_or_cost_is_recorded_unpriced_at_zero() -> None:
 def test_the_same_query_twice_is_counted_once() -> None:
     meter = Meter()
     recorder = meter.recorder
-    before = counter(metrics.USAGE_EVENTS, "duplicate")
+    before = sample("agentd_usage_events_total", result="duplicate")
     meter.record(event("q1"))
     # A resumed session may deliver the done again, later and with another timestamp.
     meter.record(event("q1", timestamp=NOW + 3600))
     totals = report(recorder).totals
     assert (totals.queries, totals.cost, totals.input_tokens) == (1, 10_000, 1000)
-    assert counter(metrics.USAGE_EVENTS, "duplicate") == before + 2 - 1
+    assert sample("agentd_usage_events_total", result="duplicate") == before + 2 - 1
 
 
 def test_daily_totals_per_user_per_project_and_per_user_in_project() -> None:
@@ -352,21 +348,21 @@ def test_day_keys_are_kept_for_the_retention_days_and_not_longer() -> None:
 def test_events_older_than_retention_are_not_recorded() -> None:
     meter = Meter(retention_days=3)
     recorder = meter.recorder
-    before = counter(metrics.USAGE_EVENTS, "failed")
+    before = sample("agentd_usage_events_total", result="failed")
     meter.record(event("old", timestamp=NOW - 5 * 86400))
     meter.record(event("recent", timestamp=NOW - 2 * 86400))
     assert report(recorder).totals.queries == 1
-    assert counter(metrics.USAGE_EVENTS, "failed") == before + 1
+    assert sample("agentd_usage_events_total", result="failed") == before + 1
 
 
 def test_tokens_and_cost_metrics_count_recorded_events_once() -> None:
     meter = Meter()
-    tokens = counter(metrics.TOKENS, "echo", "cache_read")
-    cost = float(metrics.COST.labels("echo")._value.get())
+    tokens = sample("agentd_tokens_total", agent="echo", type="cache_read")
+    cost = sample("agentd_cost_usd_total", agent="echo")
     meter.record(event("m1", cache_read_tokens=7, reported_cost=0.25))
     meter.record(event("m1", cache_read_tokens=7, reported_cost=0.25))
-    assert counter(metrics.TOKENS, "echo", "cache_read") == tokens + 7
-    assert float(metrics.COST.labels("echo")._value.get()) == pytest.approx(cost + 0.25)
+    assert sample("agentd_tokens_total", agent="echo", type="cache_read") == tokens + 7
+    assert sample("agentd_cost_usd_total", agent="echo") == pytest.approx(cost + 0.25)
 
 
 # --- Budgets ------------------------------------------------------------------------------
@@ -443,18 +439,18 @@ def test_soft_threshold_warns_once_per_month_and_scope() -> None:
     logged: list[LogEvent] = []
     globalLogPublisher.addObserver(logged.append)
     try:
-        before = counter(metrics.BUDGET_SOFT_WARNINGS, "user")
+        before = sample("agentd_budget_soft_warnings_total", scope="user")
         spend(meter, 7.99, "a")
         result_of(recorder.check_budget("alice", "p1"))
-        assert counter(metrics.BUDGET_SOFT_WARNINGS, "user") == before
+        assert sample("agentd_budget_soft_warnings_total", scope="user") == before
         spend(meter, 0.01, "b")
         for _ in range(3):
             result_of(recorder.check_budget("alice", "p1"))
-        assert counter(metrics.BUDGET_SOFT_WARNINGS, "user") == before + 1
+        assert sample("agentd_budget_soft_warnings_total", scope="user") == before + 1
         now.value = calendar.timegm(datetime.date(2026, 12, 2).timetuple())
         spend(meter, 8.0, "c", timestamp=now.value)
         result_of(recorder.check_budget("alice", "p1"))
-        assert counter(metrics.BUDGET_SOFT_WARNINGS, "user") == before + 2
+        assert sample("agentd_budget_soft_warnings_total", scope="user") == before + 2
     finally:
         globalLogPublisher.removeObserver(logged.append)
     warnings = [e for e in logged if "budget for" in e.get("log_format", "")]
