@@ -78,7 +78,12 @@ def test_revoked_keys_are_refused_even_if_also_listed(tmp_path, keys):
 
 def test_malformed_lines_match_nothing(tmp_path, keys):
     key_a, _, (t, b64), _ = keys
-    hosts = write(tmp_path / "kh", "garbage", f"[vm]:2222 {t} not-base64!", f"[vm]:2222 {t} {b64}")
+    malformed = ["garbage", f"[vm]:2222 {t} not-base64!", f"[vm]:2222 {t}"]
+    alone = write(tmp_path / "malformed", *malformed)
+    with pytest.raises(HostKeyError) as e:
+        alone.check("vm", 2222, key_a)
+    assert e.value.kind == "unknown"  # not even a known host with another key
+    hosts = write(tmp_path / "kh", *malformed, f"[vm]:2222 {t} {b64}")
     hosts.check("vm", 2222, key_a)
 
 
