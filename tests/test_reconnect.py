@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from tests.harness import merge, ssh_config, token
+from tests.waiting import eventually
 from tests.wsclient import WsClient, connect
+
+# Messages that end a query.
+ENDS = ("done", "error")
 
 
 class ResumingReader:
@@ -35,15 +38,15 @@ class ResumingReader:
         self.session = hello["session"]
 
     async def read(self, count: int) -> bool:
-        """Read up to ``count`` messages; False if the connection dropped first."""
+        """Read up to ``count`` messages; False if the connection had closed first.
+
+        A live connection that stays silent fails the test: the answer stalled.
+        """
         assert self.client is not None
         for _ in range(count):
             if self.client.closed.called and self.client.queue.pending == []:
                 return False
-            try:
-                message = await self.client.recv(timeout=2)
-            except Exception:
-                return False
+            message = await self.client.recv()
             if message["seq"] <= self.last_seq:
                 continue
             assert message["seq"] == self.last_seq + 1, "a gap in seq"
@@ -55,10 +58,6 @@ class ResumingReader:
 
     def done(self) -> bool:
         return bool(self.messages) and self.messages[-1]["type"] == "done"
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
@@ -114,16 +113,18 @@ async def test_unacknowledged_prompt_resent_after_resume_is_forwarded_once(tmp_p
     reader.client.send({"type": "prompt", "id": "once", "text": "only once please"})
     while not reader.done():
         assert await reader.read(50)
-    await sleep(0.3)  # a second forward would have produced a second answer by now
-    while reader.client.queue.pending:
-        message = await reader.client.recv()
-        if message["seq"] > reader.last_seq:
-            reader.messages.append(message)
-    kinds = [m["type"] for m in reader.messages]
-    assert kinds.count("done") == 1 and kinds.count("start") == 1
+    # The agent answers its input in order, so anything a second forward of "once" caused
+    # (a second answer, or a busy error) reaches the client before the answer to this.
+    reader.client.send({"type": "prompt", "id": "after", "text": "barrier"})
+    while not (reader.messages[-1].get("id") == "after" and reader.messages[-1]["type"] in ENDS):
+        assert await reader.read(1)
+    assert reader.messages[-1]["type"] == "done", reader.messages[-1]
+    once = [m for m in reader.messages if m.get("id") == "once"]
+    kinds = [m["type"] for m in once]
+    assert kinds.count("done") == 1 and kinds.count("start") == 1 and "error" not in kinds
     # The resend either found the prompt still being admitted (one ack) or already
     # accepted (acknowledged again as a duplicate); either way it ran once.
-    acks = [m for m in reader.messages if m["type"] == "ack"]
+    acks = [m for m in once if m["type"] == "ack"]
     assert all(a["id"] == "once" for a in acks) and 1 <= len(acks) <= 2
     assert all(a.get("duplicate") for a in acks[1:])
 
@@ -138,22 +139,27 @@ async def test_agent_keeps_running_while_detached_and_dies_after_grace(tmp_path,
             "type": "prompt",
             "id": "p",
             "text": "a b c d",
-            "options": {"repeat": 20, "delay_ms": 5},
+            "options": {"repeat": 40, "delay_ms": 5},
         }
     )
     await reader.read(2)
     reader.client.close()
     await reader.client.closed
-    await sleep(0.6)
+    session = gateway.registry.by_id[reader.session]
+    at_detach = session.seq
+    await eventually(lambda: session.seq > at_detach + 5, what="agent output while detached")
     await reader.connect()  # within grace: resumed, and the agent went on meanwhile
     assert reader.resumes[-1]["resumed"] is True
-    assert reader.resumes[-1]["lastSeq"] > reader.last_seq
+    assert reader.resumes[-1]["lastSeq"] > at_detach + 5
     while not reader.done():
         assert await reader.read(100)
+    closing = time.monotonic()
     reader.client.close()
     await reader.client.closed
-    await sleep(1.5)
-    assert gateway.registry.by_id == {}
+    await eventually(lambda: not gateway.registry.by_id, what="expiry after the grace period")
+    # The grace timer starts when agentd sees the close, which is after ``closing``.
+    assert time.monotonic() - closing >= 1.0, "the session ended before its grace period"
+    await eventually(lambda: session.process is None, what="the end of the expired agent")
     old = reader.session
     await reader.connect()
     assert reader.session != old  # expired: a fresh session
