@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import threading
 import time
@@ -18,6 +22,7 @@ import pytest
 
 from agentd.agent import cli
 from tests.fake_providers import REPO, AgentProcess, agent_env
+from tests.waiting import wait_until
 
 # The agent CLI, and the same with the test options that drive the echo agent in tests.
 CLI = [sys.executable, "-m", "agentd.agent.cli"]
@@ -33,6 +38,20 @@ def echo() -> Iterator[AgentProcess]:
 
 def deltas(lines: list[dict]) -> list[str]:
     return [line["text"] for line in lines if line["type"] == "delta"]
+
+
+def unread_bytes(fd: int) -> int:
+    """Bytes written into a pipe that its reader has not read yet."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether the process has installed a handler for ``signum`` (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    raise AssertionError("no SigCgt line in /proc/PID/status")
 
 
 def test_echo_streams_the_prompt_back_one_word_a_delta(echo: AgentProcess) -> None:
@@ -278,11 +297,13 @@ def test_sigterm_while_an_agent_starts_exits_0_quietly(tmp_path: Path) -> None:
     agents.write_text('[agents.claude]\nprovider = "anthropic"\nmodel = "claude-sonnet-4-5"\n')
     env = agent_env(AGENTD_AGENTS=str(agents), ANTHROPIC_API_KEY="sk-ant-unused-key")
     agent = AgentProcess("claude", env)
-    # Loading the SDK takes a while; the signal lands during it (or just after, in the loop).
-    time.sleep(0.3)
+    # The CLI's first act is to take over SIGTERM; loading the SDK comes after and takes
+    # far longer than this wait's polling interval, so the signal lands during it.
+    wait_until(lambda: catches(agent.process.pid, signal.SIGTERM), what="a SIGTERM handler")
     agent.process.send_signal(signal.SIGTERM)
     assert agent.wait() == 0
     assert agent.remaining() == []
+    assert "agent ready" not in agent.stderr_text(), "the signal came after start-up"
 
 
 def test_stdout_may_be_a_regular_file(tmp_path: Path) -> None:
@@ -301,9 +322,7 @@ def test_stdout_may_be_a_regular_file(tmp_path: Path) -> None:
             b'{"type":"prompt","id":"q1","text":"to a file","options":{"repeat":2}}\n'
         )
         process.stdin.flush()
-        deadline = time.monotonic() + 10
-        while b'"done"' not in out.read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: b'"done"' in out.read_bytes(), what="the done line in the file")
         process.stdin.close()
         assert process.wait(timeout=10) == 0
     lines = [json.loads(line) for line in out.read_bytes().splitlines()]
@@ -326,7 +345,10 @@ def test_sigterm_exits_even_when_the_peer_stopped_reading() -> None:
         b'{"type":"prompt","id":"q1","text":"x","options":{"delta_bytes":1000,"repeat":100000}}\n'
     )
     process.stdin.flush()
-    time.sleep(0.5)
+    stdout = process.stdout.fileno()
+    # Within one atomic write of full: the agent is left holding output it cannot write.
+    full = fcntl.fcntl(stdout, fcntl.F_GETPIPE_SZ) - select.PIPE_BUF
+    wait_until(lambda: unread_bytes(stdout) >= full, what="a full stdout pipe")
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
     try:
@@ -509,7 +531,8 @@ def test_read_lines_joins_a_line_that_arrives_in_pieces(monkeypatch: pytest.Monk
     reader.start()
     for piece in (b"ab", b"cd\nef", b"g" * 20, b"h\n", b"ij"):
         os.write(write_fd, piece)
-        time.sleep(0.05)
+        # Once the reader has taken this piece, the next one needs a read of its own.
+        wait_until(lambda: unread_bytes(read_fd) == 0, what="the reader taking the piece")
     os.close(write_fd)
     reader.join(timeout=5)
     os.close(read_fd)
