@@ -22,21 +22,22 @@ from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
-from agentd import metrics
 from agentd.ratelimit import Decision, Policy, RateLimiter
 from agentd.redisstore import RedisStore
+from tests.samples import sample
 from tests.servers import RedisServer
+from tests.waiting import eventually, wait_until
 
 reactor = cast(IReactorTime, _reactor)
 ROOT = Path(__file__).resolve().parent.parent
 SECOND = 1_000_000
 
-# A separate agentd-like process: "burst URL USER N START" fires N concurrent prompt checks at
-# wall-clock START and prints how many were accepted; "hammer URL" checks prompts for
-# rotating users, 50 at a time, until it is killed.
+# A separate agentd-like process: "burst URL USER N" connects, says "ready", and on a line
+# on stdin fires N concurrent prompt checks and prints how many were accepted; "hammer URL"
+# checks prompts for rotating users, 50 at a time, until it is killed.
 CLIENT = """
-import json, sys, time
-from twisted.internet import defer, task
+import json, sys
+from twisted.internet import defer, task, threads
 from agentd.ratelimit import Policy, RateLimiter
 from agentd.redisstore import RedisStore
 
@@ -47,8 +48,9 @@ async def main(reactor):
                           60_000_000), store, reactor)
     await store.call("ping", lambda c: c.ping())
     if mode == "burst":
-        user, n, start = sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-        await task.deferLater(reactor, max(0.0, start - time.time()), lambda: None)
+        user, n = sys.argv[3], int(sys.argv[4])
+        print("ready", flush=True)
+        await threads.deferToThread(sys.stdin.readline)
         decisions = await defer.gatherResults([limiter.check_prompt(user) for _ in range(n)])
         print(json.dumps({"allowed": sum(d.allowed for d in decisions),
                           "degraded": limiter.degraded}))
@@ -71,14 +73,8 @@ NO_TTL = (
 
 
 def sleep(seconds: float) -> Any:
+    """Wait out part of a rate-limit window: the passing time is what these tests test."""
     return deferLater(reactor, max(0.0, seconds), lambda: None)
-
-
-async def until(predicate: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await sleep(0.02)
 
 
 def lines(output: str) -> list[str]:
@@ -114,8 +110,7 @@ def command_calls(server: RedisServer) -> dict[str, int]:
 
 
 def redis_errors(operation: str) -> float:
-    value = metrics.REGISTRY.get_sample_value("agentd_redis_errors_total", {"operation": operation})
-    return value or 0.0
+    return sample("agentd_redis_errors_total", operation=operation)
 
 
 @implementer(ILogObserver)
@@ -177,6 +172,7 @@ def client(server: RedisServer, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", CLIENT, args[0], server.url, *args[1:]],
         cwd=ROOT,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -199,8 +195,15 @@ async def test_360_concurrent_prompts_over_three_connection_pools_accept_exactly
 def test_400_prompts_from_four_processes_at_once_accept_exactly_60(
     redis_server: RedisServer,
 ) -> None:
-    start = str(time.time() + 2.0)
-    processes = [client(redis_server, "burst", "alice", "100", start) for _ in range(4)]
+    processes = [client(redis_server, "burst", "alice", "100") for _ in range(4)]
+    for process in processes:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+    # All four are connected: let them go together.
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write("go\n")
+        process.stdin.flush()
     results = [json.loads(p.communicate(timeout=30)[0]) for p in processes]
     assert [r["degraded"] for r in results] == [False] * 4
     assert sum(r["allowed"] for r in results) == 60
@@ -215,7 +218,7 @@ async def test_bursts_at_window_edges_never_put_more_than_the_limit_in_any_windo
     stamps: list[int] = []
 
     async def burst(size: int, fire_at_us: int | None = None) -> int:
-        if fire_at_us is not None:
+        if fire_at_us is not None:  # a chosen instant relative to earlier accepts
             await sleep(fire_at_us / SECOND - time.time())
         decisions = await gatherResults([limiter.check_prompt("alice") for _ in range(size)])
         accepted = sum(d.allowed for d in decisions)
@@ -320,10 +323,7 @@ def test_killing_a_client_mid_run_leaves_no_key_without_a_ttl(redis_server: Redi
     process = client(redis_server, "hammer")
     assert process.stdout is not None
     assert process.stdout.readline().strip() == "started"
-    deadline = time.monotonic() + 20
-    while integer(redis_server.cli("dbsize")) < 500:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until(lambda: integer(redis_server.cli("dbsize")) >= 500, timeout=20, what="500 keys")
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=10)
     assert process.returncode == -signal.SIGKILL
@@ -421,16 +421,16 @@ async def test_a_stopped_or_killed_redis_falls_back_within_the_timeout_and_comes
     # The two prompts Redis accepted still count: three more, then the window is full.
     assert sum(d.allowed for d in decisions) == 3
     assert limiter.degraded
-    assert metrics.REGISTRY.get_sample_value("agentd_ratelimit_degraded") == 1
+    assert sample("agentd_ratelimit_degraded") == 1
     assert redis_errors("ratelimit") >= errors + 10
     decisions, elapsed = await timed(limiter, 10)
     assert elapsed < 0.05 and not any(d.allowed for d in decisions)
     assert logs.levels == ["warn"]
 
     redis_server.start()
-    await until(lambda: not limiter.degraded, timeout=20)
+    await eventually(lambda: not limiter.degraded, timeout=20, what="recovery")
     assert logs.levels == ["warn", "info"]
-    assert metrics.REGISTRY.get_sample_value("agentd_ratelimit_degraded") == 0
+    assert sample("agentd_ratelimit_degraded") == 0
     assert (await limiter.check_prompt("bob")).allowed
     assert integer(redis_server.cli("llen", "rl:{bob}:prompts")) == 1
 
@@ -448,7 +448,7 @@ async def test_a_paused_redis_falls_back_within_the_timeout_and_limiting_returns
     assert sum(d.allowed for d in decisions) == 4
     assert limiter.degraded and logs.levels == ["warn"]
 
-    await until(lambda: not limiter.degraded, timeout=5)
+    await eventually(lambda: not limiter.degraded, timeout=5, what="recovery")
     assert logs.levels == ["warn", "info"]
     assert (await limiter.check_prompt("bob")).allowed
     assert integer(redis_server.cli("llen", "rl:{bob}:prompts")) == 1
@@ -460,6 +460,7 @@ async def test_redis_error_replies_fall_back_and_limiting_returns_when_they_stop
 ) -> None:
     limiter = connect(prompts=5)
     assert (await limiter.check_prompt("alice")).allowed
+    probes_failed = redis_errors("ratelimit_probe")
     redis_server.cli("config", "set", "maxmemory", "1")
 
     decisions, elapsed = await timed(limiter, 10)
@@ -467,12 +468,13 @@ async def test_redis_error_replies_fall_back_and_limiting_returns_when_they_stop
     assert sum(d.allowed for d in decisions) == 4
     assert limiter.degraded and logs.levels == ["warn"]
     # Probes keep failing while writes do.
-    await sleep(0.5)
+    await eventually(
+        lambda: redis_errors("ratelimit_probe") >= probes_failed + 3, what="three failed probes"
+    )
     assert limiter.degraded and logs.levels == ["warn"]
-    assert redis_errors("ratelimit_probe") > 0
 
     redis_server.cli("config", "set", "maxmemory", "0")
-    await until(lambda: not limiter.degraded, timeout=5)
+    await eventually(lambda: not limiter.degraded, timeout=5, what="recovery")
     assert logs.levels == ["warn", "info"]
     assert (await limiter.check_prompt("bob")).allowed
     assert integer(redis_server.cli("llen", "rl:{bob}:prompts")) == 1
