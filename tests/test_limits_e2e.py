@@ -2,32 +2,80 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
-from agentd import metrics
-from tests.harness import base_config, merge, ssh_config, token
+from tests.harness import base_config, merge, token
+from tests.samples import sample
+from tests.servers import SshServer
 from tests.wsclient import connect, handshake_headers
+
+
+class CountingVM(Factory):
+    """Stands in for a VM's sshd: counts every TCP connection agentd makes, then hangs up.
+
+    No connection ever becomes an SSH session, so nothing is pooled: every attempt to reach
+    the VM is one more accept here.
+    """
+
+    def __init__(self) -> None:
+        self.accepted = 0
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        self.accepted += 1
+        return _HangUp()
+
+
+class _HangUp(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
+@pytest.fixture
+def counting_vm() -> Iterator[tuple[CountingVM, int]]:
+    vm = CountingVM()
+    port: IListeningPort = reactor.listenTCP(0, vm, interface="127.0.0.1")
+    try:
+        yield vm, port.getHost().port
+    finally:
+        port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_handshake_flood_gets_429_with_retry_after_before_any_ssh_work(
-    tmp_path, sshd, redis_server, agentd
+    tmp_path, counting_vm, redis_server, agentd
 ):
+    vm, vm_port = counting_vm
+    keys = SshServer(tmp_path / "vm")  # never started: its client key and known_hosts only
     gateway = agentd(
         merge(
-            ssh_config(tmp_path, sshd),
+            base_config(tmp_path),
+            vms=keys.vms_section(port=vm_port, connect_attempts=1, connect_timeout_seconds=5.0),
             redis={"url": redis_server.url, "timeout_ms": 500},
             ratelimit={"connections_per_minute": 3},
         )
     )
-    attempts = metrics.SSH_CONNECT_ATTEMPTS._value.get()
-    url = gateway.http + "/projects/demo/agent/echo"
-    for _ in range(3):
+    # An admitted connection's prompt does reach the VM: the count sees SSH work.
+    first = await connect(gateway.ws_url(token=token("flood")))
+    assert (await first.recv())["type"] == "session"
+    first.send({"type": "prompt", "id": "p", "text": "hi"})
+    assert (await first.recv_until("error"))[-1]["code"] == "vm_unavailable"
+    assert vm.accepted == 1
+    first.close()
+    await first.closed
+    for _ in range(2):
         client = await connect(gateway.ws_url(token=token("flood")))
         client.close()
+    created = sample("agentd_session_events_total", event="created")
+    url = gateway.http + "/projects/demo/agent/echo"
     for _ in range(2):
         response = await treq.get(
             url, params={"token": token("flood")}, headers=handshake_headers()
@@ -35,8 +83,12 @@ async def test_handshake_flood_gets_429_with_retry_after_before_any_ssh_work(
         assert response.code == 429
         retry_after = int(response.headers.getRawHeaders("retry-after")[0])
         assert 1 <= retry_after <= 60
-    assert metrics.SSH_CONNECT_ATTEMPTS._value.get() == attempts
+        await response.content()
+    # Refused before any session existed that could reach the VM, and nothing dialled it.
+    assert sample("agentd_session_events_total", event="created") == created
+    assert vm.accepted == 1
     other = await connect(gateway.ws_url(token=token("someone-else")))
+    assert (await other.recv())["type"] == "session"
     other.close()
 
 
@@ -83,6 +135,7 @@ async def test_prompt_limit_answers_rate_limit_with_an_exact_retry_after(
     assert error["code"] == "rate_limit" and error["id"] == "p2"
     assert (error["policy"], error["limit"], error["window"]) == ("prompts", 2, 1000)
     assert 0 < error["retryAfter"] <= 1000
+    # Waiting out the window is the behaviour under test: retryAfter must be long enough.
     await deferLater(reactor, error["retryAfter"] / 1000 + 0.05, lambda: None)
     client.send({"type": "prompt", "id": "p2", "text": "now"})
     messages = await client.recv_until("done")
