@@ -261,7 +261,8 @@ def test_the_json_parser_allows_exactly_max_json_depth_levels() -> None:
     def nested(depth: int) -> bytes:
         return b"[" * (depth - 1) + b'{"a": 1}' + b"]" * (depth - 1)
 
-    assert parse_json(nested(MAX_JSON_DEPTH)) is not None
+    deepest = nested(MAX_JSON_DEPTH)
+    assert parse_json(deepest) == json.loads(deepest)
     with pytest.raises(JSONTooDeep):
         parse_json(nested(MAX_JSON_DEPTH + 1))
     with pytest.raises(ValueError):
