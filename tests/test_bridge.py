@@ -220,13 +220,13 @@ async def test_host_key_for_another_port_does_not_match(tmp_path, sshd, agentd):
     host_pub = (sshd.directory / "ssh_host_ed25519_key.pub").read_text().split()
     sshd.known_hosts.write_text(f"[127.0.0.1]:{sshd.port + 1} {host_pub[0]} {host_pub[1]}\n")
     gateway = agentd(ssh_config(tmp_path, sshd))
-    before = metrics.SSH_CONNECT_FAILURES.labels("host_key")._value.get()
+    before = sample("agentd_ssh_connect_failures_total", reason="host_key")
     client = await connect(gateway.ws_url(token=token()))
     await client.recv()
     client.send({"type": "prompt", "id": "p1", "text": "hi"})
     assert (await client.recv_until("error"))[-1]["code"] == "vm_unavailable"
     # refused for its host key (the right key, listed for another port), not for anything else
-    assert metrics.SSH_CONNECT_FAILURES.labels("host_key")._value.get() == before + 1
+    assert sample("agentd_ssh_connect_failures_total", reason="host_key") == before + 1
     client.close()
 
 

@@ -30,13 +30,14 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
 from zope.interface import implementer
 
-from agentd import config, metrics
+from agentd import config
 from agentd.transport import AgentTarget, TransportError
 from agentd.transport.ssh.channel import TERMINATE_GRACE_SECONDS
 from agentd.transport.ssh.known_hosts import KnownHosts
 from agentd.transport.ssh.pool import IDLE_CLOSE_SECONDS, MAX_REFUSALS, PARALLEL_CONNECTS
 from agentd.transport.ssh.settings import SSHSettings
 from agentd.transport.ssh.transport import SSHTransport
+from tests.samples import sample
 
 PORT = 2222
 USER = "coder"
@@ -260,10 +261,6 @@ def failure(d: Deferred[Any]) -> BaseException:
     return seen[0].value
 
 
-def counter(metric: Any) -> float:
-    return metric._value.get()
-
-
 def test_an_unused_connection_is_closed_after_the_idle_time(reactor, tmp_path):
     vm = MemoryVM(reactor, tmp_path)
     transport = make_transport(reactor, vm)
@@ -313,7 +310,7 @@ def test_terminate_sends_term_and_eof_then_closes_the_channel_after_the_grace(re
     d, sink = spawn(transport)
     vm.accept()
     channel = result(d)
-    channels_before = counter(metrics.SSH_CHANNELS)
+    channels_before = sample("agentd_ssh_channels")
     channel.terminate()
     vm.flush()
     (agent,) = vm.agents
@@ -325,7 +322,7 @@ def test_terminate_sends_term_and_eof_then_closes_the_channel_after_the_grace(re
     vm.flush()
     assert agent.ended
     assert sink.ended == (None, "channel closed")
-    assert counter(metrics.SSH_CHANNELS) == channels_before - 1
+    assert sample("agentd_ssh_channels") == channels_before - 1
     assert vm.open_connections() == 1  # only the channel was closed
 
 
@@ -411,12 +408,12 @@ def test_a_connect_that_times_out_is_retried_after_a_backoff(reactor, tmp_path):
     transport = make_transport(
         reactor, vm, connect_timeout=10.0, connect_attempts=3, backoff_base=0.5
     )
-    timeouts = counter(metrics.SSH_CONNECT_FAILURES.labels("timeout"))
+    timeouts = sample("agentd_ssh_connect_failures_total", reason="timeout")
     d, _ = spawn(transport)
     reactor.advance(9.9)
     assert vm.connecting() == 1 and not d.called
     reactor.advance(0.1)
-    assert counter(metrics.SSH_CONNECT_FAILURES.labels("timeout")) == timeouts + 1
+    assert sample("agentd_ssh_connect_failures_total", reason="timeout") == timeouts + 1
     assert vm.connecting() == 0 and not d.called
     reactor.advance(0.5)  # full jitter: the first backoff is at most backoff_base
     assert vm.connecting() == 1
@@ -429,12 +426,12 @@ def test_a_vm_that_never_answers_fails_with_timeout_once_the_attempts_are_spent(
     transport = make_transport(
         reactor, vm, connect_timeout=10.0, connect_attempts=3, backoff_base=0.5
     )
-    attempts = counter(metrics.SSH_CONNECT_ATTEMPTS)
+    attempts = sample("agentd_ssh_connect_attempts_total")
     d, _ = spawn(transport)
     reactor.pump([0.5] * 80)
     error = failure(d)
     assert isinstance(error, TransportError) and error.reason == "timeout"
-    assert counter(metrics.SSH_CONNECT_ATTEMPTS) == attempts + 3
+    assert sample("agentd_ssh_connect_attempts_total") == attempts + 3
 
 
 def test_a_vm_that_accepts_tcp_but_never_speaks_ssh_is_dropped_and_retried(reactor, tmp_path):
