@@ -87,6 +87,17 @@ def test_malformed_lines_match_nothing(tmp_path, keys):
     hosts.check("vm", 2222, key_a)
 
 
+def test_a_line_whose_type_field_contradicts_its_key_matches_nothing(tmp_path, keys):
+    key_a, _, (t, b64), _ = keys
+    other = "ssh-rsa" if t != "ssh-rsa" else "ssh-ed25519"
+    for type_field in ("x", other):
+        hosts = write(tmp_path / "kh", f"[vm.internal]:2222 {type_field} {b64}")
+        with pytest.raises(HostKeyError) as e:
+            hosts.check("vm.internal", 2222, key_a)
+        assert e.value.kind == "unknown"
+    write(tmp_path / "kh", f"[vm.internal]:2222 {t} {b64}").check("vm.internal", 2222, key_a)
+
+
 def test_wildcard_and_negated_patterns_follow_openssh(tmp_path, keys):
     key_a, _, (t, b64), _ = keys
     hosts = write(tmp_path / "kh", f"*.vms.internal,!bad.vms.internal {t} {b64}")

@@ -54,6 +54,8 @@ class KnownHosts:
                 except (binascii.Error, InvalidEntry, BadKeyError, ValueError):
                     # a line Conch cannot parse matches nothing, as in OpenSSH
                     continue
+                if entry.keyType != entry.publicKey.sshType():
+                    continue  # the type field contradicts the key: OpenSSH skips the line
                 if isinstance(entry, HashedEntry):
                     if not entry.matchesHost(name):
                         continue
