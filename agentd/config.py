@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentd.keys.source import PROVIDER_ENV
 from agentd.secrets import SecretError, check_reference
 
 PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -233,6 +234,12 @@ def _validate(config: Config) -> None:
     for env in v.forward_env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
             raise ConfigError("[vms] forward_env", f"{env!r} is not an environment variable name")
+    secret_env = _secret_variables(config)
+    for env in v.forward_env:
+        if env in secret_env:
+            raise ConfigError(
+                "[vms] forward_env", f"{env} holds {secret_env[env]}; never forwarded"
+            )
     if v.transport == "ssh":
         if not v.private_key:
             raise ConfigError("[vms] private_key", 'required when transport = "ssh"')
@@ -261,10 +268,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("[usage] monthly_budget_usd", "must not be negative")
     if not 0 < config.usage.soft_budget_ratio <= 1:
         raise ConfigError("[usage] soft_budget_ratio", "must be in (0, 1]")
-    k = config.keys
-    references = [("anthropic", k.anthropic), ("openai", k.openai)]
-    references += [(f"encryption_keys[{i}]", r) for i, r in enumerate(k.encryption_keys)]
-    for name, reference in references:
+    for name, reference in _key_references(config.keys):
         try:
             check_reference(reference)
         except SecretError as e:
@@ -276,6 +280,23 @@ def _validate(config: Config) -> None:
         raise ConfigError("[auth] jwt_public_key_file", f"{a.jwt_public_key_file}: no such file")
     if config.log.level not in ("debug", "info", "warn", "error"):
         raise ConfigError("[log] level", "must be debug, info, warn or error")
+
+
+def _key_references(k: KeysConfig) -> list[tuple[str, str]]:
+    references = [("anthropic", k.anthropic), ("openai", k.openai)]
+    return references + [(f"encryption_keys[{i}]", r) for i, r in enumerate(k.encryption_keys)]
+
+
+def _secret_variables(config: Config) -> dict[str, str]:
+    """Variables agentd reads its own secrets from, with what each holds: an agent that saw
+    them could mint tokens, read the key store or spend the operator's provider account."""
+    found = {name: f"[{section}] {key}" for name, (section, key) in ENV_OVERRIDES.items()}
+    found.update({name: "a provider key, set per session" for name in PROVIDER_ENV.values()})
+    for name, reference in _key_references(config.keys):
+        kind, _, target = reference.partition(":")
+        if kind == "env":
+            found[target] = f"[keys] {name}"
+    return found
 
 
 def from_dict(

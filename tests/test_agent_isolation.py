@@ -237,3 +237,28 @@ async def test_thirty_stderr_lines_of_900_kb_leave_a_bounded_log(tmp_path, agent
     assert max(map(len, lines)) < 40_000
     assert sum(map(len, lines)) < 30 * 40_000  # 27 MB before fields were cut
     client.close()
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "holds"),
+    [
+        ("AGENTD_JWT_SECRET", "[auth] jwt_secret"),
+        ("AGENTD_REDIS_URL", "[redis] url"),
+        ("ANTHROPIC_API_KEY", "a provider key"),
+        ("OPERATOR_KEY_VAR", "[keys] anthropic"),
+        ("KEK_VAR", "[keys] encryption_keys[0]"),
+    ],
+)
+def test_forward_env_refuses_the_variables_agentd_reads_its_secrets_from(
+    forwarded: str, holds: str
+) -> None:
+    from agentd.config import ConfigError, from_dict
+
+    data = {
+        "vms": {"forward_env": ["PATH_EXTRA", forwarded]},
+        "keys": {"anthropic": "env:OPERATOR_KEY_VAR", "encryption_keys": ["env:KEK_VAR"]},
+    }
+    with pytest.raises(ConfigError) as refused:
+        from_dict(data, env={})
+    assert refused.value.key == "[vms] forward_env"
+    assert forwarded in str(refused.value) and holds in str(refused.value)
