@@ -122,11 +122,17 @@ class SessionServices:
         self.usage_event = usage_event
 
 
+def _encode(message: dict[str, Any]) -> bytes:
+    """A message as a frame to keep: orjson returns its bytes in a buffer of at least 4 KiB,
+    which would make each small message in the replay log cost that much."""
+    return bytes(memoryview(orjson.dumps(message)))
+
+
 def _splice_seq(line: bytes, seq: int, obj: dict[str, Any]) -> bytes:
     """The agent's line with ``seq`` added, without re-encoding it when that is safe."""
     if "seq" in obj or not obj:
         obj["seq"] = seq
-        return orjson.dumps(obj)
+        return _encode(obj)
     if line[0] == 123 and line[-1] == 125:  # "{...}", as agents write it: no stripping
         return b'{"seq":%d,' % seq + line[1:]
     body = line.lstrip()[1:]
@@ -242,7 +248,7 @@ class Session:
         """Send one of agentd's own messages in the session's seq envelope."""
         self.seq += 1
         message["seq"] = self.seq
-        self._send(orjson.dumps(message))
+        self._send(_encode(message))
 
     def error(self, code: ErrorCode, text: str, **extra: Any) -> None:
         metrics.ERRORS.labels(self.key.agent, code.value).inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 
 from agentd import agentlog
+from agentd.errors import ErrorCode
 from agentd.session import ReplayLog, SessionKey, SessionRegistry, SessionServices, _splice_seq
 from agentd.transport import AgentSink, AgentTarget, TransportError
 from tests.samples import sample
@@ -282,6 +284,23 @@ def test_backpressure_pauses_the_agent_and_detach_lets_it_run_on():
     assert transport.processes[0].paused
     session.detach(client)
     assert not transport.processes[0].paused
+
+
+def test_agentd_messages_in_the_replay_log_cost_about_their_size():
+    _, _, registry = make(messages=1000)
+    client = FakeClient()
+    session = registry.open(KEY, client, None, 0)
+    session.detach(client)  # within the grace period: the messages go to the replay log only
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(1000):
+            session.error(ErrorCode.BAD_REQUEST, "message must be a JSON object")
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert session.replay.size < 1000 * 100
+    assert grown < 1000 * 1024, f"{grown // 1000} bytes for each message of under 100"
 
 
 @pytest.mark.parametrize(
