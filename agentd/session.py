@@ -175,6 +175,8 @@ class Session:
         if previous is not None and previous is not client:
             metrics.SESSION_EVENTS.labels("superseded").inc()
             previous.close(SUPERSEDED, "superseded by a newer connection")
+        if self._paused:  # by the connection before; this one has nothing queued yet
+            self.resume_output()
         if self._grace_call is not None and self._grace_call.active():
             self._grace_call.cancel()
         self._grace_call = None

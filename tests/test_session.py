@@ -286,6 +286,17 @@ def test_backpressure_pauses_the_agent_and_detach_lets_it_run_on():
     assert not transport.processes[0].paused
 
 
+def test_a_new_connection_resumes_an_agent_the_one_before_paused():
+    _, transport, registry = make()
+    first = FakeClient()
+    session = registry.open(KEY, first, None, 0)
+    session.prompt({"type": "prompt", "id": "a", "text": "x"})
+    session.pause_output()  # the first connection's queue was full
+    registry.open(KEY, FakeClient(), session.id, 0)
+    assert first.closed is not None and first.closed[0] == 4001
+    assert not transport.processes[0].paused
+
+
 def test_agentd_messages_in_the_replay_log_cost_about_their_size():
     _, _, registry = make(messages=1000)
     client = FakeClient()
