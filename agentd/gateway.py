@@ -39,7 +39,9 @@ _OPEN = WebSocketServerProtocol.STATE_OPEN
 # compression): two header bytes below 126 bytes of payload, then 16- or 64-bit lengths.
 # Written straight to the transport, it costs a fraction of autobahn's general sendMessage.
 _SHORT_TEXT_HEADERS = [bytes((0x81, size)) for size in range(126)]
-PROMPT_ID_MAX = 128
+# Ids the client chooses and agentd echoes: bounded, so an echo costs what its request did.
+PROMPT_ID_MAX = 256  # the agent CLI's limit too (agentd/agent/protocol.py)
+PING_ID_MAX = 256
 # A prompt's ``options``, the one object agentd passes on to the agent, as encoded JSON.
 PROMPT_OPTIONS_MAX_BYTES = 4096
 MAX_SEQ = 2**53
@@ -169,8 +171,15 @@ class AgentWebSocket(WebSocketServerProtocol):
             session.abort()
         elif kind == "ping":
             pong: dict[str, Any] = {"type": "pong"}
-            if isinstance(message.get("id"), str | int):
-                pong["id"] = message["id"]
+            if "id" in message:
+                ping_id = message["id"]
+                if not _echoable_ping_id(ping_id):
+                    session.error(
+                        ErrorCode.BAD_REQUEST,
+                        f"a ping id is a string of at most {PING_ID_MAX} characters or an integer",
+                    )
+                    return
+                pong["id"] = ping_id
             session.emit(pong)
         elif isinstance(kind, str):
             session.error(ErrorCode.BAD_REQUEST, "unknown message type")
@@ -361,6 +370,12 @@ class _Refused(Exception):
 def _is_upgrade(request: Request) -> bool:
     upgrade = request.getHeader(b"upgrade") or b""
     return request.method == b"GET" and upgrade.strip().lower() == b"websocket"
+
+
+def _echoable_ping_id(value: Any) -> bool:
+    if type(value) is str:
+        return len(value) <= PING_ID_MAX
+    return type(value) is int and -MAX_SEQ <= value <= MAX_SEQ
 
 
 def _arg(request: Request, name: bytes) -> str | None:

@@ -282,7 +282,7 @@ BAD_MESSAGES = [
     b'{"type": "prompt", "text": "no id"}',
     b'{"type": "prompt", "id": 5, "text": "numeric id"}',
     b'{"type": "prompt", "id": "x", "text": ["not", "a", "string"]}',
-    b'{"type": "prompt", "id": "' + b"x" * 200 + b'", "text": "long id"}',
+    b'{"type": "prompt", "id": "' + b"x" * 257 + b'", "text": "long id"}',
     b"\xff\xfe",
 ]
 
