@@ -3,7 +3,8 @@
 Everything that can be refused is refused before the upgrade, with a plain HTTP status:
 404 (route), 401 (token), 403 (project or Origin), 429 (connection limits), 503 (draining).
 After the upgrade the protocol stays thin: it validates each client message and hands it to
-the session, and it turns the WebSocket transport's backpressure into agent pauses.
+the session, and it turns the WebSocket transport's backpressure into pauses of both the
+agent and the client, so that what agentd queues for one client stays bounded.
 """
 
 from __future__ import annotations
@@ -85,18 +86,17 @@ def parse_route(postpath: list[bytes]) -> tuple[str, str] | None:
 
 @implementer(IPushProducer)
 class _Backpressure:
-    """The WebSocket transport's producer: a full send buffer pauses the agent."""
+    """The WebSocket transport's producer: it tells the connection when the bytes queued for
+    the client pass the transport's buffer size, and when they have all reached the kernel."""
 
     def __init__(self, protocol: AgentWebSocket) -> None:
         self._protocol = protocol
 
     def pauseProducing(self) -> None:
-        if self._protocol.session is not None:
-            self._protocol.session.pause_output()
+        self._protocol.hold()
 
     def resumeProducing(self) -> None:
-        if self._protocol.session is not None:
-            self._protocol.session.resume_output()
+        self._protocol.release()
 
     def stopProducing(self) -> None:
         pass
@@ -106,6 +106,10 @@ class AgentWebSocket(WebSocketServerProtocol):
     context: ConnectionContext
     factory: AgentWebSocketFactory
     session: Session | None = None
+    # True while the bytes queued for the client are over the transport's buffer size:
+    # then neither the agent nor the client may add to them.
+    held = False
+    _reading_stopped = False
 
     def onOpen(self) -> None:
         ctx = self.context
@@ -120,6 +124,46 @@ class AgentWebSocket(WebSocketServerProtocol):
         except Exception:
             _log.failure("cannot open session", project=ctx.project, agent=ctx.agent)
             self.close(1011, "internal error")
+            return
+        if self.held:  # the hello and the replay filled the queue already
+            self.session.pause_output()
+
+    def hold(self) -> None:
+        """Stop adding to the client's queue: pause the agent, answer the client no more."""
+        if self.held:
+            return  # the transport asks again on every write past its limit
+        self.held = True
+        if self.session is not None:
+            self.session.pause_output()
+
+    def release(self) -> None:
+        """The client's queue has drained: answer what it sent meanwhile, then read on."""
+        if not self.held:
+            return
+        self.held = False
+        if self.session is not None:
+            self.session.resume_output()
+        self.consumeData()
+        if not self.held and self._reading_stopped:
+            self._reading_stopped = False
+            transport: Any = self.transport
+            transport.resumeProducing()
+
+    def processData(self) -> bool:
+        # autobahn parses every frame of a read before it returns to the reactor; while the
+        # client's queue is full, the rest of the read waits in autobahn's buffer instead of
+        # being answered (a read of small requests would otherwise queue many times its size).
+        return not self.held and super().processData()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # Reading stops when the client sends while its queue is full rather than in hold():
+        # a streaming answer, during which the client sends nothing, then pauses without
+        # the two system calls of stopping and restarting the read.
+        if self.held and not self._reading_stopped:
+            self._reading_stopped = True
+            transport: Any = self.transport
+            transport.pauseProducing()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session

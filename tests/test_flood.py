@@ -1,14 +1,23 @@
-"""A client that floods agentd: what agentd echoes back is bounded."""
+"""A client that floods agentd and never reads: what agentd queues for it stays bounded, and
+what it echoes back is bounded."""
 
 from __future__ import annotations
 
+import gc
+import socket
+import ssl
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
 import pytest_twisted
+from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 
+from agentd import metrics
 from agentd.auth import Principal
 from agentd.gateway import AgentWebSocket, AgentWebSocketFactory, ConnectionContext
 from tests.harness import base_config, token
@@ -17,6 +26,10 @@ from tests.wsclient import connect
 
 MiB = 1024 * 1024
 LONGEST_ID = "i" * 256
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
 
 
 def masked_frame(payload: bytes) -> bytes:
@@ -43,6 +56,113 @@ def server_messages(data: bytes) -> list[dict[str, Any]]:
         messages.append(orjson.loads(data[at : at + size]))
         at += size
     return messages
+
+
+# A ping answered with the longest id agentd echoes, and a message it refuses: each costs
+# agentd about as much to answer as the client spent sending it, or ten times that.
+FLOOD = (masked_frame(orjson.dumps({"type": "ping", "id": LONGEST_ID})) + masked_frame(b"[]")) * 512
+
+
+class RawClient:
+    """A blocking WebSocket client for a worker thread: it writes masked frames and reads
+    nothing after the handshake, like a browser tab that stopped reading."""
+
+    def __init__(self, port: int, tls: bool = False) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        if tls:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            sock = context.wrap_socket(sock)
+        self.sock = sock
+        sock.sendall(
+            b"GET /projects/demo/agent/echo HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer %s\r\n\r\n"
+            % (port, token().encode())
+        )
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += sock.recv(1)  # one byte at a time: what follows the head stays unread
+        assert head.startswith(b"HTTP/1.1 101 "), head
+
+    def flood(self, chunk: bytes, limit: int, stall: float = 1.0) -> int:
+        """Send ``chunk`` over and over until ``limit`` bytes are out or a send stalls."""
+        self.sock.settimeout(stall)
+        sent = 0
+        try:
+            while sent < limit:
+                self.sock.sendall(chunk)
+                sent += len(chunk)
+        except TimeoutError:
+            pass
+        return sent
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def until(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return True
+        await sleep(0.02)
+    return condition()
+
+
+async def flood_then_leave(port: int, limit: int, tls: bool = False) -> int:
+    client = await threads.deferToThread(RawClient, port, tls)
+    sent = await threads.deferToThread(client.flood, FLOOD, limit)
+    client.close()
+    return sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_floods_and_never_reads_costs_bounded_memory_freed_on_leaving(
+    tmp_path, agentd
+):
+    gateway = agentd(base_config(tmp_path))
+    log_events: list[dict[str, Any]] = []
+    gc.disable()  # what a closed connection held must go by reference counting alone
+    try:
+        await flood_then_leave(gateway.port, 1 * MiB)  # the same path once, for a fair baseline
+        assert await until(lambda: not gateway.registry.by_id)
+        baseline = rss()
+        globalLogPublisher.addObserver(log_events.append)
+        client = await threads.deferToThread(RawClient, gateway.port)
+        limit = 64 * MiB
+        sent = await threads.deferToThread(client.flood, FLOOD, limit)
+        grown = rss() - baseline
+        client.close()
+        assert await until(lambda: not gateway.registry.by_id)
+        await sleep(0.2)
+        left = rss() - baseline
+        globalLogPublisher.removeObserver(log_events.append)
+    finally:
+        gc.enable()
+    assert grown < 32 * MiB, f"agentd grew by {grown // MiB} MiB for a client that never reads"
+    assert sent < limit, "agentd never stopped reading the client"
+    assert left < 8 * MiB, f"{left // MiB} MiB stayed after the client left"
+    assert len(log_events) < 20, "a flood of bad messages must not flood the log"
+
+    client = await connect(gateway.ws_url(token=token()))
+    await client.recv()
+    client.send({"type": "ping", "id": 7})
+    assert (await client.recv())["id"] == 7
+    client.send({"type": "prompt", "id": "p", "text": "still served"})
+    assert (await client.recv_until("done"))[-1]["type"] == "done"
+    client.close()
 
 
 # -- in memory: the protocol over a transport that pauses its producer as Twisted's does ------
@@ -95,6 +215,43 @@ def open_connection(registry: Any, limit: int = 4096) -> tuple[AgentWebSocket, Q
     assert server_messages(frames)[0]["type"] == "session"
     transport.clear()
     return protocol, transport
+
+
+def test_a_full_queue_stops_reading_and_holds_back_the_rest_of_a_read_until_it_drains():
+    _, _, registry = make()
+    protocol, transport = open_connection(registry)
+    pings = b"".join(masked_frame(b'{"type":"ping","id":%d}' % i) for i in range(500))
+    protocol.dataReceived(pings)  # one read of 500 requests
+    queued = len(transport.value())
+    assert transport.limit < queued < transport.limit + 64, "answers went past the watermark"
+    assert transport.producerState == "paused", "agentd kept reading the client"
+    answered: list[dict[str, Any]] = []
+    for _ in range(500):
+        answered += transport.drain()
+        if transport.producerState == "producing":
+            break
+    answered += server_messages(transport.value())
+    assert [m["id"] for m in answered] == list(range(500)), "every request answered, in order"
+    assert [m["seq"] for m in answered] == list(range(1, 501))
+    assert transport.producerState == "producing", "reading resumed once all was answered"
+
+
+def test_a_full_queue_pauses_the_agent_once_and_the_client_when_it_sends_until_it_drains():
+    _, agents, registry = make()
+    protocol, transport = open_connection(registry)
+    protocol.dataReceived(masked_frame(b'{"type":"prompt","id":"p","text":"x"}'))
+    agent = agents.processes[0]
+    transport.clear()
+    pauses = metrics.FLOW_PAUSES._value.get()
+    for _ in range(3):  # the transport asks on every write past its limit
+        transport.producer.pauseProducing()
+    assert agent.paused and metrics.FLOW_PAUSES._value.get() == pauses + 1
+    protocol.dataReceived(masked_frame(b'{"type":"ping","id":1}'))
+    assert transport.value() == b"", "answered a client whose queue is full"
+    assert transport.producerState == "paused", "kept reading a client whose queue is full"
+    assert transport.drain() == [] and not agent.paused
+    assert server_messages(transport.value()) == [{"type": "pong", "id": 1, "seq": 2}]
+    assert transport.producerState == "producing"
 
 
 def ping(protocol: AgentWebSocket, transport: StringTransport, ping_id: Any) -> dict[str, Any]:
