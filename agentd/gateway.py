@@ -19,7 +19,9 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -90,22 +92,27 @@ class _Backpressure:
     the client pass the transport's buffer size, and when they have all reached the kernel."""
 
     def __init__(self, protocol: AgentWebSocket) -> None:
-        self._protocol = protocol
+        self._protocol: AgentWebSocket | None = protocol
 
     def pauseProducing(self) -> None:
-        self._protocol.hold()
+        if self._protocol is not None:
+            self._protocol.hold()
 
     def resumeProducing(self) -> None:
-        self._protocol.release()
+        if self._protocol is not None:
+            self._protocol.release()
 
     def stopProducing(self) -> None:
-        pass
+        # The transport is gone; a TLS transport keeps its producer, which must not keep us.
+        self._protocol = None
 
 
 class AgentWebSocket(WebSocketServerProtocol):
     context: ConnectionContext
     factory: AgentWebSocketFactory
     session: Session | None = None
+    # The twisted.web request this connection was upgraded from; see connectionLost.
+    upgraded_from: Request | None = None
     # True while the bytes queued for the client are over the transport's buffer size:
     # then neither the agent nor the client may add to them.
     held = False
@@ -236,6 +243,22 @@ class AgentWebSocket(WebSocketServerProtocol):
             metrics.ACTIVE_CONNECTIONS.labels(self.context.agent).dec()
             session.detach(self)
 
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        # Let go of what would keep this connection, its transport and the bytes the client
+        # never read alive once it is closed, until a full garbage collection or a timer:
+        # autobahn resolves is_closed with the protocol itself, a cycle;
+        self.is_closed.addCallback(lambda _: None)
+        # a closing handshake the client never answered leaves its timeout in the reactor;
+        call, self.closeHandshakeTimeoutCall = self.closeHandshakeTimeoutCall, None
+        if call is not None:
+            call.cancel()
+        # and twisted.web's request and channel hold each other and the transport; its
+        # channel would have told the request of the lost connection had it kept the socket.
+        request, self.upgraded_from = self.upgraded_from, None
+        if request is not None and request.channel is not None:
+            request.channel.connectionLost(reason)
+
     # The session's view of this connection.
     def send_frame(self, frame: bytes) -> None:
         size = len(frame)
@@ -270,7 +293,7 @@ class AgentWebSocketFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__()
         self.registry = registry
-        self._next_context: ConnectionContext | None = None
+        self._next: tuple[ConnectionContext, Request] | None = None
         self.setProtocolOptions(
             maxFramePayloadSize=max_message_bytes,
             maxMessagePayloadSize=max_message_bytes,
@@ -284,15 +307,15 @@ class AgentWebSocketFactory(WebSocketServerFactory):
 
     def buildProtocol(self, addr: Any) -> AgentWebSocket:  # type: ignore[override]
         protocol: AgentWebSocket = super().buildProtocol(addr)  # type: ignore[assignment]
-        assert self._next_context is not None
-        protocol.context, self._next_context = self._next_context, None
+        assert self._next is not None
+        (protocol.context, protocol.upgraded_from), self._next = self._next, None
         return protocol
 
     def upgrade(
         self, resource: WebSocketResource, request: Request, ctx: ConnectionContext
     ) -> None:
         # WebSocketResource.render builds the protocol synchronously, through buildProtocol.
-        self._next_context = ctx
+        self._next = (ctx, request)
         resource.render(request)
 
 

@@ -1,12 +1,15 @@
-"""A client that floods agentd and never reads: what agentd queues for it stays bounded, and
-what it echoes back is bounded."""
+"""A client that floods agentd and never reads: what agentd queues for it stays bounded, echoed
+ids are bounded, and a closed connection is freed by reference counting alone."""
 
 from __future__ import annotations
 
 import gc
 import socket
 import ssl
+import subprocess
+import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,7 +23,8 @@ from twisted.logger import globalLogPublisher
 from agentd import metrics
 from agentd.auth import Principal
 from agentd.gateway import AgentWebSocket, AgentWebSocketFactory, ConnectionContext
-from tests.harness import base_config, token
+from tests.harness import base_config, merge, token
+from tests.servers import free_port
 from tests.test_session import make
 from tests.wsclient import connect
 
@@ -163,6 +167,99 @@ async def test_a_client_that_floods_and_never_reads_costs_bounded_memory_freed_o
     client.send({"type": "prompt", "id": "p", "text": "still served"})
     assert (await client.recv_until("done"))[-1]["type"] == "done"
     client.close()
+
+
+SELF_SIGNED = (
+    "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1"
+    " -subj /CN=localhost"
+)
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    command = [*SELF_SIGNED.split(), "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(command, check=True, capture_output=True)
+    return key, cert
+
+
+async def _close_cleanly(gateway: Any) -> None:
+    client = await connect(gateway.ws_url(token=token()))
+    await client.recv()
+    client.send({"type": "ping", "id": "x"})
+    await client.recv()
+    client.close()
+    await client.closed
+
+
+async def _take_over(gateway: Any) -> None:
+    first = await connect(gateway.ws_url(token=token()))
+    hello = await first.recv()
+    second = await connect(gateway.ws_url(token=token(), session=hello["session"], last_seq=0))
+    await second.recv()
+    assert (await first.closed)[0] == 4001
+    second.close()
+    await second.closed
+
+
+async def _take_over_from_a_client_that_drops(gateway: Any) -> None:
+    first = await threads.deferToThread(RawClient, gateway.port)
+    [session_id] = gateway.registry.by_id
+    second = await connect(gateway.ws_url(token=token(), session=session_id, last_seq=0))
+    await second.recv()
+    first.close()  # without answering agentd's close: its timeout is still pending
+    second.close()
+    await second.closed
+
+
+async def _drop_with_replies_queued(gateway: Any, tls: bool = False) -> None:
+    await flood_then_leave(gateway.port, 16 * MiB, tls)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "client closes",
+        "agentd closes, client answers",
+        "agentd closes, client drops",
+        "client drops",
+        "TLS client drops",
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_closed_connection_is_freed_by_reference_counting(tmp_path, agentd, ending):
+    config = base_config(tmp_path)
+    if ending.startswith("TLS"):
+        key, cert = _self_signed(tmp_path)
+        endpoint = f"ssl:{free_port()}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        config = merge(config, server={"listen": [endpoint]})
+    gateway = agentd(config)
+    end = {
+        "client closes": _close_cleanly,
+        "agentd closes, client answers": _take_over,
+        "agentd closes, client drops": _take_over_from_a_client_that_drops,
+        "client drops": _drop_with_replies_queued,
+        "TLS client drops": lambda gateway: _drop_with_replies_queued(gateway, tls=True),
+    }[ending]
+    opened: list[weakref.ref[Any]] = []
+    original = gateway.registry.open
+
+    def remember(key: Any, client: Any, *args: Any) -> Any:
+        opened.append(weakref.ref(client))
+        # After a client's unclean TLS EOF, Twisted's TLS layer leaves itself and the socket
+        # in a reference cycle (a Failure held by a frame its traceback refers to); what they
+        # hold is bounded by the watermark. Over plain TCP the transport must go too.
+        if not ending.startswith("TLS"):
+            opened.append(weakref.ref(client.transport))
+        return original(key, client, *args)
+
+    gateway.registry.open = remember
+    gc.disable()
+    try:
+        await end(gateway)
+        freed = await until(lambda: all(ref() is None for ref in opened), seconds=3)
+    finally:
+        gc.enable()
+    assert opened and freed, [ref() for ref in opened]
 
 
 # -- in memory: the protocol over a transport that pauses its producer as Twisted's does ------
