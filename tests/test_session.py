@@ -290,7 +290,7 @@ def test_a_new_connection_resumes_an_agent_the_one_before_paused():
     _, transport, registry = make()
     first = FakeClient()
     session = registry.open(KEY, first, None, 0)
-    session.prompt({"type": "prompt", "id": "a", "text": "x"})
+    session.prompt("a", "x")
     session.pause_output()  # the first connection's queue was full
     registry.open(KEY, FakeClient(), session.id, 0)
     assert first.closed is not None and first.closed[0] == 4001
