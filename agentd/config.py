@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tomllib
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,19 +17,15 @@ from typing import Any
 
 from agentd.keys.source import PROVIDER_ENV
 from agentd.secrets import SecretError, check_reference
+from agentd.tomltables import TomlError, load_file, read_table
 
 PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
 
 
-class ConfigError(ValueError):
+class ConfigError(TomlError):
     """One line naming the key and the problem."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
-        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -146,48 +140,6 @@ ENV_OVERRIDES = {
     "AGENTD_ANTHROPIC_API_KEY": ("keys", "anthropic"),
     "AGENTD_OPENAI_API_KEY": ("keys", "openai"),
 }
-
-
-def _coerce(key: str, hint: Any, value: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, "must be true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, "must be an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(key, "must be a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, "must be a string")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(key, "must be a list of strings")
-        return tuple(value)
-    if origin in (Mapping, dict) or hint is Mapping:
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise ConfigError(key, "must be a table of strings")
-        return types.MappingProxyType(dict(value))
-    raise ConfigError(key, "unsupported type")  # pragma: no cover - a bug in this module
-
-
-def _section(name: str, cls: type, raw: Any) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"[{name}]", "must be a table")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise ConfigError(f"[{name}] {key}", "unknown key")
-        values[key] = _coerce(f"[{name}] {key}", hints[key], value)
-    return cls(**values)
 
 
 _SECTIONS: dict[str, type] = {
@@ -314,7 +266,10 @@ def from_dict(
         value = (os.environ if env is None else env).get(variable)
         if value:
             sections.setdefault(section, {})[key] = value
-    built = {name: _section(name, cls, sections.get(name, {})) for name, cls in _SECTIONS.items()}
+    built: dict[str, Any] = {
+        name: read_table(cls, sections.get(name, {}), f"[{name}]", ConfigError, separator=" ")
+        for name, cls in _SECTIONS.items()
+    }
     config = Config(**built, source=source)
     _validate(config)
     return config
@@ -324,13 +279,4 @@ def load(path: str | None, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate the file at ``path``; None means embedded defaults."""
     if path is None:
         return from_dict({}, env, source="embedded defaults")
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(path, "no such file") from None
-    except OSError as e:
-        raise ConfigError(path, e.strerror or "cannot be read") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(path, f"not valid TOML: {e}") from None
-    return from_dict(data, env, source=path)
+    return from_dict(load_file(path, ConfigError), env, source=path)

@@ -17,23 +17,28 @@ their own rate (0 when absent): providers report them separately from ``input``.
 from __future__ import annotations
 
 import datetime
-import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentd.tomltables import TomlError, load_file, read_table, rule
 
-class PriceTableError(ValueError):
+
+class PriceTableError(TomlError):
     """The price table is malformed; the message names the model and the key."""
 
 
-@dataclass(frozen=True)
+_EPOCH = datetime.date(1970, 1, 1)
+_NON_NEGATIVE = rule(lambda price: price >= 0, "must be a non-negative number")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelPrice:
-    effective: datetime.date
-    input: float
-    output: float
-    cache_read: float
-    cache_write: float
+    effective: datetime.date = _EPOCH
+    input: float = field(metadata=_NON_NEGATIVE)
+    output: float = field(metadata=_NON_NEGATIVE)
+    cache_read: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    cache_write: float = field(default=0.0, metadata=_NON_NEGATIVE)
 
     def cost(
         self,
@@ -51,31 +56,6 @@ class ModelPrice:
         return total / 1_000_000
 
 
-_EPOCH = datetime.date(1970, 1, 1)
-
-
-def _price(model: str, raw: Any) -> ModelPrice:
-    if not isinstance(raw, dict):
-        raise PriceTableError(f"models.{model}: must be a table")
-    unknown = set(raw) - {"effective", "input", "output", "cache_read", "cache_write"}
-    if unknown:
-        raise PriceTableError(f"models.{model}.{sorted(unknown)[0]}: unknown key")
-    values: dict[str, float] = {}
-    for key in ("input", "output", "cache_read", "cache_write"):
-        if key not in raw and key in ("input", "output"):
-            raise PriceTableError(f"models.{model}.{key}: required")
-        value = raw.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise PriceTableError(f"models.{model}.{key}: must be a non-negative number")
-        values[key] = float(value)
-    effective = raw.get("effective", _EPOCH)
-    if isinstance(effective, datetime.datetime):
-        effective = effective.date()
-    if not isinstance(effective, datetime.date):
-        raise PriceTableError(f"models.{model}.effective: must be a date (YYYY-MM-DD)")
-    return ModelPrice(effective=effective, **values)
-
-
 @dataclass(frozen=True)
 class PriceTable:
     models: dict[str, tuple[ModelPrice, ...]]
@@ -84,22 +64,17 @@ class PriceTable:
     def from_dict(cls, data: dict[str, Any]) -> PriceTable:
         raw_models = data.get("models", {})
         if not isinstance(raw_models, dict):
-            raise PriceTableError("models: must be a table of model names")
+            raise PriceTableError("models", "must be a table of model names")
         models: dict[str, tuple[ModelPrice, ...]] = {}
         for name, raw in raw_models.items():
             entries = raw if isinstance(raw, list) else [raw]
-            prices = sorted((_price(name, entry) for entry in entries), key=lambda p: p.effective)
-            models[name] = tuple(prices)
+            prices = [read_table(ModelPrice, e, f"models.{name}", PriceTableError) for e in entries]
+            models[name] = tuple(sorted(prices, key=lambda p: p.effective))
         return cls(models=models)
 
     @classmethod
     def load(cls, path: str | Path) -> PriceTable:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise PriceTableError(f"{path}: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(load_file(str(path), PriceTableError))
 
     @classmethod
     def empty(cls) -> PriceTable:

@@ -19,16 +19,17 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from agentd.tomltables import TomlError, load_file, read_table, rule
 
 DEFAULT_PATH = "/etc/agentd/agents.toml"
 PROVIDERS = ("anthropic", "openai", "echo")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_KEYS = {"provider", "model", "system", "max_tokens", "timeout_seconds", "max_retries"}
 
 
-class AgentsFileError(ValueError):
+class AgentsFileError(TomlError):
     """The agents file cannot be used; the message names the file and the key."""
 
 
@@ -39,12 +40,20 @@ class UnknownAgent(LookupError):
 @dataclass(frozen=True)
 class AgentSpec:
     name: str
-    provider: str
-    model: str
+    provider: str = field(
+        metadata=rule(lambda p: p in PROVIDERS, f"must be one of {', '.join(PROVIDERS)}")
+    )
+    model: str = field(metadata=rule(bool, "required, a non-empty string"))
     system: str = ""
-    max_tokens: int = 4096
-    timeout_seconds: float = 300.0
-    max_retries: int | None = None
+    max_tokens: int = field(
+        default=4096, metadata=rule(lambda n: n >= 1, "must be a positive integer")
+    )
+    timeout_seconds: float = field(
+        default=300.0, metadata=rule(lambda t: t > 0, "must be a positive number")
+    )
+    max_retries: int | None = field(
+        default=None, metadata=rule(lambda n: 0 <= n <= 10, "must be an integer from 0 to 10")
+    )
 
 
 ECHO = AgentSpec(name="echo", provider="echo", model="echo")
@@ -53,63 +62,22 @@ ECHO = AgentSpec(name="echo", provider="echo", model="echo")
 def _spec(path: str, name: str, raw: Any) -> AgentSpec:
     where = f"{path}: agents.{name}"
     if not NAME_RE.match(name):
-        raise AgentsFileError(f"{where}: not a valid agent name")
-    if not isinstance(raw, dict):
-        raise AgentsFileError(f"{where}: must be a table")
-    unknown = sorted(set(raw) - _KEYS)
-    if unknown:
-        raise AgentsFileError(f"{where}.{unknown[0]}: unknown key")
-    provider = raw.get("provider")
-    if provider not in PROVIDERS:
-        raise AgentsFileError(f"{where}.provider: must be one of {', '.join(PROVIDERS)}")
-    model = raw.get("model", "echo" if provider == "echo" else None)
-    if not isinstance(model, str) or not model:
-        raise AgentsFileError(f"{where}.model: required, a non-empty string")
-    system = raw.get("system", "")
-    if not isinstance(system, str):
-        raise AgentsFileError(f"{where}.system: must be a string")
-    max_tokens = raw.get("max_tokens", AgentSpec.max_tokens)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise AgentsFileError(f"{where}.max_tokens: must be a positive integer")
-    timeout = raw.get("timeout_seconds", AgentSpec.timeout_seconds)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout:
-        raise AgentsFileError(f"{where}.timeout_seconds: must be a positive number")
-    retries = raw.get("max_retries")
-    if retries is not None and (
-        isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10
-    ):
-        raise AgentsFileError(f"{where}.max_retries: must be an integer from 0 to 10")
-    return AgentSpec(
-        name=name,
-        provider=provider,
-        model=model,
-        system=system,
-        max_tokens=max_tokens,
-        timeout_seconds=float(timeout),
-        max_retries=retries,
-    )
+        raise AgentsFileError(where, "not a valid agent name")
+    if isinstance(raw, dict) and raw.get("provider") == "echo":
+        # The echo agent needs no model; every other provider does.
+        raw = {"model": "echo", **raw}
+    return read_table(AgentSpec, raw, where, AgentsFileError, fixed={"name": name})
 
 
 def load(path: str) -> dict[str, AgentSpec]:
     """Every agent the file at ``path`` defines, validated."""
-    # Imported here: without an agents file, the echo agent starts without a TOML parser.
-    import tomllib
-
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise AgentsFileError(f"{path}: no such file") from None
-    except OSError as e:
-        raise AgentsFileError(f"{path}: {e.strerror or 'cannot be read'}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise AgentsFileError(f"{path}: not valid TOML: {e}") from None
+    data = load_file(path, AgentsFileError)
     unknown = sorted(set(data) - {"agents"})
     if unknown:
-        raise AgentsFileError(f"{path}: {unknown[0]}: unknown table")
+        raise AgentsFileError(f"{path}: {unknown[0]}", "unknown table")
     raw_agents = data.get("agents", {})
     if not isinstance(raw_agents, dict):
-        raise AgentsFileError(f"{path}: agents: must be a table of agents")
+        raise AgentsFileError(f"{path}: agents", "must be a table of agents")
     return {name: _spec(path, name, raw) for name, raw in raw_agents.items()}
 
 

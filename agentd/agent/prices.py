@@ -28,8 +28,6 @@ def load_prices(env: Mapping[str, str]) -> PriceTable | None:
         return PriceTable.load(path)
     except PriceTableError as e:
         raise PricesUnusable(str(e)) from None
-    except OSError as e:
-        raise PricesUnusable(f"{path}: {e.strerror or 'cannot be read'}") from None
 
 
 def price(prices: PriceTable | None, usage: Usage) -> float | None:
