@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 import orjson
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from agentd.logformat import LEVEL, MESSAGE
+
 MAX_CHARS = 2000
 MAX_FIELDS = 16
 MAX_KEY_CHARS = 64
@@ -62,7 +64,7 @@ def parse_agent_log(line: bytes) -> AgentLogLine:
     fields: dict[str, Any] = {}
     dropped = 0
     for key, value in obj.items():
-        if key == "message" or key == "level":
+        if key == MESSAGE or key == LEVEL:
             continue
         if len(fields) < MAX_FIELDS:
             fields["agent_" + key[:MAX_KEY_CHARS]] = _bounded(value)
@@ -70,9 +72,9 @@ def parse_agent_log(line: bytes) -> AgentLogLine:
             dropped += 1
     if dropped:
         fields["agent_fields_dropped"] = dropped
-    message = obj.get("message", "")
+    message = obj.get(MESSAGE, "")
     return AgentLogLine(
-        obj.get("level") in _WARNING_LEVELS,
+        obj.get(LEVEL) in _WARNING_LEVELS,
         clip(message if isinstance(message, str) else orjson.dumps(message).decode()),
         fields,
     )

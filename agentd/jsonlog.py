@@ -3,7 +3,8 @@
 Each line carries ``time`` (ISO 8601, UTC), ``level``, ``message`` (the formatted event),
 ``namespace``, the context fields an event names (session, project, user, agent, vm, query),
 any other plain-JSON keys the caller passed, and for failures a short ``error`` plus the
-``traceback``. Every string is passed through ``redact`` before it is written, so a token,
+``traceback``; names and formats are ``agentd.logformat``'s, which the agent CLI's lines
+share. Every string is passed through ``redact`` before it is written, so a token,
 bearer credential or provider key that slips into a message never reaches the log.
 
 How ``twistd -n agentd`` ends up writing these lines
@@ -31,7 +32,6 @@ import json
 import math
 import re
 import time
-from datetime import UTC, datetime
 from typing import IO, Any
 
 from twisted.application.service import IServiceCollection, MultiService
@@ -48,13 +48,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from agentd.config import LogConfig
+from agentd.logformat import CONTEXT_FIELDS, LEVEL, MESSAGE, TIME, timestamp
 
 REDACTED = "[redacted]"
 
-CONTEXT_FIELDS = ("session", "project", "user", "agent", "vm", "query")
-
 _RECORD_FIELDS = frozenset(
-    {"time", "level", "message", "namespace", "error", "traceback", *CONTEXT_FIELDS}
+    {TIME, LEVEL, MESSAGE, "namespace", "error", "traceback", *CONTEXT_FIELDS}
 )
 
 # Keys twisted.python.log adds to legacy events; what they hold is already in the message.
@@ -130,11 +129,6 @@ def _is_plain(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def _timestamp(seconds: float) -> str:
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 def _failure_of(event: LogEvent) -> Failure | None:
     failure = event.get("log_failure")
     if failure is None and event.get("isError"):
@@ -156,9 +150,9 @@ def event_record(event: LogEvent) -> dict[str, Any]:
     level = event.get("log_level", LogLevel.info)
     failure = _failure_of(event)
     record: dict[str, Any] = {
-        "time": _timestamp(event.get("log_time") or time.time()),
-        "level": level.name,
-        "message": _message(event, failure),
+        TIME: timestamp(event.get("log_time") or time.time()),
+        LEVEL: level.name,
+        MESSAGE: _message(event, failure),
         "namespace": event.get("log_namespace", "log_legacy"),
     }
     for name in CONTEXT_FIELDS:

@@ -464,7 +464,7 @@ def test_logs_are_json_lines_on_stderr_with_agent_and_query(echo: AgentProcess) 
     records = echo.log_records()
     assert records
     for record in records:
-        assert {"timestamp", "level", "message", "agent"} <= set(record)
+        assert {"time", "level", "message", "agent"} <= set(record)
         assert record["agent"] == "echo"
     assert any(r.get("query") == "q1" and r["message"] == "query done" for r in records)
 

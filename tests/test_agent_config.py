@@ -185,7 +185,7 @@ def test_logs_redact_the_provider_keys() -> None:
         record = json.loads(f.read())
     assert record["detail"] == "key [redacted] rejected"
     assert (record["level"], record["agent"], record["query"]) == ("warn", "claude", "q1")
-    assert record["timestamp"].endswith("Z")
+    assert record["time"].endswith("Z")
 
 
 def test_log_level_filters_lower_levels() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,9 +15,10 @@ from typing import Any
 
 import pytest
 from twisted.application.service import Application, IServiceCollection
-from twisted.logger import ILogObserver, Logger, LogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
 from twisted.python import log as legacy_log
 
+from agentd.agent.log import Log as AgentLog
 from agentd.config import LogConfig
 from agentd.jsonlog import (
     REDACTED,
@@ -25,6 +27,7 @@ from agentd.jsonlog import (
     json_log_observer,
     redact,
 )
+from agentd.logformat import LEVELS, timestamp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,6 +92,43 @@ def test_line_has_time_level_message_namespace_context_and_plain_extras() -> Non
     assert line["replayed"] == [1, 2, {"seq": 3}]
     assert "handler" not in line
     assert not [key for key in line if key.startswith("log_")]
+
+
+def agent_cli_lines(emit: Any) -> list[dict[str, Any]]:
+    """What the agent CLI's ``Log`` writes while ``emit(log)`` runs, as parsed JSON lines."""
+    read_fd, write_fd = os.pipe()
+    emit(AgentLog("claude", fd=write_fd, level="debug"))
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as f:
+        return [json.loads(line) for line in f.read().splitlines()]
+
+
+def test_agent_cli_and_agentd_lines_share_time_level_message_and_context_fields() -> None:
+    [agent_line] = agent_cli_lines(lambda log: log.warn("provider said no", query="q1"))
+    capture = Capture()
+    capture.log.warn("provider said no", agent="claude", query="q1")
+    agentd_line = capture.line()
+    for line in (agent_line, agentd_line):
+        assert list(line)[:3] == ["time", "level", "message"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
+        assert (line["level"], line["message"]) == ("warn", "provider said no")
+        assert (line["agent"], line["query"]) == ("claude", "q1")
+
+
+def test_agent_cli_writes_each_level_under_the_name_agentd_writes_it() -> None:
+    names = ["debug", "info", "warn", "error"]
+    written = agent_cli_lines(lambda log: [getattr(log, name)("x") for name in names])
+    capture = Capture()
+    for name in names:
+        getattr(capture.log, name)("x")
+    assert [line["level"] for line in written] == [line["level"] for line in capture.lines()]
+    assert [level.name for level in LogLevel.iterconstants()] == list(LEVELS)
+
+
+def test_timestamps_are_utc_milliseconds_rounded_like_datetime() -> None:
+    assert timestamp(1748779200.123) == "2025-06-01T12:00:00.123Z"
+    assert timestamp(1748779200.9999996) == "2025-06-01T12:00:01.000Z"
+    assert timestamp(0) == "1970-01-01T00:00:00.000Z"
 
 
 def test_context_field_that_is_not_plain_json_is_written_as_text() -> None:

@@ -1,4 +1,8 @@
-"""JSON log lines on stderr (stdout carries protocol lines only), with secrets redacted."""
+"""JSON log lines on stderr (stdout carries protocol lines only), with secrets redacted.
+
+The lines have the fields, level names and time format of agentd's own log
+(``agentd.logformat``), which they end up in.
+"""
 
 from __future__ import annotations
 
@@ -8,38 +12,34 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40}
+from agentd.logformat import LEVEL, LEVELS, MESSAGE, TIME, timestamp
+
+_RANK = {name: rank for rank, name in enumerate(LEVELS)}
 
 # Secrets shorter than this are not redacted: replacing every "a" would only garble the log.
 _MIN_SECRET_CHARS = 8
 
 
-def _timestamp(now: float) -> str:
-    seconds = int(now)
-    millis = int((now - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
-
-
 class Log:
-    """Writes one JSON object per line to a file descriptor: level, message, timestamp, agent."""
+    """Writes one JSON object per line to a file descriptor: time, level, message, agent."""
 
     def __init__(
         self, agent: str, fd: int = 2, level: str = "info", secrets: Iterable[str] = ()
     ) -> None:
         self.agent = agent
         self.fd = fd
-        self.threshold = LEVELS.get(level, LEVELS["info"])
+        self.threshold = _RANK.get(level, _RANK["info"])
         self.secrets = sorted(
             {s for s in secrets if len(s) >= _MIN_SECRET_CHARS}, key=len, reverse=True
         )
 
     def emit(self, level: str, message: str, query: str | None = None, **fields: Any) -> None:
-        if LEVELS[level] < self.threshold:
+        if _RANK[level] < self.threshold:
             return
         record: dict[str, Any] = {
-            "timestamp": _timestamp(time.time()),
-            "level": level,
-            "message": message,
+            TIME: timestamp(time.time()),
+            LEVEL: level,
+            MESSAGE: message,
             "agent": self.agent,
         }
         if query is not None:
