@@ -18,6 +18,7 @@ import orjson
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -45,6 +46,9 @@ _SHORT_TEXT_HEADERS = [bytes((0x81, size)) for size in range(126)]
 # Ids the client chooses and agentd echoes: bounded, so an echo costs what its request did.
 PROMPT_ID_MAX = 256  # the agent CLI's limit too (agentd/agent/protocol.py)
 PING_ID_MAX = 256
+# Prompts one connection may have waiting for their rate-limit and budget decisions and the
+# agent's start; past it agentd reads no more of that client until they are settled.
+PROMPTS_WAITING_MAX = 8
 # A prompt's ``options``, the one object agentd passes on to the agent, as encoded JSON.
 PROMPT_OPTIONS_MAX_BYTES = 4096
 MAX_SEQ = 2**53
@@ -116,6 +120,8 @@ class AgentWebSocket(WebSocketServerProtocol):
     # True while the bytes queued for the client are over the transport's buffer size:
     # then neither the agent nor the client may add to them.
     held = False
+    # True while PROMPTS_WAITING_MAX prompts wait: the client's input waits with them.
+    input_held = False
     _reading_stopped = False
 
     def onOpen(self) -> None:
@@ -150,8 +156,24 @@ class AgentWebSocket(WebSocketServerProtocol):
         self.held = False
         if self.session is not None:
             self.session.resume_output()
+        self._read_on()
+
+    def _hold_input(self, until: Deferred[None]) -> None:
+        """Handle none of the client's messages until ``until`` fires."""
+        self.input_held = True
+        until.addCallback(self._release_input)
+
+    def _release_input(self, _: object = None) -> None:
+        self.input_held = False
+        if self.state == _OPEN:
+            self._read_on()
+
+    def _read_on(self) -> None:
+        """Handle what the client sent while held, then read its socket again."""
+        if self.held or self.input_held:
+            return
         self.consumeData()
-        if not self.held and self._reading_stopped:
+        if not (self.held or self.input_held) and self._reading_stopped:
             self._reading_stopped = False
             transport: Any = self.transport
             transport.resumeProducing()
@@ -160,14 +182,14 @@ class AgentWebSocket(WebSocketServerProtocol):
         # autobahn parses every frame of a read before it returns to the reactor; while the
         # client's queue is full, the rest of the read waits in autobahn's buffer instead of
         # being answered (a read of small requests would otherwise queue many times its size).
-        return not self.held and super().processData()
+        return not (self.held or self.input_held) and super().processData()
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
         # Reading stops when the client sends while its queue is full rather than in hold():
         # a streaming answer, during which the client sends nothing, then pauses without
         # the two system calls of stopping and restarting the read.
-        if self.held and not self._reading_stopped:
+        if (self.held or self.input_held) and not self._reading_stopped:
             self._reading_stopped = True
             transport: Any = self.transport
             transport.pauseProducing()
@@ -218,6 +240,8 @@ class AgentWebSocket(WebSocketServerProtocol):
             else:
                 # Only the documented fields reach the agent; anything else a client adds stays.
                 session.prompt(prompt_id, text, options or None)
+                if session.prompts_waiting >= PROMPTS_WAITING_MAX:
+                    self._hold_input(session.prompts_settled())
         elif kind == "abort":
             session.abort()
         elif kind == "ping":

@@ -154,6 +154,7 @@ class Session:
         self._prompt_chain: Deferred[None] = defer.succeed(None)
         self._accepted: OrderedDict[str, None] = OrderedDict()
         self._pending: set[str] = set()
+        self._settled_waiters: list[Deferred[None]] = []
         self.queries: OrderedDict[str, Query] = OrderedDict()
         self._grace_call: IDelayedCall | None = None
         self._paused = False
@@ -278,8 +279,28 @@ class Session:
         )
         self._prompt_chain.addErrback(self._prompt_failed, prompt_id)
 
-    def _prompt_failed(self, failure: Any, prompt_id: str) -> None:
+    @property
+    def prompts_waiting(self) -> int:
+        """Prompts accepted from the client that are not yet acknowledged or refused."""
+        return len(self._pending)
+
+    def prompts_settled(self) -> Deferred[None]:
+        """Fires once no prompt waits for its ack or refusal (at once if none does)."""
+        if not self._pending:
+            return defer.succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._settled_waiters.append(waiter)
+        return waiter
+
+    def _settle(self, prompt_id: str) -> None:
         self._pending.discard(prompt_id)
+        if not self._pending and self._settled_waiters:
+            waiters, self._settled_waiters = self._settled_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _prompt_failed(self, failure: Any, prompt_id: str) -> None:
+        self._settle(prompt_id)
         _log.failure("prompt handling failed", failure=failure, **self._log_context)
         self.error(ErrorCode.INTERNAL, "internal error", id=prompt_id)
 
@@ -336,7 +357,7 @@ class Session:
                 self._accepted.popitem(last=False)
             self.emit({"type": "ack", "id": prompt_id})
         finally:
-            self._pending.discard(prompt_id)
+            self._settle(prompt_id)
 
     def abort(self) -> None:
         if self.process is not None:

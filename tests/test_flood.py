@@ -16,14 +16,21 @@ import orjson
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
-from agentd import metrics
 from agentd.auth import Principal
-from agentd.gateway import AgentWebSocket, AgentWebSocketFactory, ConnectionContext
+from agentd.gateway import (
+    PROMPTS_WAITING_MAX,
+    AgentWebSocket,
+    AgentWebSocketFactory,
+    ConnectionContext,
+)
+from agentd.ratelimit import Decision
 from tests.harness import base_config, merge, token
+from tests.samples import sample
 from tests.servers import free_port
 from tests.test_session import make
 from tests.wsclient import connect
@@ -339,16 +346,49 @@ def test_a_full_queue_pauses_the_agent_once_and_the_client_when_it_sends_until_i
     protocol.dataReceived(masked_frame(b'{"type":"prompt","id":"p","text":"x"}'))
     agent = agents.processes[0]
     transport.clear()
-    pauses = metrics.FLOW_PAUSES._value.get()
+    pauses = sample("agentd_flow_pauses_total")
     for _ in range(3):  # the transport asks on every write past its limit
         transport.producer.pauseProducing()
-    assert agent.paused and metrics.FLOW_PAUSES._value.get() == pauses + 1
+    assert agent.paused and sample("agentd_flow_pauses_total") == pauses + 1
     protocol.dataReceived(masked_frame(b'{"type":"ping","id":1}'))
     assert transport.value() == b"", "answered a client whose queue is full"
     assert transport.producerState == "paused", "kept reading a client whose queue is full"
     assert transport.drain() == [] and not agent.paused
     assert server_messages(transport.value()) == [{"type": "pong", "id": 1, "seq": 2}]
     assert transport.producerState == "producing"
+
+
+class SlowLimiter:
+    """A prompt limiter whose decisions arrive when the test says so."""
+
+    def __init__(self) -> None:
+        self.asked: list[Deferred[Decision]] = []
+
+    def check_prompt(self, user: str) -> Deferred[Decision]:
+        self.asked.append(Deferred())
+        return self.asked[-1]
+
+
+def test_prompts_waiting_for_their_decisions_hold_the_clients_input_at_a_bound():
+    limiter = SlowLimiter()
+    _, agents, registry = make(limiter=limiter)
+    protocol, transport = open_connection(registry, limit=MiB)
+    prompts = [b'{"type":"prompt","id":"p%d","text":"x"}' % i for i in range(100)]
+    protocol.dataReceived(b"".join(masked_frame(p) for p in prompts))
+    session = protocol.session
+    assert session is not None and session.prompts_waiting == PROMPTS_WAITING_MAX
+    assert transport.producerState == "paused", "kept reading while prompts pile up"
+    allowed = Decision(allowed=True, policy="prompts", limit=60, window_ms=60_000, retry_after_ms=0)
+    decided = 0
+    while decided < len(limiter.asked):
+        assert session.prompts_waiting <= PROMPTS_WAITING_MAX
+        limiter.asked[decided].callback(allowed)
+        decided += 1
+    assert decided == 100
+    acks = [m["id"] for m in server_messages(transport.value()) if m["type"] == "ack"]
+    assert acks == [f"p{i}" for i in range(100)], "every prompt acknowledged, in order"
+    assert len(agents.processes[0].lines) == 100
+    assert transport.producerState == "producing", "reading resumed once the prompts settled"
 
 
 def ping(protocol: AgentWebSocket, transport: StringTransport, ping_id: Any) -> dict[str, Any]:
