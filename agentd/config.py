@@ -7,6 +7,7 @@ local transport, the ``echo`` agent and a freshly generated development JWT secr
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import typing
@@ -37,6 +38,12 @@ class ServerConfig:
     auto_ping_seconds: float = 20.0
     drain_seconds: float = 30.0
     demo_page: bool = True
+    request_head_timeout_seconds: float = 10.0
+    request_body_timeout_seconds: float = 30.0
+    max_unauthenticated_connections: int = 1024
+    max_unauthenticated_per_address: int = 256
+    trusted_proxies: tuple[str, ...] = ()
+    client_address_header: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,27 @@ def _validate(config: Config) -> None:
         raise ConfigError("[server] max_message_bytes", "must be between 1024 and 67108864")
     if s.auto_ping_seconds < 0 or s.drain_seconds < 0:
         raise ConfigError("[server]", "durations must not be negative")
+    for key in ("request_head_timeout_seconds", "request_body_timeout_seconds"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"[server] {key}", "must be positive")
+    for key in ("max_unauthenticated_connections", "max_unauthenticated_per_address"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"[server] {key}", "must be at least 1")
+    for proxy in s.trusted_proxies:
+        try:
+            if proxy != "unix":
+                ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                "[server] trusted_proxies", f"{proxy!r} is not an address, a CIDR or unix"
+            ) from None
+    if s.client_address_header and not re.fullmatch(r"[A-Za-z0-9-]+", s.client_address_header):
+        raise ConfigError("[server] client_address_header", "must be a header name")
+    if bool(s.trusted_proxies) != bool(s.client_address_header):
+        raise ConfigError(
+            "[server] client_address_header" if s.trusted_proxies else "[server] trusted_proxies",
+            "trusted_proxies and client_address_header go together",
+        )
     for origin in s.allowed_origins:
         if not re.fullmatch(r"https?://[^/\s]+", origin):
             raise ConfigError("[server] allowed_origins", f"{origin!r} is not scheme://host[:port]")

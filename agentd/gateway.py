@@ -31,6 +31,7 @@ from agentd import metrics
 from agentd.api import JSONTooDeep, parse_json
 from agentd.auth import Authenticator, AuthError, Principal, request_origin_allowed
 from agentd.config import PROJECT_RE
+from agentd.edge import authenticated
 from agentd.errors import ErrorCode
 from agentd.session import Session, SessionKey, SessionRegistry
 
@@ -436,6 +437,7 @@ class AgentRoute(Resource):
 
     def _upgrade(self, request: Request, ctx: ConnectionContext) -> None:
         metrics.HANDSHAKES.labels("101").inc()
+        authenticated(request)
         self._factory.upgrade(self._websocket, request, ctx)
 
 

@@ -88,6 +88,26 @@ HANDSHAKES = Counter(
     registry=REGISTRY,
 )
 
+# The HTTP edge: deadlines and connection caps.
+UNAUTHENTICATED_CONNECTIONS = Gauge(
+    "agentd_unauthenticated_connections",
+    "HTTP connections that are not (yet) an authenticated WebSocket",
+    registry=REGISTRY,
+)
+CONNECTIONS_LIMITED = Counter(
+    "agentd_connections_limited_total",
+    "Connections a cap on unauthenticated connections closed, by limit (total, per_address) "
+    "and action (evicted: a waiting connection made room; refused: the new one was closed)",
+    ["limit", "action"],
+    registry=REGISTRY,
+)
+REQUEST_TIMEOUTS = Counter(
+    "agentd_request_timeouts_total",
+    "Connections closed because a request's head or body was not complete in time",
+    ["phase"],
+    registry=REGISTRY,
+)
+
 # Relay.
 MESSAGES = Counter(
     "agentd_messages_total",
@@ -216,6 +236,11 @@ def initialize(agents: tuple[str, ...], error_codes: tuple[str, ...]) -> None:
         SESSIONS.labels(state)
     for event in ("created", "detached", "resumed", "expired", "superseded", "ended"):
         SESSION_EVENTS.labels(event)
+    for limit in ("total", "per_address"):
+        for action in ("evicted", "refused"):
+            CONNECTIONS_LIMITED.labels(limit, action)
+    for phase in ("head", "body"):
+        REQUEST_TIMEOUTS.labels(phase)
     for direction in ("to_agent", "to_client"):
         MESSAGES.labels(direction)
         BYTES.labels(direction)

@@ -22,6 +22,7 @@ from twisted.python import usage
 from agentd import __version__, metrics
 from agentd.auth import Authenticator
 from agentd.config import Config, ConfigError, load
+from agentd.edge import ConnectionLimits
 from agentd.errors import ErrorCode
 from agentd.gateway import Admission, AgentRoute, AgentWebSocketFactory
 from agentd.health import CheckResult, HealthCheck, HealthResource, redis_check
@@ -242,6 +243,8 @@ def build(config: Config, reactor: Any) -> AgentdService:
         started_at=time.time(),
         ready=service.ready,
     )
+    # One budget for every listener: the caps protect this process's file descriptors.
+    limits = ConnectionLimits.from_config(config.server, reactor)
     separate_metrics = bool(config.server.metrics_listen)
     site = build_site(
         agent_route=AgentRoute(admission, factory),
@@ -252,13 +255,14 @@ def build(config: Config, reactor: Any) -> AgentdService:
             b"keys": KeysResource(keystore, authenticator, config.server.allowed_origins),
         },
         demo_page=config.server.demo_page,
+        limits=limits,
     )
     for endpoint in config.server.listen:
         listener = StreamServerEndpointService(serverFromString(reactor, endpoint), site)
         listener.setServiceParent(service)
     for endpoint in config.server.metrics_listen:
         listener = StreamServerEndpointService(
-            serverFromString(reactor, endpoint), metrics_site(metrics.REGISTRY)
+            serverFromString(reactor, endpoint), metrics_site(metrics.REGISTRY, limits)
         )
         listener.setServiceParent(service)
     if dev_secret:

@@ -6,11 +6,16 @@ from importlib import resources
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
+
+from agentd.clientaddr import IPAddress, parse_address
+from agentd.edge import ConnectionLimits, GuardedChannel
 
 _log = Logger()
 
@@ -19,11 +24,15 @@ MAX_REQUEST_BODY = 64 * 1024
 
 
 class BoundedRequest(Request):
-    """Refuses request bodies over ``MAX_REQUEST_BODY`` as they arrive; twisted.web would
-    otherwise buffer any size before a resource sees it."""
+    """A request with a bounded body, from the client the trusted proxies name.
+
+    Bodies over ``MAX_REQUEST_BODY`` are refused as they arrive; twisted.web would otherwise
+    buffer any size before a resource sees it.
+    """
 
     _body_bytes = 0
     _refused = False
+    _resolved: tuple[IAddress, IPAddress | None] | None = None
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_REQUEST_BODY:
@@ -48,12 +57,75 @@ class BoundedRequest(Request):
             )
             transport.loseConnection()
 
+    def getClientAddress(self) -> IAddress:
+        """The client a trusted proxy names, else the TCP peer."""
+        return self._client()[0]
+
+    def _client(self) -> tuple[IAddress, IPAddress | None]:
+        if self._resolved is None:
+            peer = super().getClientAddress()
+            channel = self.channel
+            if not (isinstance(channel, GuardedChannel) and channel.behind_proxy):
+                self._resolved = (peer, None)
+                return self._resolved
+            client = channel.limits.addresses.resolve(peer, self.requestHeaders)
+            address = peer
+            if client is not None and client != parse_address(getattr(peer, "host", "")):
+                kind = IPv4Address if client.version == 4 else IPv6Address
+                address = kind("TCP", str(client), 0)
+            self._resolved = (address, client)
+        return self._resolved
+
+    def process(self) -> None:
+        channel = self.channel
+        if (
+            isinstance(channel, GuardedChannel)
+            and channel.behind_proxy
+            and not channel.limits.attribute(channel, self._client()[1])
+        ):
+            # One client behind a trusted proxy holds too many connections: answer this
+            # request and close its connection.
+            self.site = channel.site
+            channel.persistent = False
+            self.setHeader(b"connection", b"close")
+            self.render(_TOO_MANY_CONNECTIONS)
+            return
+        super().process()
+
+
+class _TooManyConnections(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(429)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"retry-after", b"1")
+        return b"too many connections from this address\n"
+
+
+_TOO_MANY_CONNECTIONS = _TooManyConnections()
+
 
 class AccessLoggingSite(Site):
-    """A Site whose access log never carries query strings (they may hold tokens)."""
+    """The Site agentd serves: guarded channels, and an access log that never carries query
+    strings (they may hold tokens)."""
 
     displayTracebacks = False
     requestFactory = BoundedRequest
+    protocol = GuardedChannel  # type: ignore[assignment]
+
+    def __init__(self, resource: IResource, limits: ConnectionLimits) -> None:
+        super().__init__(resource, reactor=limits.clock)
+        self.limits = limits
+
+    # The channel itself rather than Twisted's wrapper that could switch to HTTP/2 after
+    # TLS negotiation: agentd offers no HTTP/2, and its WebSocket upgrades are HTTP/1.1.
+    def buildProtocol(self, addr: IAddress | None) -> GuardedChannel | None:  # type: ignore[override]
+        channel: GuardedChannel = super().buildProtocol(addr)  # type: ignore[assignment]
+        channel.limits = self.limits
+        if not self.limits.open(channel, addr):
+            return None
+        return channel
 
     def log(self, request: http.Request) -> None:
         _log.debug(
@@ -101,11 +173,11 @@ def _static(name: str, content_type: str) -> Resource:
     return _StaticFile(body, content_type)
 
 
-def metrics_site(registry: CollectorRegistry) -> Site:
+def metrics_site(registry: CollectorRegistry, limits: ConnectionLimits) -> Site:
     """A Site with only /metrics, for a separate (internal) listen endpoint."""
     root = _Root()
     root.putChild(b"metrics", MetricsResource(registry=registry))
-    return AccessLoggingSite(root)
+    return AccessLoggingSite(root, limits)
 
 
 def build_site(
@@ -115,6 +187,7 @@ def build_site(
     registry: CollectorRegistry | None,
     api: dict[bytes, Resource],
     demo_page: bool,
+    limits: ConnectionLimits,
 ) -> Site:
     root = _Root()
     root.putChild(b"projects", agent_route)
@@ -131,4 +204,4 @@ def build_site(
         root.putChild(b"", index)
         root.putChild(b"index.html", index)
         root.putChild(b"console.js", _static("console.js", "text/javascript"))
-    return AccessLoggingSite(root)
+    return AccessLoggingSite(root, limits)
