@@ -88,7 +88,7 @@ HANDSHAKES = Counter(
     registry=REGISTRY,
 )
 
-# The HTTP edge: deadlines and connection caps.
+# The HTTP edge: deadlines, connection caps, accept failures.
 UNAUTHENTICATED_CONNECTIONS = Gauge(
     "agentd_unauthenticated_connections",
     "HTTP connections that are not (yet) an authenticated WebSocket",
@@ -105,6 +105,12 @@ REQUEST_TIMEOUTS = Counter(
     "agentd_request_timeouts_total",
     "Connections closed because a request's head or body was not complete in time",
     ["phase"],
+    registry=REGISTRY,
+)
+ACCEPT_ERRORS = Counter(
+    "agentd_accept_errors_total",
+    "Failed accepts that paused listening, by error (EMFILE, ENFILE, ENOBUFS, ENOMEM)",
+    ["error"],
     registry=REGISTRY,
 )
 
@@ -241,6 +247,8 @@ def initialize(agents: tuple[str, ...], error_codes: tuple[str, ...]) -> None:
             CONNECTIONS_LIMITED.labels(limit, action)
     for phase in ("head", "body"):
         REQUEST_TIMEOUTS.labels(phase)
+    for error in ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM"):
+        ACCEPT_ERRORS.labels(error)
     for direction in ("to_agent", "to_client"):
         MESSAGES.labels(direction)
         BYTES.labels(direction)

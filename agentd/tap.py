@@ -29,6 +29,7 @@ from agentd.health import CheckResult, HealthCheck, HealthResource, redis_check
 from agentd.jsonlog import install_json_logging
 from agentd.keys.api import KeysResource
 from agentd.keys.store import KeyStore
+from agentd.listen import BackoffEndpoint, open_file_limit
 from agentd.pricing import PriceTable
 from agentd.ratelimit import RateLimiter
 from agentd.redisstore import RedisStore
@@ -99,6 +100,15 @@ class AgentdService(MultiService):
             source=self.config.source,
             transport=self.config.vms.transport,
         )
+        files, cap = open_file_limit(), self.config.server.max_unauthenticated_connections
+        if files < 2 * cap:
+            _log.warn(
+                "open file limit {files} leaves little room beside [server] "
+                "max_unauthenticated_connections = {cap}; raise LimitNOFILE "
+                "(docs/operations.md)",
+                files=files,
+                cap=cap,
+            )
         if self.banner:
             # Development mode only: the freshly generated token is meant to be copied.
             # Straight to the terminal: twistd routes sys.stderr into the (redacting) log.
@@ -258,11 +268,14 @@ def build(config: Config, reactor: Any) -> AgentdService:
         limits=limits,
     )
     for endpoint in config.server.listen:
-        listener = StreamServerEndpointService(serverFromString(reactor, endpoint), site)
+        listener = StreamServerEndpointService(
+            BackoffEndpoint(serverFromString(reactor, endpoint), reactor), site
+        )
         listener.setServiceParent(service)
     for endpoint in config.server.metrics_listen:
         listener = StreamServerEndpointService(
-            serverFromString(reactor, endpoint), metrics_site(metrics.REGISTRY, limits)
+            BackoffEndpoint(serverFromString(reactor, endpoint), reactor),
+            metrics_site(metrics.REGISTRY, limits),
         )
         listener.setServiceParent(service)
     if dev_secret:

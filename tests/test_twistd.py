@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 
+from bench.procs import cpu_seconds
+from tests.harness import SECRET
 from tests.servers import free_port, wait_for_port
 from tests.wsclient import connect
 
@@ -96,3 +101,44 @@ async def test_dev_mode_prints_a_working_token_and_sigterm_exits_cleanly(tmp_pat
     assert any("started" in r["message"] for r in records)
     assert all({"time", "level", "message"} <= r.keys() for r in records)
     assert token not in out and token not in err.replace(banner, "")
+
+
+def test_out_of_descriptors_agentd_pauses_accepting_logs_once_and_recovers(tmp_path):
+    port, log = free_port(), tmp_path / "agentd.log"
+    config = tmp_path / "agentd.toml"
+    config.write_text(
+        f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1:backlog=1024"]\n'
+        "request_head_timeout_seconds = 60.0\n"
+        f'[auth]\njwt_secret = "{SECRET}"\n[log]\nfile = "{log}"\n'
+    )
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proc = run_twistd(["--config", str(config)], cwd=tmp_path, preexec_fn=few_descriptors)
+    flood: list[socket.socket] = []
+    try:
+        wait_for_port(port, timeout=20)
+        # About 50 fit in agentd's 64 descriptors; the rest wait in the listen backlog.
+        flood = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(120)]
+        time.sleep(0.5)
+        probe = socket.create_connection(("127.0.0.1", port), timeout=20)
+        probe.sendall(b"GET /health/live HTTP/1.1\r\nHost: agentd\r\n\r\n")
+        cpu, started = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(3.0)
+        cpu, elapsed = cpu_seconds(proc.pid) - cpu, time.monotonic() - started
+        assert cpu < 0.25 * elapsed, f"{cpu:.2f} s of CPU in {elapsed:.1f} s: accept is spinning"
+        exhausted = [line for line in log.read_text().splitlines() if "EMFILE" in line]
+        assert len(exhausted) == 1, exhausted[:5]
+        assert json.loads(exhausted[0])["level"] == "warn"
+        for client in flood:
+            client.close()
+        # The health check waited in the backlog instead of being reset, and is answered.
+        assert probe.recv(100).startswith(b"HTTP/1.1 200")
+        probe.close()
+    finally:
+        for client in flood:
+            client.close()
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert "accepting connections again" in log.read_text()
