@@ -31,6 +31,10 @@ ECHO = agent_command()
 TICKER = str(Path(__file__).resolve().parent / "agents" / "ticker")
 # Every scenario sends more prompts than the production limit of 60 a minute allows.
 UNLIMITED = {"prompts_per_minute": 10_000_000, "connections_per_minute": 10_000_000}
+# Every client comes from 127.0.0.1, where production clients come from many addresses: one
+# address may hold as many unauthenticated connections as the whole process (1,024, the
+# default), so a storm of 1,000 reconnects meets the same limit it would from 1,000 clients.
+ONE_ADDRESS = {"max_unauthenticated_per_address": 1024}
 
 
 class BenchSshServer(SshServer):
@@ -96,6 +100,7 @@ class Context:
     def agentd(self, name: str, backlog: int | None = None, **sections: dict[str, Any]) -> Agentd:
         sections.setdefault("agents", {"names": ["echo"], "command": ECHO})
         sections["ratelimit"] = {**UNLIMITED, **sections.get("ratelimit", {})}
+        sections["server"] = {**ONE_ADDRESS, **sections.get("server", {})}
         self._started += 1
         process = Agentd(self.work / f"agentd-{self._started}-{name}", sections, backlog)
         self._current.callback(process.stop)
