@@ -38,7 +38,7 @@ from agentd.transport import AgentTransport
 from agentd.transport.local import LocalTransport
 from agentd.transport.ssh.transport import SSHTransport
 from agentd.usage import UsageEvent, UsageRecorder
-from agentd.usage_api import UsageResource
+from agentd.usage.api import UsageResource
 from agentd.web import build_site, metrics_site
 
 _log = Logger()

@@ -24,7 +24,7 @@ from agentd.auth import Authenticator
 from agentd.config import UsageConfig
 from agentd.pricing import PriceTable
 from agentd.usage import MemoryUsageStore, UsageEvent, UsageRecorder
-from agentd.usage_api import UsageResource
+from agentd.usage.api import UsageResource
 
 SECRET = "test-secret-for-usage-api-0123456789"
 NOW = calendar.timegm(datetime.datetime(2026, 11, 20, 12, 0, 0).timetuple())
