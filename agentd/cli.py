@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command == "usage":
-            from agentd.usage import usage_report_main
+            from agentd.usage.cli import usage_report_main
 
             return usage_report_main(rest)
         if command == "keys":

@@ -37,8 +37,9 @@ from agentd.session import SessionRegistry, SessionServices
 from agentd.transport import AgentTransport
 from agentd.transport.local import LocalTransport
 from agentd.transport.ssh.transport import SSHTransport
-from agentd.usage import UsageEvent, UsageRecorder
 from agentd.usage.api import UsageResource
+from agentd.usage.recorder import UsageRecorder
+from agentd.usage.records import UsageEvent
 from agentd.web import build_site, metrics_site
 
 _log = Logger()

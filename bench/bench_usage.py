@@ -54,7 +54,8 @@ from agentd import metrics  # noqa: E402
 from agentd.config import RedisConfig, UsageConfig  # noqa: E402
 from agentd.pricing import PriceTable  # noqa: E402
 from agentd.redisstore import RedisStore  # noqa: E402
-from agentd.usage import UsageEvent, UsageRecorder  # noqa: E402
+from agentd.usage.recorder import UsageRecorder  # noqa: E402
+from agentd.usage.records import UsageEvent  # noqa: E402
 from tests.servers import RedisServer  # noqa: E402
 
 TIMEOUT = RedisConfig().timeout_ms / 1000

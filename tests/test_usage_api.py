@@ -23,8 +23,10 @@ from twisted.web.server import Site
 from agentd.auth import Authenticator
 from agentd.config import UsageConfig
 from agentd.pricing import PriceTable
-from agentd.usage import MemoryUsageStore, UsageEvent, UsageRecorder
 from agentd.usage.api import UsageResource
+from agentd.usage.memory_store import MemoryUsageStore
+from agentd.usage.recorder import UsageRecorder
+from agentd.usage.records import UsageEvent
 
 SECRET = "test-secret-for-usage-api-0123456789"
 NOW = calendar.timegm(datetime.datetime(2026, 11, 20, 12, 0, 0).timetuple())

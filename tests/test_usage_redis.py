@@ -21,14 +21,10 @@ from twisted.internet.task import deferLater
 from agentd.config import UsageConfig
 from agentd.pricing import PriceTable
 from agentd.redisstore import RedisStore
-from agentd.usage import (
-    UsageEvent,
-    UsageRecorder,
-    UsageReport,
-    day_expiry,
-    month_expiry,
-    month_of,
-)
+from agentd.usage.layout import day_expiry, month_expiry, month_of
+from agentd.usage.recorder import UsageRecorder
+from agentd.usage.records import UsageEvent
+from agentd.usage.reports import UsageReport
 from tests.samples import sample
 from tests.servers import RedisServer
 from tests.waiting import eventually
@@ -317,7 +313,8 @@ from twisted.internet import defer, task
 from agentd.config import UsageConfig
 from agentd.pricing import PriceTable
 from agentd.redisstore import RedisStore
-from agentd.usage import UsageEvent, UsageRecorder
+from agentd.usage.recorder import UsageRecorder
+from agentd.usage.records import UsageEvent
 
 def main(reactor):
     url, spool, count, now = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])

@@ -21,7 +21,8 @@ from twisted.web.iweb import IRequest
 from agentd.api import APIResource, Refused, Reply, argument, error_reply, path_segments
 from agentd.auth import Authenticator, Principal
 from agentd.config import PROJECT_RE, USER_RE
-from agentd.usage.recorder import UsageRecorder, parse_month
+from agentd.usage.layout import parse_month
+from agentd.usage.recorder import UsageRecorder
 
 _log = Logger()
 

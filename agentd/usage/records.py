@@ -1,0 +1,289 @@
+"""Usage records: the agent's usage object read as an event, validated and priced once.
+
+A ``UsageEvent`` is what the gateway knows when a query ends; a ``UsageRecord`` is that event
+validated, with its cost in integer micro-dollars (the agent's reported cost, else priced from
+the price table). The record's JSON line is both the spool's format and the query's marker in
+Redis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from agentd.config import AGENT_NAME_RE, PROJECT_RE, USER_RE
+from agentd.pricing import PriceTable
+from agentd.usage.layout import (
+    project_day_key,
+    project_users_key,
+    query_key,
+    user_day_key,
+    user_project_day_key,
+    user_projects_key,
+    utc_day,
+)
+
+MICRO_USD = 1_000_000
+# Far beyond any real query; they keep a buggy or hostile agent from poisoning a bill.
+MAX_TOKENS = 10**9
+MAX_COST_USD = 100_000.0
+
+KEY_SOURCES = ("operator", "user")
+OUTCOMES = ("done", "aborted", "error")
+COST_SOURCES = ("reported", "priced", "unpriced")
+
+_QUERY_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+_MODEL_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+_AGENT_FIELDS = ("inputTokens", "outputTokens", "cacheReadTokens", "cacheWriteTokens", "cost")
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """What the gateway knows when a query ends: who, where, which model, how many tokens."""
+
+    query_id: str
+    user: str
+    project: str
+    agent: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    reported_cost: float | None
+    timestamp: float
+    key_source: str = "operator"
+    outcome: str = "done"
+
+    @classmethod
+    def from_agent_usage(
+        cls,
+        usage: Any,
+        *,
+        query_id: str,
+        user: str,
+        project: str,
+        agent: str,
+        timestamp: float,
+        key_source: str = "operator",
+        outcome: str = "done",
+    ) -> UsageEvent | None:
+        """The agent's ``usage`` object as an event, or None when it is malformed.
+
+        Token counts are non-negative integers (absent or null: 0), ``cost`` a non-negative
+        number of USD (absent or null: not reported), ``model`` a name (absent: the agent's
+        name). Input tokens exclude cache tokens, which are reported on their own.
+        """
+        if not isinstance(usage, dict) or not any(k in usage for k in _AGENT_FIELDS):
+            return None
+        try:
+            tokens = [_token_count(usage.get(name)) for name in _AGENT_FIELDS[:4]]
+            cost = usage.get("cost")
+            if cost is not None:
+                _micro_usd(cost)
+        except ValueError:
+            return None
+        model = usage.get("model")
+        model = agent if model is None else model
+        if not isinstance(model, str) or not _MODEL_RE.fullmatch(model):
+            return None
+        return cls(
+            query_id=query_id,
+            user=user,
+            project=project,
+            agent=agent,
+            model=model,
+            input_tokens=tokens[0],
+            output_tokens=tokens[1],
+            cache_read_tokens=tokens[2],
+            cache_write_tokens=tokens[3],
+            reported_cost=None if cost is None else float(cost),
+            timestamp=timestamp,
+            key_source=key_source,
+            outcome=outcome,
+        )
+
+
+def _token_count(value: Any) -> int:
+    """An agent's token count: null is 0, integral floats are accepted."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    _check_count("token count", value)
+    return int(value)
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+        raise ValueError(f"{name} must be an integer from 0 to {MAX_TOKENS}")
+
+
+def _check_timestamp(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("timestamp must be UNIX seconds")
+    if not 0 < value < 253402300800:
+        raise ValueError("timestamp must be UNIX seconds between 1970 and 9999")
+
+
+def _micro_usd(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("cost must be a number")
+    if not math.isfinite(value) or not 0 <= value <= MAX_COST_USD:
+        raise ValueError(f"cost must be between 0 and {MAX_COST_USD:.0f} USD")
+    return round(value * MICRO_USD)
+
+
+def usd(micro: int) -> float:
+    """Micro-dollars as USD, for JSON and metrics."""
+    return micro / MICRO_USD
+
+
+def usd_text(micro: int) -> str:
+    """Exact decimal USD: micro-dollars are integers, so no float rounding shows."""
+    return f"{micro // MICRO_USD}.{micro % MICRO_USD:06d}"
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """An event validated and priced: what the store applies and the spool keeps.
+
+    ``cost`` is micro-USD; ``cost_source`` says whether it is the agent's reported cost, agentd's
+    price-table cost or unpriced (0).
+    """
+
+    query_id: str
+    user: str
+    project: str
+    agent: str
+    model: str
+    timestamp: float
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    cost: int
+    cost_source: str
+    key_source: str
+    outcome: str
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("query_id", _QUERY_ID_RE),
+            ("user", USER_RE),
+            ("project", PROJECT_RE),
+            ("agent", AGENT_NAME_RE),
+            ("model", _MODEL_RE),
+        )
+        for name, pattern in checks:
+            value = getattr(self, name)
+            if not isinstance(value, str) or not pattern.fullmatch(value):
+                raise ValueError(f"invalid {name}")
+        _check_timestamp(self.timestamp)
+        for name in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"):
+            _check_count(name, getattr(self, name))
+        if isinstance(self.cost, bool) or not isinstance(self.cost, int):
+            raise ValueError("cost must be integer micro-dollars")
+        if not 0 <= self.cost <= MAX_COST_USD * MICRO_USD:
+            raise ValueError("cost out of range")
+        for name, allowed in (
+            ("cost_source", COST_SOURCES),
+            ("key_source", KEY_SOURCES),
+            ("outcome", OUTCOMES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+
+    @classmethod
+    def from_event(cls, event: UsageEvent, prices: PriceTable) -> UsageRecord:
+        """Validate and price ``event`` (ValueError when it cannot be recorded)."""
+        _check_timestamp(event.timestamp)
+        tokens = (
+            event.input_tokens,
+            event.output_tokens,
+            event.cache_read_tokens,
+            event.cache_write_tokens,
+        )
+        for count in tokens:
+            _check_count("token count", count)
+        if event.reported_cost is not None:
+            cost, source = _micro_usd(event.reported_cost), "reported"
+        else:
+            priced = prices.cost(event.model, *tokens, on=utc_day(event.timestamp))
+            cost, source = (0, "unpriced") if priced is None else (_micro_usd(priced), "priced")
+        return cls(
+            query_id=event.query_id,
+            user=event.user,
+            project=event.project,
+            agent=event.agent,
+            model=event.model,
+            timestamp=event.timestamp,
+            input_tokens=event.input_tokens,
+            output_tokens=event.output_tokens,
+            cache_read_tokens=event.cache_read_tokens,
+            cache_write_tokens=event.cache_write_tokens,
+            cost=cost,
+            cost_source=source,
+            key_source=event.key_source,
+            outcome=event.outcome,
+        )
+
+    @cached_property
+    def day(self) -> datetime.date:
+        return utc_day(self.timestamp)
+
+    @cached_property
+    def month(self) -> str:
+        return self.day.strftime("%Y-%m")
+
+    def counters(self) -> dict[str, int]:
+        """This query's increments to every day hash it touches."""
+        return {
+            "cost": self.cost,
+            "cost_user_key": self.cost if self.key_source == "user" else 0,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cache_read_tokens": self.cache_read_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "queries": 1,
+            "queries_priced": int(self.cost_source == "priced"),
+            "queries_unpriced": int(self.cost_source == "unpriced"),
+        }
+
+    def to_line(self) -> bytes:
+        """The record as one JSON line: the spool's format and the marker's value in Redis."""
+        data = {"v": 1, **{name: getattr(self, name) for name in _RECORD_FIELDS}}
+        return json.dumps(data, separators=(",", ":")).encode("utf-8") + b"\n"
+
+    @classmethod
+    def from_line(cls, line: bytes) -> UsageRecord:
+        try:
+            data = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError("not JSON") from None
+        if not isinstance(data, dict) or data.pop("v", None) != 1:
+            raise ValueError("not a version 1 usage record")
+        if set(data) != set(_RECORD_FIELDS):
+            raise ValueError("fields do not match a usage record")
+        return cls(**data)
+
+    def keys(self) -> list[str]:
+        """Every key one application touches, in the recording script's KEYS order."""
+        day, month = self.day, self.month
+        return [
+            query_key(self.query_id),
+            user_day_key(self.user, day),
+            project_day_key(self.project, day),
+            user_project_day_key(self.user, self.project, day),
+            user_projects_key(self.user, month),
+            project_users_key(self.project, month),
+        ]
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))

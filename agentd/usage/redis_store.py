@@ -1,0 +1,167 @@
+"""The usage keys in Redis: one Lua script applies a record, one reads a month's spend."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, FirstError
+from twisted.python.failure import Failure
+
+from agentd.redisstore import RedisStore
+from agentd.usage.layout import (
+    BUDGETS_KEY,
+    COUNTER_FIELDS,
+    budget_field,
+    project_day_key,
+    user_day_key,
+)
+from agentd.usage.records import UsageRecord
+from agentd.usage.store import MonthSpend
+
+# Reports read a whole month at once: they may take longer than a record's write.
+_READ_TIMEOUT = 2.0
+
+# KEYS[1]   the query's record: the "already recorded" marker
+# KEYS[2-4] the user's, the project's and the user-in-project day hashes
+# KEYS[5-6] the month's index sets: the user's projects, the project's users
+# ARGV      day expiry, month expiry (UNIX seconds), user, project, the record (a JSON line),
+#           the increments of the counters in the table below, in its order, comma-separated
+# Returns   0: duplicate (nothing written), 2: older than retention (nothing written), or
+#           1: recorded. The marker is written here with the increments, never before. Integer
+#           replies, because txredisapi parses those in bulk and bulk strings one per turn.
+APPLY_SCRIPT = """
+local counters = {COUNTERS}
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+if tonumber(ARGV[1]) <= tonumber(redis.call('TIME')[1]) then
+  return 2
+end
+local increments = {}
+for increment in string.gmatch(ARGV[6], '[^,]+') do
+  increments[#increments + 1] = increment
+end
+for i = 2, 4 do
+  for j = 1, #counters do
+    redis.call('HINCRBY', KEYS[i], counters[j], increments[j])
+  end
+  redis.call('EXPIREAT', KEYS[i], ARGV[1])
+end
+redis.call('SADD', KEYS[5], ARGV[4])
+redis.call('EXPIREAT', KEYS[5], ARGV[2])
+redis.call('SADD', KEYS[6], ARGV[3])
+redis.call('EXPIREAT', KEYS[6], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[5])
+redis.call('EXPIREAT', KEYS[1], ARGV[1])
+return 1
+""".replace("{COUNTERS}", "{" + ", ".join(f"'{name}'" for name in COUNTER_FIELDS) + "}")
+_APPLY_RESULTS = {0: "duplicate", 1: "recorded", 2: "expired"}
+
+# KEYS[1]   the budget overrides hash
+# KEYS[2..] N user day hashes, then N project day hashes
+# ARGV      N, the user's and the project's override fields
+# Returns   {user spend, project spend, user override, project override}: spend is what the
+#           operator paid, in micro-dollars (exact: Lua numbers are doubles, sums stay < 2^53).
+SPEND_SCRIPT = """
+local n = tonumber(ARGV[1])
+local function spent(first)
+  local total = 0
+  for i = first, first + n - 1 do
+    local v = redis.call('HMGET', KEYS[i], 'cost', 'cost_user_key')
+    total = total + (tonumber(v[1]) or 0) - (tonumber(v[2]) or 0)
+  end
+  return total
+end
+local budgets = redis.call('HMGET', KEYS[1], ARGV[2], ARGV[3])
+return {spent(2), spent(n + 2), budgets[1], budgets[2]}
+"""
+
+
+def _apply_arguments(record: UsageRecord, expire_at: int, month_expire_at: int) -> list[Any]:
+    # Few arguments: txredisapi encodes each one in Python, the dearest part of a record.
+    counters = record.counters()
+    increments = ",".join(str(counters[name]) for name in COUNTER_FIELDS)
+    return [expire_at, month_expire_at, record.user, record.project, record.to_line(), increments]
+
+
+def _first_failure(failure: Failure) -> Failure:
+    """A DeferredList's first failure itself, so that a timeout reads as one."""
+    first = failure.value
+    return first.subFailure if isinstance(first, FirstError) else failure
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class RedisUsageStore:
+    """The usage keys in Redis: one script per record, one per budget check, pipelined reads."""
+
+    def __init__(self, redis: RedisStore) -> None:
+        self._redis = redis
+
+    def apply(
+        self,
+        record: UsageRecord,
+        expire_at: int,
+        month_expire_at: int,
+        timeout: float | None = None,
+    ) -> Deferred[str]:
+        args = _apply_arguments(record, expire_at, month_expire_at)
+        d = self._redis.eval("usage_record", APPLY_SCRIPT, record.keys(), args, timeout)
+        return d.addCallback(lambda reply: _APPLY_RESULTS[int(reply)])
+
+    def spend(self, user: str, project: str, days: Sequence[datetime.date]) -> Deferred[MonthSpend]:
+        keys = [BUDGETS_KEY]
+        keys += [user_day_key(user, day) for day in days]
+        keys += [project_day_key(project, day) for day in days]
+        args = [len(days), budget_field("user", user), budget_field("project", project)]
+        d = self._redis.eval("usage_budget", SPEND_SCRIPT, keys, args)
+
+        def parsed(reply: list[Any]) -> MonthSpend:
+            return MonthSpend(int(reply[0]), int(reply[1]), _text(reply[2]), _text(reply[3]))
+
+        d.addCallback(parsed)
+        return d
+
+    def read(
+        self, hash_keys: Sequence[str], set_keys: Sequence[str]
+    ) -> Deferred[tuple[list[dict[str, str]], list[set[str]]]]:
+        def pipelined(connection: Any) -> Deferred[list[Any]]:
+            # Sent back to back on one connection without waiting for replies: one round trip.
+            calls = [connection.hgetall(key) for key in hash_keys]
+            calls += [connection.smembers(key) for key in set_keys]
+            replies = DeferredList(calls, fireOnOneErrback=True, consumeErrors=True)
+            replies.addErrback(_first_failure)
+            return replies.addCallback(lambda results: [value for _, value in results])
+
+        d = self._redis.call(
+            "usage_read", pipelined, timeout=max(self._redis.timeout, _READ_TIMEOUT)
+        )
+
+        def split(values: list[Any]) -> tuple[list[dict[str, str]], list[set[str]]]:
+            hashes = [{str(k): str(v) for k, v in h.items()} for h in values[: len(hash_keys)]]
+            sets = [{str(m) for m in s} for s in values[len(hash_keys) :]]
+            return hashes, sets
+
+        return d.addCallback(split)
+
+    def set_budget(self, field: str, value: str | None) -> Deferred[None]:
+        if value is None:
+            d = self._redis.call("usage_budget_set", lambda c: c.hdel(BUDGETS_KEY, field))
+        else:
+            d = self._redis.call("usage_budget_set", lambda c: c.hset(BUDGETS_KEY, field, value))
+        d.addCallback(lambda _: None)
+        return d
+
+    def claim(self, key: str, ttl: int) -> Deferred[bool]:
+        d = self._redis.call(
+            "usage_soft_warning",
+            lambda c: c.set(key, "1", expire=ttl, only_if_not_exists=True),
+        )
+        d.addCallback(lambda reply: reply is not None)
+        return d
