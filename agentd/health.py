@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from twisted.internet.defer import Deferred, TimeoutError, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -25,8 +25,6 @@ from twisted.python.failure import Failure
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
-
-from agentd.redisstore import RedisStore
 
 _log = Logger()
 
@@ -77,11 +75,18 @@ def overall_status(results: Sequence[tuple[HealthCheck, CheckResult]]) -> Health
     return "healthy"
 
 
-def redis_check(store: RedisStore, critical: bool = False) -> HealthCheck:
-    """PING through the shared store (which applies its own, shorter, timeout)."""
+class Pinger(Protocol):
+    """Redis as /health sees it: a ``RedisStore``, or the ``RedisHealth`` that its other users
+    share, which then learns what /health found."""
+
+    def ping(self) -> Deferred[Any]: ...
+
+
+def redis_check(redis: Pinger, critical: bool = False) -> HealthCheck:
+    """Ask Redis now, under the store's own, shorter, timeout."""
 
     def probe() -> Deferred[CheckResult]:
-        return store.ping().addCallback(lambda _: CheckResult("ok"))
+        return redis.ping().addCallback(lambda _: CheckResult("ok"))
 
     return HealthCheck("redis", probe, critical=critical)
 

@@ -160,9 +160,11 @@ RATELIMIT_DECISIONS = Counter(
     ["policy", "result"],
     registry=REGISTRY,
 )
-RATELIMIT_DEGRADED = Gauge(
+# Redis availability (agentd.redishealth), one state for every fallback. Named for the limiter,
+# whose in-process limits are what operators watch; the dashboard and alerts query this name.
+REDIS_DEGRADED = Gauge(
     "agentd_ratelimit_degraded",
-    "1 while the limiter has fallen back to its in-process store because Redis failed",
+    "1 while Redis fails: rate limits are in process, usage is spooled, budgets are not checked",
     registry=REGISTRY,
 )
 

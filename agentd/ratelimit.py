@@ -8,9 +8,10 @@ window that ends with it, so no window of that length ever holds more than ``lim
 With Redis, one Lua script per check reads the user's override, takes the time from Redis
 ``TIME``, decides and, only when it accepts, records the hit and renews the key's TTL: one
 round trip, atomic, exact across every agentd instance sharing the Redis. When a call fails or
-times out, the limiter answers from its in-process log (same algorithm, same limits), which
-has been recording this instance's accepted hits all along, and probes Redis with backoff until
-it answers again. Without Redis the in-process log is the limiter.
+times out, or another user of the same Redis saw it fail, the limiter answers from its
+in-process log (same algorithm, same limits), which has been recording this instance's
+accepted hits all along, until the Redis's ``RedisHealth`` finds it answering again. Without
+Redis the in-process log is the limiter.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from agentd import metrics
 from agentd.config import RateLimitConfig
+from agentd.redishealth import RedisHealth
 from agentd.redisstore import RedisStore
 
 _log = Logger()
@@ -108,10 +110,15 @@ class Policy:
         return f"rl:{{{user}}}:{self.name}", f"rl:{{{user}}}:limits"
 
 
-# The probe runs the real script, writes included, for a user no one can be (user ids start
-# with a letter or digit); its 1 ms window lets each probe's key expire at once.
+# A limiter without a shared RedisHealth probes with the real script, writes included, for a
+# user no one can be (user ids start with a letter or digit); its 1 ms window lets each probe's
+# key expire at once.
 PROBE = Policy("probe", 1, 1000)
 PROBE_USER = "#probe"
+
+
+def _probe(store: ScriptRunner) -> Deferred[Any]:
+    return store.eval("ratelimit_probe", SCRIPT, PROBE.redis_keys(PROBE_USER), PROBE.script_args)
 
 
 class SlidingWindowLog:
@@ -174,7 +181,9 @@ class RateLimiter:
     """Per-user prompt and handshake limits: Redis while it answers, in-process otherwise.
 
     Its callers count the decisions (``agentd_ratelimit_decisions_total``), next to the
-    concurrent-sessions policy that they enforce themselves.
+    concurrent-sessions policy that they enforce themselves. ``health`` is the Redis's shared
+    state; without one, the limiter keeps its own, probed with its script from
+    ``probe_initial_seconds`` doubling up to ``probe_max_seconds``.
     """
 
     def __init__(
@@ -185,25 +194,32 @@ class RateLimiter:
         clock: IReactorTime,
         probe_initial_seconds: float = 0.25,
         probe_max_seconds: float = 5.0,
+        health: RedisHealth | None = None,
     ) -> None:
         self._prompts = prompts
         self._connections = connections
         self._store = store
-        self._clock = clock
         self._local = {p.name: SlidingWindowLog(p.window_us, clock) for p in (prompts, connections)}
         self._overrides: dict[tuple[str, str], int] = {}
-        self._probe_initial = probe_initial_seconds
-        self._probe_max = probe_max_seconds
-        self._probe_delay = probe_initial_seconds
-        self._probe_call: IDelayedCall | None = None
-        self._degraded = False
-        self._degraded_at = 0.0
-        self._stopped = False
-        metrics.RATELIMIT_DEGRADED.set(0)
+        self._own_health = store is not None and health is None
+        if store is not None and health is None:
+            health = RedisHealth(
+                partial(_probe, store),
+                clock,
+                first_delay=probe_initial_seconds,
+                max_delay=probe_max_seconds,
+            )
+        self._health = health if store is not None else None
+        if self._health is not None:
+            self._health.observe(self)
 
     @classmethod
     def from_config(
-        cls, config: RateLimitConfig, store: RedisStore | None, clock: IReactorTime
+        cls,
+        config: RateLimitConfig,
+        store: RedisStore | None,
+        clock: IReactorTime,
+        health: RedisHealth | None = None,
     ) -> RateLimiter:
         window_us = round(config.window_seconds * 1_000_000)
         return cls(
@@ -211,6 +227,7 @@ class RateLimiter:
             Policy("connections", config.connections_per_minute, window_us),
             store,
             clock,
+            health=health,
         )
 
     def check_prompt(self, user: str) -> Deferred[Decision]:
@@ -224,37 +241,48 @@ class RateLimiter:
     @property
     def degraded(self) -> bool:
         """True while Redis is configured but failing and in-process limits apply."""
-        return self._degraded
+        return self._health is not None and not self._health.up
 
     def stop(self) -> None:
-        """Stop probing Redis."""
-        self._stopped = True
-        if self._probe_call is not None and self._probe_call.active():
-            self._probe_call.cancel()
-        self._probe_call = None
+        """Stop probing Redis, when the limiter keeps its own health."""
+        if self._own_health and self._health is not None:
+            self._health.stop()
+
+    def redis_lost(self, failure: Failure) -> None:
+        _log.warn(
+            "Rate limits fall back to in-process limits: Redis failed ({error}); "
+            "probing Redis until it answers",
+            error=repr(failure.value),
+        )
+
+    def redis_back(self, outage_seconds: float) -> None:
+        _log.info(
+            "Rate limits are back on Redis after {seconds:.1f} s of in-process limits",
+            seconds=outage_seconds,
+        )
 
     def _check(self, policy: Policy, user: str) -> Deferred[Decision]:
         store = self._store
-        if store is None or self._degraded:
+        if store is None or self.degraded:
             return succeed(self._decide_locally(policy, user))
         d = store.eval("ratelimit", SCRIPT, policy.redis_keys(user), policy.script_args)
         return d.addCallbacks(
             self._decide_from_reply,
             self._fall_back,
-            callbackArgs=(policy, user, store),
-            errbackArgs=(policy, user, store),
+            callbackArgs=(policy, user),
+            errbackArgs=(policy, user),
         )
 
-    def _decide_from_reply(
-        self, reply: Any, policy: Policy, user: str, store: ScriptRunner
-    ) -> Decision:
+    def _decide_from_reply(self, reply: Any, policy: Policy, user: str) -> Decision:
         try:
             allowed, limit, wait_us = (int(value) for value in reply)
         except (TypeError, ValueError):
-            return self._fall_back(Failure(), policy, user, store)
+            return self._fall_back(Failure(), policy, user)
         self._remember_limit(policy, user, limit)
         if allowed:
             self._local[policy.name].record(user, limit)
+            if self._health is not None:
+                self._health.wrote()  # an accepted hit is a write; a rejection only reads
         return self._decided(policy, bool(allowed), limit, wait_us)
 
     def _decide_locally(self, policy: Policy, user: str) -> Decision:
@@ -275,39 +303,7 @@ class RateLimiter:
         if len(self._overrides) > _MAX_REMEMBERED_OVERRIDES:
             del self._overrides[next(iter(self._overrides))]
 
-    def _fall_back(
-        self, failure: Failure, policy: Policy, user: str, store: ScriptRunner
-    ) -> Decision:
-        if not self._degraded:
-            self._degraded = True
-            self._degraded_at = self._clock.seconds()
-            metrics.RATELIMIT_DEGRADED.set(1)
-            _log.warn(
-                "Rate limits fall back to in-process limits: Redis failed ({error}); "
-                "probing Redis until it answers",
-                error=repr(failure.value),
-            )
-            self._probe_delay = self._probe_initial
-            self._schedule_probe(store)
+    def _fall_back(self, failure: Failure, policy: Policy, user: str) -> Decision:
+        assert self._health is not None
+        self._health.failed(failure)
         return self._decide_locally(policy, user)
-
-    def _schedule_probe(self, store: ScriptRunner) -> None:
-        if not self._stopped:
-            self._probe_call = self._clock.callLater(self._probe_delay, self._probe, store)
-
-    def _probe(self, store: ScriptRunner) -> None:
-        self._probe_call = None
-        d = store.eval("ratelimit_probe", SCRIPT, PROBE.redis_keys(PROBE_USER), PROBE.script_args)
-        d.addCallbacks(self._recovered, self._probe_failed, errbackArgs=(store,))
-
-    def _recovered(self, reply: Any) -> None:
-        self._degraded = False
-        metrics.RATELIMIT_DEGRADED.set(0)
-        _log.info(
-            "Rate limits are back on Redis after {seconds:.1f} s of in-process limits",
-            seconds=self._clock.seconds() - self._degraded_at,
-        )
-
-    def _probe_failed(self, failure: Failure, store: ScriptRunner) -> None:
-        self._probe_delay = min(self._probe_delay * 2, self._probe_max)
-        self._schedule_probe(store)

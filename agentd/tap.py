@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import secrets
 import signal
 import sys
@@ -32,6 +33,7 @@ from agentd.keys.store import KeyStore
 from agentd.listen import BackoffEndpoint, open_file_limit
 from agentd.pricing import PriceTable
 from agentd.ratelimit import RateLimiter
+from agentd.redishealth import RedisHealth
 from agentd.redisstore import RedisStore
 from agentd.session import SessionRegistry, SessionServices
 from agentd.transport import AgentTransport
@@ -73,6 +75,7 @@ class AgentdService(MultiService):
         usage: UsageRecorder,
         store: RedisStore | None,
         banner: str | None,
+        redis_health: RedisHealth | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -83,6 +86,7 @@ class AgentdService(MultiService):
         self.usage = usage
         self.store = store
         self.banner = banner
+        self.redis_health = redis_health
         self.draining = False
         self.handle_signals = False
         self._drain_cut: Callable[[], None] | None = None
@@ -130,6 +134,8 @@ class AgentdService(MultiService):
         self.limiter.stop()
         yield self.transport.stop()
         yield defer.maybeDeferred(super().stopService)
+        if self.redis_health is not None:
+            self.redis_health.stop()
         if self.store is not None:
             yield self.store.disconnect().addErrback(lambda _: None)
         _log.info("agentd stopped")
@@ -207,16 +213,21 @@ def build(config: Config, reactor: Any) -> AgentdService:
         dev_secret = secrets.token_urlsafe(32)
     authenticator = Authenticator.from_config(config.auth, dev_secret=dev_secret)
 
-    store = None
+    store, redis_health = None, None
     if config.redis.url:
         store = RedisStore(config.redis.url, reactor, timeout=config.redis.timeout_ms / 1000)
+        # One state for every user of this Redis; jittered, so that instances sharing it do
+        # not all return (and replay their spools) at the same moment.
+        redis_health = RedisHealth.of_store(store, reactor, rand=random.random)
     prices = (
         PriceTable.load(config.usage.prices_file)
         if config.usage.prices_file
         else (PriceTable.empty())
     )
-    limiter = RateLimiter.from_config(config.ratelimit, store, reactor)
-    usage_recorder = UsageRecorder.from_config(config.usage, store, reactor, prices)
+    limiter = RateLimiter.from_config(config.ratelimit, store, reactor, redis_health)
+    usage_recorder = UsageRecorder.from_config(
+        config.usage, store, reactor, prices, health=redis_health
+    )
     keystore = KeyStore.from_config(config.keys, store, reactor)
     transport = _transport(config, reactor)
 
@@ -233,7 +244,7 @@ def build(config: Config, reactor: Any) -> AgentdService:
     )
     registry = SessionRegistry(services)
     service = AgentdService(
-        config, reactor, registry, transport, limiter, usage_recorder, store, banner
+        config, reactor, registry, transport, limiter, usage_recorder, store, banner, redis_health
     )
     factory = AgentWebSocketFactory(
         registry, config.server.max_message_bytes, config.server.auto_ping_seconds
@@ -248,7 +259,7 @@ def build(config: Config, reactor: Any) -> AgentdService:
         draining=lambda: service.draining,
     )
     health = HealthResource(
-        checks=_health_checks(store, usage_recorder, limiter, transport),
+        checks=_health_checks(redis_health, usage_recorder, limiter, transport),
         clock=reactor,
         version=__version__,
         started_at=time.time(),
@@ -304,7 +315,7 @@ def _dev_url(endpoint: str) -> str:
 
 
 def _health_checks(
-    store: RedisStore | None,
+    redis_health: RedisHealth | None,
     usage_recorder: UsageRecorder,
     limiter: RateLimiter,
     transport: AgentTransport,
@@ -312,8 +323,8 @@ def _health_checks(
     """Redis, the usage spool, the limiter and the SSH side; none alone makes agentd unhealthy:
     each has a fallback, so its failure degrades service rather than stopping it."""
     checks = []
-    if store is not None:
-        checks.append(redis_check(store))
+    if redis_health is not None:
+        checks.append(redis_check(redis_health))
 
     def usage_probe() -> CheckResult:
         detail = usage_recorder.health()

@@ -3,8 +3,9 @@
 ``record`` queues the event and applies it after the reactor's next I/O pass, a chunk per
 round. When Redis fails or is slow, records go to the spool (agentd.usage.spool), fsynced
 before the record counts as handled, and are replayed in order, through the same idempotent
-step, once Redis answers again or when agentd next starts; while Redis is known to fail, new
-records go straight to the spool. The recorder also checks budgets and reads reports for the
+step, once Redis answers again or when agentd next starts. While the Redis's ``RedisHealth``
+knows it to fail, whoever saw the failure, new records go straight to the spool and budget
+checks allow without asking. The recorder also checks budgets and reads reports for the
 gateway and the HTTP API. docs/usage.md describes the whole of usage metering.
 """
 
@@ -27,6 +28,7 @@ from twisted.python.failure import Failure
 from agentd import metrics
 from agentd.config import PROJECT_RE, USER_RE, ConfigError, UsageConfig
 from agentd.pricing import PriceTable
+from agentd.redishealth import RedisHealth
 from agentd.redisstore import RedisStore
 from agentd.usage.layout import (
     DAY_SECONDS,
@@ -58,8 +60,6 @@ _FLUSH_CHUNK = 64
 _DRAIN_BATCH = 50
 # Replays are on nobody's path: they wait longer before calling Redis slow.
 _REPLAY_TIMEOUT = 1.0
-_BACKOFF_FIRST = 0.5
-_BACKOFF_CAP = 5.0
 _STOP_FLUSH_SECONDS = 5.0
 
 
@@ -76,7 +76,11 @@ class BudgetDecision:
 
 
 class UsageRecorder:
-    """Records usage events exactly once, checks budgets and reads reports for the gateway."""
+    """Records usage events exactly once, checks budgets and reads reports for the gateway.
+
+    With a spool, ``health`` is the Redis's shared state; without one given, the recorder keeps
+    its own, probed with ``store.probe``.
+    """
 
     def __init__(
         self,
@@ -89,6 +93,7 @@ class UsageRecorder:
         soft_budget_ratio: float = 0.8,
         spool: Spool | None = None,
         now: Callable[[], float] = time.time,
+        health: RedisHealth | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -98,14 +103,17 @@ class UsageRecorder:
         self._soft_ratio = soft_budget_ratio
         self._spool = spool
         self._now = now
-        self._redis_ok: bool | None = None if spool is None else True
+        self._own_health = spool is not None and health is None
+        if spool is not None and health is None:
+            health = RedisHealth(store.probe, clock)
+        self._health = health if spool is not None else None
+        if self._health is not None:
+            self._health.observe(self)
         self._stopping = False
         self._inflight = 0
         self._settled_waiters: list[Deferred[None]] = []
         self._draining = False
         self._drain_call: IDelayedCall | None = None
-        self._backoff = _BACKOFF_FIRST
-        self._budget_probe_at = 0.0
         self._warned_month = ""
         self._warned: set[tuple[str, str]] = set()
         self._queue: list[tuple[UsageEvent, Deferred[None]]] = []
@@ -121,8 +129,10 @@ class UsageRecorder:
         *,
         now: Callable[[], float] = time.time,
         env: Mapping[str, str] | None = None,
+        health: RedisHealth | None = None,
     ) -> UsageRecorder:
-        """In-memory without a store; with one, Redis plus a spool in ``[usage] spool_dir``."""
+        """In-memory without a store; with one, Redis plus a spool in ``[usage] spool_dir``.
+        ``health`` is the store's shared state (by default the recorder's own)."""
         usage_store: UsageStore
         if store is None:
             usage_store, spool = MemoryUsageStore(now), None
@@ -143,6 +153,7 @@ class UsageRecorder:
             soft_budget_ratio=config.soft_budget_ratio,
             spool=spool,
             now=now,
+            health=health if store is not None else None,
         )
 
     # Lifecycle
@@ -180,7 +191,7 @@ class UsageRecorder:
         if self._spool is None:
             return
         deadline = self._clock.seconds() + _STOP_FLUSH_SECONDS
-        while self._spool.depth and self._clock.seconds() < deadline:
+        while self._spool.depth and self._redis_up() and self._clock.seconds() < deadline:
             applied, attempted = await self._drain_batch()
             if applied < attempted:
                 break
@@ -191,6 +202,8 @@ class UsageRecorder:
                 path=self._spool.path,
             )
         await self._spool.close()
+        if self._own_health and self._health is not None:
+            self._health.stop()
 
     # Recording
 
@@ -235,10 +248,9 @@ class UsageRecorder:
                 reason=str(e),
             )
             return succeed(None)
-        if self._spool is not None and (self._stopping or self._redis_ok is False):
+        if self._spool is not None and (self._stopping or not self._redis_up()):
             # Redis is known to fail: straight to disk, no timeout to wait for. Records go
-            # to Redis again once it answers (a replay or a budget check); the backlog is
-            # replayed behind them, in its own order.
+            # to Redis again once it takes a write; the backlog is replayed in its own order.
             return self._to_spool(record)
         applied = self._apply(record).addCallbacks(
             self._applied,
@@ -258,8 +270,9 @@ class UsageRecorder:
         )
 
     def _applied(self, result: str, record: UsageRecord, replayed: bool) -> None:
-        self._redis_state(True)
         if result == "recorded":
+            if self._health is not None:
+                self._health.wrote()
             _EVENTS["replayed" if replayed else "recorded"].inc()
             tokens, cost = self._metrics_for(record.agent)
             counts = (
@@ -294,9 +307,9 @@ class UsageRecorder:
         return children
 
     def _apply_failed(self, failure: Failure, record: UsageRecord) -> Deferred[None] | Failure:
-        if self._spool is None:
+        if self._spool is None or self._health is None:
             return failure  # the in-memory store failing is a bug: logged, never retried
-        self._redis_state(False, failure)
+        self._health.failed(failure)
         return self._to_spool(record)
 
     def _unexpected(self, failure: Failure, record: UsageRecord) -> None:
@@ -310,22 +323,23 @@ class UsageRecorder:
         written = self._spool.append(record)
         _EVENTS["spooled"].inc()
         metrics.USAGE_SPOOL_DEPTH.set(self._spool.depth)
-        if not self._stopping:
-            self._schedule_drain(self._backoff)
+        if self._redis_up():
+            self._schedule_drain(0)
         return written
 
-    def _redis_state(self, ok: bool, failure: Failure | None = None) -> None:
-        if self._redis_ok is None or self._redis_ok is ok:
-            return
-        self._redis_ok = ok
-        if ok:
-            _log.info("usage store answers again")
-        else:
-            _log.warn(
-                "usage store unavailable ({reason}); spooling usage to {path}",
-                reason=failure.getErrorMessage() if failure else "unknown",
-                path=self._spool.path if self._spool else "",
-            )
+    def _redis_up(self) -> bool:
+        return self._health is None or self._health.up
+
+    def redis_lost(self, failure: Failure) -> None:
+        _log.warn(
+            "usage store unavailable ({reason}); spooling usage to {path}",
+            reason=failure.getErrorMessage(),
+            path=self._spool.path if self._spool else "",
+        )
+
+    def redis_back(self, outage_seconds: float) -> None:
+        _log.info("usage store answers again")
+        self._schedule_drain(0)
 
     def _settle(self, result: object) -> None:
         self._inflight -= 1
@@ -353,6 +367,8 @@ class UsageRecorder:
         self._drain_call = None
         if self._draining or self._stopping or self._spool is None or not self._spool.depth:
             return
+        if not self._redis_up():
+            return  # redis_back drains
         self._draining = True
         self._inflight += 1
         d = Deferred.fromCoroutine(self._drain_batch())
@@ -368,7 +384,8 @@ class UsageRecorder:
         applied = 0
         for (ok, value), record in zip(results, batch, strict=True):
             if not ok:
-                self._redis_state(False, cast(Failure, value))
+                if self._health is not None:
+                    self._health.failed(cast(Failure, value))
                 break
             self._applied(value, record, True)
             applied += 1
@@ -379,14 +396,9 @@ class UsageRecorder:
     def _drained(self, outcome: tuple[int, int]) -> None:
         assert self._spool is not None
         applied, attempted = outcome
-        if not applied:
-            self._backoff = min(self._backoff * 2, _BACKOFF_CAP)
-            self._schedule_drain(self._backoff)
-            return
-        self._backoff = _BACKOFF_FIRST
-        if self._spool.depth:
-            # Progress: go on at once, or after a pause when part of the batch failed.
-            self._schedule_drain(0 if applied == attempted else _BACKOFF_FIRST)
+        # Short of the whole batch, a call failed and told the health; redis_back goes on.
+        if applied == attempted and self._spool.depth:
+            self._schedule_drain(0)
 
     def _drain_settled(self, result: object) -> None:
         self._draining = False
@@ -401,10 +413,10 @@ class UsageRecorder:
         written; ``redis`` is None without Redis."""
         writable = self._spool is None or self._spool.writable
         return {
-            "ok": self._redis_ok is not False and writable,
+            "ok": self._redis_up() and writable,
             "spool_depth": self.spool_depth,
             "spool_writable": writable,
-            "redis": self._redis_ok,
+            "redis": None if self._health is None else self._health.up,
         }
 
     # Budgets
@@ -412,8 +424,8 @@ class UsageRecorder:
     def check_budget(self, user: str, project: str) -> Deferred[BudgetDecision]:
         """Refuse when this month's operator-paid spend has reached the user's or the project's
         budget; allow when the store cannot say."""
-        if self._redis_ok is False and self._clock.seconds() < self._budget_probe_at:
-            # Known to fail: no prompt waits for its timeout; one check now and then probes.
+        if not self._redis_up():
+            # Known to fail: no prompt waits for its timeout; the health probes it.
             return succeed(BudgetDecision(True, None, None, 0.0))
         month = self.current_month()
         d = maybeDeferred(self._store.spend, user, project, month_days(month))
@@ -423,7 +435,6 @@ class UsageRecorder:
         return decided.addErrback(self._budget_failed)
 
     def _decide(self, spend: MonthSpend, user: str, project: str, month: str) -> BudgetDecision:
-        self._redis_state(True)
         scopes = (
             ("user", user, spend.user, self._budget(spend.user_budget, self._default_budget)),
             ("project", project, spend.project, self._budget(spend.project_budget, 0)),
@@ -447,8 +458,8 @@ class UsageRecorder:
             return default
 
     def _budget_unknown(self, failure: Failure) -> BudgetDecision:
-        self._redis_state(False, failure)
-        self._budget_probe_at = self._clock.seconds() + _BACKOFF_FIRST
+        if self._health is not None:
+            self._health.failed(failure)
         return BudgetDecision(True, None, None, 0.0)
 
     def _budget_failed(self, failure: Failure) -> BudgetDecision:

@@ -9,6 +9,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList, FirstError
 from twisted.python.failure import Failure
 
+from agentd.redishealth import write_probe
 from agentd.redisstore import RedisStore
 from agentd.usage.layout import (
     BUDGETS_KEY,
@@ -165,3 +166,6 @@ class RedisUsageStore:
         )
         d.addCallback(lambda reply: reply is not None)
         return d
+
+    def probe(self) -> Deferred[Any]:
+        return write_probe(self._redis)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
@@ -53,4 +53,8 @@ class UsageStore(Protocol):
 
     def claim(self, key: str, ttl: int) -> Deferred[bool]:
         """True for the first caller until ``key`` expires after ``ttl`` seconds."""
+        ...
+
+    def probe(self) -> Deferred[Any]:
+        """Fires once the store takes writes; fails while it does not."""
         ...
