@@ -21,8 +21,9 @@ from agentd import metrics
 from agentd.pricing import PriceTable
 from agentd.ratelimit import Policy, RateLimiter
 from agentd.redishealth import RedisHealth
+from agentd.usage.budgets import BudgetDecision
 from agentd.usage.memory_store import MemoryUsageStore
-from agentd.usage.recorder import BudgetDecision, UsageRecorder
+from agentd.usage.recorder import UsageRecorder
 from agentd.usage.records import UsageEvent, UsageRecord
 from agentd.usage.spool import Spool
 from agentd.usage.store import MonthSpend

@@ -22,9 +22,10 @@ from twisted.logger import LogEvent, globalLogPublisher
 
 from agentd.config import ConfigError, UsageConfig
 from agentd.pricing import PriceTable
+from agentd.usage.budgets import BudgetDecision
 from agentd.usage.layout import month_days, parse_month, user_day_key
 from agentd.usage.memory_store import MemoryUsageStore
-from agentd.usage.recorder import BudgetDecision, UsageRecorder
+from agentd.usage.recorder import UsageRecorder
 from agentd.usage.records import UsageEvent, UsageRecord
 from agentd.usage.reports import UsageReport
 from agentd.usage.spool import Spool, SpoolLockedError, default_spool_dir

@@ -7,7 +7,8 @@ One module per job; callers import from the module that owns a name:
     store          the UsageStore interface; redis_store and memory_store implement it
     spool          records Redis has not confirmed, in an fsynced append-only file
     reports        a user's or a project's month, as JSON or CSV
-    recorder       UsageRecorder: recording, the spool's replay, budgets, reports
+    budgets        may a prompt go ahead, given the month's operator-paid spend
+    recorder       UsageRecorder: recording and the spool's replay; asked for budgets, reports
     api            /api/usage
     cli            ``agentd usage``
 

@@ -4,48 +4,38 @@
 round. When Redis fails or is slow, records go to the spool (agentd.usage.spool), fsynced
 before the record counts as handled, and are replayed in order, through the same idempotent
 step, once Redis answers again or when agentd next starts. While the Redis's ``RedisHealth``
-knows it to fail, whoever saw the failure, new records go straight to the spool and budget
-checks allow without asking. The recorder also checks budgets and reads reports for the
-gateway and the HTTP API. docs/usage.md describes the whole of usage metering.
+knows it to fail, whoever saw the failure, new records go straight to the spool. The recorder
+is also what the gateway and the HTTP API ask for budgets (agentd.usage.budgets) and reports.
+docs/usage.md describes the whole of usage metering.
 """
 
 from __future__ import annotations
 
-import calendar
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from prometheus_client import Counter
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from agentd import metrics
-from agentd.config import PROJECT_RE, USER_RE, ConfigError, UsageConfig
+from agentd.config import ConfigError, UsageConfig
 from agentd.pricing import PriceTable
 from agentd.redishealth import RedisHealth
 from agentd.redisstore import RedisStore
-from agentd.usage.layout import (
-    DAY_SECONDS,
-    SCOPES,
-    budget_field,
-    day_expiry,
-    month_days,
-    month_expiry,
-    month_of,
-    soft_warning_key,
-)
+from agentd.usage.budgets import BudgetDecision, Budgets
+from agentd.usage.layout import day_expiry, month_expiry, month_of
 from agentd.usage.memory_store import MemoryUsageStore
-from agentd.usage.records import MICRO_USD, UsageEvent, UsageRecord, usd, usd_text
+from agentd.usage.records import UsageEvent, UsageRecord, usd
 from agentd.usage.redis_store import RedisUsageStore
 from agentd.usage.reports import UsageReport, read_report
 from agentd.usage.spool import Spool, SpoolLockedError, default_spool_dir
-from agentd.usage.store import MonthSpend, UsageStore
+from agentd.usage.store import UsageStore
 
 _log = Logger()
 
@@ -61,18 +51,6 @@ _DRAIN_BATCH = 50
 # Replays are on nobody's path: they wait longer before calling Redis slow.
 _REPLAY_TIMEOUT = 1.0
 _STOP_FLUSH_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class BudgetDecision:
-    """May a prompt go ahead. When refused: which budget (``scope``), its amount and the
-    month-to-date spend that reached it; when allowed: the user's budget (None: none) and
-    spend."""
-
-    allowed: bool
-    scope: str | None
-    budget_usd: float | None
-    spent_usd: float
 
 
 class UsageRecorder:
@@ -99,8 +77,6 @@ class UsageRecorder:
         self._clock = clock
         self._prices = prices
         self._retention_days = retention_days
-        self._default_budget = _budget_micro(monthly_budget_usd)
-        self._soft_ratio = soft_budget_ratio
         self._spool = spool
         self._now = now
         self._own_health = spool is not None and health is None
@@ -109,15 +85,20 @@ class UsageRecorder:
         self._health = health if spool is not None else None
         if self._health is not None:
             self._health.observe(self)
+        self._budgets = Budgets(
+            store,
+            self._health,
+            monthly_budget_usd=monthly_budget_usd,
+            soft_budget_ratio=soft_budget_ratio,
+            now=now,
+        )
         self._stopping = False
         self._inflight = 0
         self._settled_waiters: list[Deferred[None]] = []
         self._draining = False
         self._drain_call: IDelayedCall | None = None
-        self._warned_month = ""
-        self._warned: set[tuple[str, str]] = set()
         self._queue: list[tuple[UsageEvent, Deferred[None]]] = []
-        self._agent_metrics: dict[str, tuple[tuple[Any, ...], Any]] = {}
+        self._agent_metrics: dict[str, tuple[tuple[Counter, ...], Counter]] = {}
 
     @classmethod
     def from_config(
@@ -298,7 +279,7 @@ class UsageRecorder:
                 days=self._retention_days,
             )
 
-    def _metrics_for(self, agent: str) -> tuple[tuple[Any, ...], Any]:
+    def _metrics_for(self, agent: str) -> tuple[tuple[Counter, ...], Counter]:
         """The agent's token and cost counters (labels() is a lookup; once per agent)."""
         children = self._agent_metrics.get(agent)
         if children is None:
@@ -422,85 +403,12 @@ class UsageRecorder:
     # Budgets
 
     def check_budget(self, user: str, project: str) -> Deferred[BudgetDecision]:
-        """Refuse when this month's operator-paid spend has reached the user's or the project's
-        budget; allow when the store cannot say."""
-        if not self._redis_up():
-            # Known to fail: no prompt waits for its timeout; the health probes it.
-            return succeed(BudgetDecision(True, None, None, 0.0))
-        month = self.current_month()
-        d = maybeDeferred(self._store.spend, user, project, month_days(month))
-        decided = d.addCallbacks(
-            self._decide, self._budget_unknown, callbackArgs=(user, project, month)
-        )
-        return decided.addErrback(self._budget_failed)
-
-    def _decide(self, spend: MonthSpend, user: str, project: str, month: str) -> BudgetDecision:
-        scopes = (
-            ("user", user, spend.user, self._budget(spend.user_budget, self._default_budget)),
-            ("project", project, spend.project, self._budget(spend.project_budget, 0)),
-        )
-        for scope, subject, spent, budget in scopes:
-            if budget and spent >= budget * self._soft_ratio:
-                self._soft_warning(scope, subject, month, spent, budget)
-        for scope, _, spent, budget in scopes:
-            if budget and spent >= budget:
-                return BudgetDecision(False, scope, usd(budget), usd(spent))
-        budget = scopes[0][3]
-        return BudgetDecision(True, None, usd(budget) if budget else None, usd(spend.user))
-
-    def _budget(self, override: str | None, default: int) -> int:
-        if override is None:
-            return default
-        try:
-            return _budget_micro(float(override))
-        except ValueError:
-            _log.warn("ignoring budget override {value!r}: not a USD amount", value=override)
-            return default
-
-    def _budget_unknown(self, failure: Failure) -> BudgetDecision:
-        if self._health is not None:
-            self._health.failed(failure)
-        return BudgetDecision(True, None, None, 0.0)
-
-    def _budget_failed(self, failure: Failure) -> BudgetDecision:
-        _log.failure("budget check failed; allowing the prompt", failure)
-        return BudgetDecision(True, None, None, 0.0)
-
-    def _soft_warning(self, scope: str, subject: str, month: str, spent: int, budget: int) -> None:
-        if month != self._warned_month:
-            self._warned_month, self._warned = month, set()
-        marker = (scope, subject)
-        if marker in self._warned:
-            return
-        self._warned.add(marker)
-        # Once per month across restarts and agentd instances: the first to claim logs it.
-        month_end = calendar.timegm(month_days(month)[-1].timetuple()) + DAY_SECONDS
-        ttl = max(1, int(month_end - self._now()) + DAY_SECONDS)
-
-        def claimed(first: bool) -> None:
-            if first:
-                metrics.BUDGET_SOFT_WARNINGS.labels(scope).inc()
-                _log.warn(
-                    "{scope} {subject} has spent {spent} USD of its {budget} USD budget for "
-                    "{month}",
-                    scope=scope,
-                    subject=subject,
-                    spent=usd_text(spent),
-                    budget=usd_text(budget),
-                    month=month,
-                )
-
-        d = maybeDeferred(self._store.claim, soft_warning_key(scope, subject, month), ttl)
-        d.addCallbacks(claimed, lambda _: self._warned.discard(marker))
+        """May ``user`` send a prompt in ``project`` (see ``Budgets.check``)."""
+        return self._budgets.check(user, project)
 
     def set_budget(self, scope: str, subject: str, usd: float | None) -> Deferred[None]:
         """Override the monthly budget of one user or project (0: none; None: the default)."""
-        if scope not in SCOPES:
-            raise ValueError("scope must be user or project")
-        if not (USER_RE if scope == "user" else PROJECT_RE).fullmatch(subject):
-            raise ValueError(f"invalid {scope} id")
-        value = None if usd is None else repr(_budget_micro(usd) / MICRO_USD)
-        return self._store.set_budget(budget_field(scope, subject), value)
+        return self._budgets.set(scope, subject, usd)
 
     # Reading
 
@@ -510,9 +418,3 @@ class UsageRecorder:
     def report(self, scope: str, subject: str, month: str) -> Deferred[UsageReport]:
         """The month's report; fails when the store cannot be read."""
         return Deferred.fromCoroutine(read_report(self._store, scope, subject, month))
-
-
-def _budget_micro(usd: float) -> int:
-    if not math.isfinite(usd) or usd < 0:
-        raise ValueError("a budget is a non-negative number of USD")
-    return round(usd * MICRO_USD)
