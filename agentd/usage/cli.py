@@ -9,9 +9,10 @@ import time
 from typing import TextIO
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import react
 
-from agentd.config import PROJECT_RE, USER_RE, ConfigError, load
+from agentd.config import PROJECT_RE, USER_RE, ConfigError, RedisConfig, load
 from agentd.redisstore import RedisStore, RedisURLError
 from agentd.usage.layout import month_of, parse_month
 from agentd.usage.redis_store import RedisUsageStore
@@ -38,45 +39,40 @@ def usage_report_main(argv: list[str]) -> int:
     except ValueError as e:
         parser.error(f"--month: {e}")
 
-    from twisted.internet import reactor
-
     try:
         config = load(args.config)
         if not config.redis.url:
             raise ConfigError(
                 "[redis] url", "usage lives in Redis; without it only agentd's memory has it"
             )
-        timeout = max(config.redis.timeout_ms / 1000, 5.0)
-        store = RedisStore(config.redis.url, reactor, timeout=timeout)
-    except (ConfigError, RedisURLError) as e:
+    except ConfigError as e:
         print(f"agentd usage: {e}", file=sys.stderr)
         return 2
-    codes: list[int] = []
+    react(_print_usage, (config.redis, scope, subject, month, args.format))
 
-    async def run() -> int:
-        try:
-            report = await read_report(RedisUsageStore(store), scope, subject, month)
-        except defer.TimeoutError:
-            print(f"agentd usage: Redis did not answer within {timeout:g} s", file=sys.stderr)
-            return 1
-        except Exception as e:
-            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            print(f"agentd usage: cannot read usage from Redis ({reason})", file=sys.stderr)
-            return 1
-        finally:
-            await store.disconnect()
-        _print_report(report, args.format, sys.stdout)
-        return 0
 
-    def finished(code: int) -> None:
-        codes.append(code)
-        reactor.stop()  # type: ignore[attr-defined]
-
-    reactor.callWhenRunning(  # type: ignore[attr-defined]
-        lambda: Deferred.fromCoroutine(run()).addCallback(finished)
-    )
-    reactor.run()  # type: ignore[attr-defined]
-    return codes[0] if codes else 1
+async def _print_usage(
+    reactor: IReactorTime, redis: RedisConfig, scope: str, subject: str, month: str, fmt: str
+) -> None:
+    """Read the report and print it; the exit status says why when Redis cannot tell."""
+    timeout = max(redis.timeout_ms / 1000, 5.0)
+    try:
+        store = RedisStore(redis.url, reactor, timeout=timeout)
+    except RedisURLError as e:
+        print(f"agentd usage: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        report = await read_report(RedisUsageStore(store), scope, subject, month)
+    except defer.TimeoutError:
+        print(f"agentd usage: Redis did not answer within {timeout:g} s", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        print(f"agentd usage: cannot read usage from Redis ({reason})", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        await store.disconnect()
+    _print_report(report, fmt, sys.stdout)
 
 
 def _print_report(report: UsageReport, fmt: str, out: TextIO) -> None:
