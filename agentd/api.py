@@ -1,4 +1,4 @@
-"""What agentd's JSON HTTP APIs share: one reply shape, refusals, token and Origin checks,
+"""What agentd's JSON HTTP APIs share: one reply shape, token and Origin checks,
 one bounded JSON parser, and the asynchronous render that answers nobody once the client has
 gone."""
 
@@ -17,10 +17,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from agentd.auth import Authenticator, AuthError, Principal, request_origin_allowed
+from agentd.refusal import Header, Refused
 
 _log = Logger()
-
-Header = tuple[bytes, bytes]
 
 # Deep enough for any message agentd or an agent defines; orjson itself stops at 1024 levels
 # but cannot encode more than 255, and a Python consumer stops near its recursion limit.
@@ -42,15 +41,11 @@ class Reply:
 
 
 def error_reply(status: int, error: str, *headers: Header) -> Reply:
-    return Reply.json(status, {"error": error}, *headers)
+    return refused_reply(Refused(status, error, *headers))
 
 
-class Refused(Exception):
-    """Answer the request with ``{"error": ...}`` and this status."""
-
-    def __init__(self, status: int, error: str, *headers: Header) -> None:
-        super().__init__(error)
-        self.reply = error_reply(status, error, *headers)
+def refused_reply(refused: Refused) -> Reply:
+    return Reply(refused.status, refused.body, b"application/json", refused.headers)
 
 
 class APIResource(Resource):
@@ -88,7 +83,7 @@ class APIResource(Resource):
             self._check_origin(request)
             return await self.answer(request)
         except Refused as e:
-            return e.reply
+            return refused_reply(e)
 
     def _check_origin(self, request: IRequest) -> None:
         """The WebSocket route's Origin rule, for every request that changes something.

@@ -31,6 +31,7 @@ from twisted.web.server import Site
 from agentd import metrics
 from agentd.clientaddr import ClientAddresses, IPAddress, address_key
 from agentd.config import ServerConfig
+from agentd.refusal import Refused
 
 _log = Logger()
 
@@ -41,9 +42,7 @@ EVICT_AFTER_SECONDS = 1.0
 # connection is aborted (a client that stops reading must not keep the descriptor).
 CLOSE_GRACE_SECONDS = 2.0
 
-_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-)
+_TIMEOUT_RESPONSE = Refused(408, "request not complete in time").response()
 
 # Phases of a guarded channel. Waiting for a head or body, or idle between requests, is
 # "waiting" (the channel may be displaced); "busy" means a request is being answered.

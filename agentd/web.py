@@ -10,12 +10,12 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.web import http
-from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from agentd.clientaddr import IPAddress, parse_address
 from agentd.edge import ConnectionLimits, GuardedChannel
+from agentd.refusal import NOT_FOUND, Refused, RefusedResource
 
 _log = Logger()
 
@@ -52,9 +52,7 @@ class BoundedRequest(Request):
             transport = self.channel.transport
             if transport is None:
                 return
-            transport.write(
-                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-            )
+            transport.write(_TOO_LARGE.response())
             transport.loseConnection()
 
     def getClientAddress(self) -> IAddress:
@@ -93,17 +91,10 @@ class BoundedRequest(Request):
         super().process()
 
 
-class _TooManyConnections(Resource):
-    isLeaf = True
-
-    def render(self, request: Request) -> bytes:
-        request.setResponseCode(429)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.setHeader(b"retry-after", b"1")
-        return b"too many connections from this address\n"
-
-
-_TOO_MANY_CONNECTIONS = _TooManyConnections()
+_TOO_LARGE = Refused(413, f"request bodies are at most {MAX_REQUEST_BODY} bytes")
+_TOO_MANY_CONNECTIONS = RefusedResource(
+    Refused(429, "too many connections from this address", retry_after=1)
+)
 
 
 class AccessLoggingSite(Site):
@@ -138,7 +129,7 @@ class AccessLoggingSite(Site):
 
 class _Root(Resource):
     def getChild(self, path: bytes, request: Request) -> IResource:
-        return notFound()
+        return NOT_FOUND
 
 
 class _StaticFile(Resource):

@@ -15,11 +15,12 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from agentd.api import APIResource, Refused, Reply, error_reply, json_body, path_segments
+from agentd.api import APIResource, Reply, error_reply, json_body, path_segments
 from agentd.auth import Authenticator
 from agentd.keys.records import KeyStoreUnavailable
 from agentd.keys.source import PROVIDER_ENV
 from agentd.keys.store import InvalidKey, KeyStore, UserKeysDisabled
+from agentd.refusal import Refused
 
 MAX_BODY_BYTES = 4096
 

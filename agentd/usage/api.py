@@ -18,9 +18,10 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from agentd.api import APIResource, Refused, Reply, argument, error_reply, path_segments
+from agentd.api import APIResource, Reply, argument, error_reply, path_segments
 from agentd.auth import Authenticator, Principal
 from agentd.config import PROJECT_RE, USER_RE
+from agentd.refusal import Refused
 from agentd.usage.layout import parse_month
 from agentd.usage.recorder import UsageRecorder
 
