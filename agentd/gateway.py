@@ -1,44 +1,34 @@
-"""The WebSocket edge: route, authenticate and admit a connection, then parse and dispatch.
+"""The WebSocket protocol: parse and dispatch each client message, and apply backpressure.
 
-Everything that can be refused is refused before the upgrade, with a plain HTTP status:
-404 (route), 401 (token), 403 (project or Origin), 429 (connection limits), 503 (draining).
-After the upgrade the protocol stays thin: it validates each client message and hands it to
-the session, and it turns the WebSocket transport's backpressure into pauses of both the
-agent and the client, so that what agentd queues for one client stays bounded.
+A connection arrives here admitted, with its ``ConnectionContext`` (agentd/route.py). The
+protocol stays thin: it validates each client message and hands it to the session, and it
+turns the WebSocket transport's backpressure into pauses of both the agent and the client, so
+that what agentd queues for one client stays bounded.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from agentd import metrics
 from agentd.api import JSONTooDeep, parse_json
-from agentd.auth import Authenticator, AuthError, Principal, request_origin_allowed
-from agentd.config import PROJECT_RE
-from agentd.edge import authenticated
 from agentd.errors import ErrorCode
+from agentd.route import MAX_SEQ, ConnectionContext
 from agentd.session import Session, SessionKey, SessionRegistry
 
 _log = Logger()
 
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-LAST_SEQ_RE = re.compile(r"[0-9]{1,16}")
 _OPEN = WebSocketServerProtocol.STATE_OPEN
 # A server's frame for one whole text message, unmasked and uncompressed (agentd refuses
 # compression): two header bytes below 126 bytes of payload, then 16- or 64-bit lengths.
@@ -52,43 +42,6 @@ PING_ID_MAX = 256
 PROMPTS_WAITING_MAX = 8
 # A prompt's ``options``, the one object agentd passes on to the agent, as encoded JSON.
 PROMPT_OPTIONS_MAX_BYTES = 4096
-MAX_SEQ = 2**53
-
-
-@dataclass(frozen=True)
-class ConnectionContext:
-    principal: Principal
-    project: str
-    agent: str
-    session_id: str | None
-    last_seq: int
-    peer: str
-
-
-@dataclass(frozen=True)
-class Admission:
-    """Everything the route needs to admit a connection."""
-
-    authenticator: Authenticator
-    agents: frozenset[str]
-    allowed_origins: tuple[str, ...]
-    registry: SessionRegistry
-    max_sessions_per_user: int
-    limiter: Any
-    draining: Callable[[], bool]
-
-
-def parse_route(postpath: list[bytes]) -> tuple[str, str] | None:
-    """``[project, b"agent", agent]`` below /projects, or None."""
-    if len(postpath) != 3 or postpath[1] != b"agent":
-        return None
-    try:
-        project, agent = postpath[0].decode("ascii"), postpath[2].decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    if not PROJECT_RE.fullmatch(project):
-        return None
-    return project, agent
 
 
 @implementer(IPushProducer)
@@ -319,6 +272,7 @@ class AgentWebSocketFactory(WebSocketServerFactory):
         super().__init__()
         self.registry = registry
         self._next: tuple[ConnectionContext, Request] | None = None
+        self._websocket = WebSocketResource(self)
         self.setProtocolOptions(
             maxFramePayloadSize=max_message_bytes,
             maxMessagePayloadSize=max_message_bytes,
@@ -336,143 +290,14 @@ class AgentWebSocketFactory(WebSocketServerFactory):
         (protocol.context, protocol.upgraded_from), self._next = self._next, None
         return protocol
 
-    def upgrade(
-        self, resource: WebSocketResource, request: Request, ctx: ConnectionContext
-    ) -> None:
+    def upgrade(self, request: Request, ctx: ConnectionContext) -> None:
+        """Upgrade an admitted request to this factory's protocol, with its context."""
         # WebSocketResource.render builds the protocol synchronously, through buildProtocol.
         self._next = (ctx, request)
-        resource.render(request)
-
-
-class AgentRoute(Resource):
-    """``/projects/{project}/agent/{agent}``: admission control, then the WebSocket upgrade."""
-
-    isLeaf = True
-
-    def __init__(self, admission: Admission, factory: AgentWebSocketFactory) -> None:
-        super().__init__()
-        self._admission = admission
-        self._factory = factory
-        self._websocket = WebSocketResource(factory)
-
-    def render(self, request: Request) -> bytes | int:
-        try:
-            ctx = self._admit(request)
-            if not _is_upgrade(request):
-                # Before the limiter: a plain GET carrying the cookie spends none of the
-                # user's handshake budget, so it cannot lock the user out.
-                raise _Refused(426, "WebSocket upgrade required")
-        except _Refused as refused:
-            return refused.answer(request)
-        limiter = self._admission.limiter
-        if limiter is None:
-            self._upgrade(request, ctx)
-            return NOT_DONE_YET
-        finished: list[bool] = []
-        request.notifyFinish().addBoth(lambda _: finished.append(True))
-        d = defer.maybeDeferred(limiter.check_handshake, ctx.principal.user)
-
-        def decided(decision: Any) -> None:
-            metrics.RATELIMIT_DECISIONS.labels(
-                "connections", "allowed" if decision.allowed else "rejected"
-            ).inc()
-            if finished:
-                return
-            if not decision.allowed:
-                seconds = max(1, -(-decision.retry_after_ms // 1000))
-                body = _Refused(429, "too many connections", retry_after=seconds).answer(request)
-                request.write(body)
-                request.finish()
-                return
-            self._upgrade(request, ctx)
-
-        def failed(failure: Any) -> None:
-            _log.failure("handshake admission failed", failure)
-            if not finished:
-                request.write(_Refused(500, "internal error").answer(request))
-                request.finish()
-
-        d.addCallbacks(decided, failed)
-        return NOT_DONE_YET
-
-    def _admit(self, request: Request) -> ConnectionContext:
-        a = self._admission
-        route = parse_route(request.postpath or [])
-        if route is None or route[1] not in a.agents:
-            raise _Refused(404, "no such route")
-        project, agent = route
-        if a.draining():
-            raise _Refused(503, "shutting down", retry_after=1)
-        try:
-            principal = a.authenticator.authenticate(request)
-        except AuthError as e:
-            raise _Refused(e.status, e.reason) from None
-        if not principal.may_access(project):
-            raise _Refused(403, "token does not cover this project")
-        if not request_origin_allowed(request, a.allowed_origins):
-            raise _Refused(403, "origin not allowed")
-        session_id = _arg(request, b"session")
-        if session_id is not None and not SESSION_ID_RE.fullmatch(session_id):
-            session_id = None
-        last_seq_text = _arg(request, b"last_seq") or "0"
-        # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
-        if not LAST_SEQ_RE.fullmatch(last_seq_text) or int(last_seq_text) > MAX_SEQ:
-            raise _Refused(400, "last_seq must be a non-negative integer")
-        key = SessionKey(project, principal.user, agent)
-        if (
-            a.registry.sessions_of(principal.user) >= a.max_sessions_per_user
-            and key not in a.registry.by_key
-        ):
-            metrics.RATELIMIT_DECISIONS.labels("sessions", "rejected").inc()
-            raise _Refused(429, "too many concurrent sessions", retry_after=10)
-        peer = request.getClientAddress()
-        return ConnectionContext(
-            principal=principal,
-            project=project,
-            agent=agent,
-            session_id=session_id,
-            last_seq=int(last_seq_text),
-            peer=str(getattr(peer, "host", "")),
-        )
-
-    def _upgrade(self, request: Request, ctx: ConnectionContext) -> None:
-        metrics.HANDSHAKES.labels("101").inc()
-        authenticated(request)
-        self._factory.upgrade(self._websocket, request, ctx)
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, reason: str, retry_after: int | None = None) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.retry_after = retry_after
-
-    def answer(self, request: Request) -> bytes:
-        metrics.HANDSHAKES.labels(str(self.status)).inc()
-        request.setResponseCode(self.status)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
-        if self.retry_after is not None:
-            request.setHeader(b"retry-after", str(self.retry_after).encode())
-        if self.status == 426:
-            request.setHeader(b"upgrade", b"websocket")
-        return self.reason.encode() + b"\n"
-
-
-def _is_upgrade(request: Request) -> bool:
-    upgrade = request.getHeader(b"upgrade") or b""
-    return request.method == b"GET" and upgrade.strip().lower() == b"websocket"
+        self._websocket.render(request)
 
 
 def _echoable_ping_id(value: Any) -> bool:
     if type(value) is str:
         return len(value) <= PING_ID_MAX
     return type(value) is int and -MAX_SEQ <= value <= MAX_SEQ
-
-
-def _arg(request: Request, name: bytes) -> str | None:
-    values = request.args.get(name)
-    if not values:
-        return None
-    return values[0].decode("utf-8", "replace")

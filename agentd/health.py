@@ -22,9 +22,10 @@ from twisted.internet.defer import Deferred, TimeoutError, gatherResults, maybeD
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
+
+from agentd.refusal import NOT_FOUND
 
 _log = Logger()
 
@@ -73,6 +74,12 @@ def overall_status(results: Sequence[tuple[HealthCheck, CheckResult]]) -> Health
     if any(r.status != "ok" for _, r in results):
         return "degraded"
     return "healthy"
+
+
+class HealthReporter(Protocol):
+    """A part of agentd that says what /health should ask about it."""
+
+    def health_checks(self) -> list[HealthCheck]: ...
 
 
 class Pinger(Protocol):
@@ -142,7 +149,7 @@ class HealthResource(Resource):
         self.putChild(b"ready", ReadyResource(ready))
 
     def getChild(self, path: bytes, request: Request) -> IResource:
-        return self if path == b"" else notFound()
+        return self if path == b"" else NOT_FOUND
 
     def report(self) -> Deferred[tuple[int, dict[str, Any]]]:
         """The HTTP status and body /health answers, once every check has finished."""

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from agentd.config import RateLimitConfig
+from agentd.health import CheckResult, HealthCheck
 from agentd.redishealth import RedisHealth
 from agentd.redisstore import RedisStore
 
@@ -242,6 +243,14 @@ class RateLimiter:
     def degraded(self) -> bool:
         """True while Redis is configured but failing and in-process limits apply."""
         return self._health is not None and not self._health.up
+
+    def health_checks(self) -> list[HealthCheck]:
+        """ "ratelimit": degraded while the in-process fallback decides."""
+        return [HealthCheck("ratelimit", self._health_check)]
+
+    def _health_check(self) -> CheckResult:
+        degraded = self.degraded
+        return CheckResult("degraded" if degraded else "ok", {"fallback": degraded})
 
     def stop(self) -> None:
         """Stop probing Redis, when the limiter keeps its own health."""

@@ -1,40 +1,35 @@
-"""``twistd agentd``: command-line options and the wiring of every part into one service."""
+"""``twistd agentd``: command-line options, and the wiring of every part into one service."""
 
 from __future__ import annotations
 
 import random
-import secrets
-import signal
-import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet import defer
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.server import Site
 
 from agentd import __version__, metrics
 from agentd.auth import Authenticator
 from agentd.config import Config, ConfigError, load
+from agentd.devmode import BannerService, banner, dev_secret
 from agentd.edge import ConnectionLimits
 from agentd.errors import ErrorCode
-from agentd.gateway import Admission, AgentRoute, AgentWebSocketFactory
-from agentd.health import CheckResult, HealthCheck, HealthResource, redis_check
+from agentd.gateway import AgentWebSocketFactory
+from agentd.health import HealthReporter, HealthResource, redis_check
 from agentd.jsonlog import install_json_logging
 from agentd.keys.api import KeysResource
 from agentd.keys.store import KeyStore
-from agentd.listen import BackoffEndpoint, open_file_limit
+from agentd.lifecycle import AgentdService
+from agentd.listen import BackoffEndpoint
 from agentd.pricing import PriceTable
 from agentd.ratelimit import RateLimiter
 from agentd.redishealth import RedisHealth
 from agentd.redisstore import RedisStore
+from agentd.route import Admission, AgentRoute
 from agentd.session import SessionRegistry, SessionServices
 from agentd.transport import AgentTransport
 from agentd.transport.local import LocalTransport
@@ -43,8 +38,6 @@ from agentd.usage.api import UsageResource
 from agentd.usage.recorder import UsageRecorder
 from agentd.usage.records import UsageEvent
 from agentd.web import build_site, metrics_site
-
-_log = Logger()
 
 
 class Options(usage.Options):
@@ -60,121 +53,6 @@ class Options(usage.Options):
         self["listen"].append(endpoint)
 
     opt_l = opt_listen
-
-
-class AgentdService(MultiService):
-    """Starts the listeners; on stop, drains sessions before ending agents and usage."""
-
-    def __init__(
-        self,
-        config: Config,
-        clock: IReactorTime,
-        registry: SessionRegistry,
-        transport: AgentTransport,
-        limiter: RateLimiter,
-        usage: UsageRecorder,
-        store: RedisStore | None,
-        banner: str | None,
-        redis_health: RedisHealth | None = None,
-    ) -> None:
-        super().__init__()
-        self.config = config
-        self.clock = clock
-        self.registry = registry
-        self.transport = transport
-        self.limiter = limiter
-        self.usage = usage
-        self.store = store
-        self.banner = banner
-        self.redis_health = redis_health
-        self.draining = False
-        self.handle_signals = False
-        self._drain_cut: Callable[[], None] | None = None
-
-    def startService(self) -> None:
-        self.usage.start()
-        super().startService()
-        if self.handle_signals:
-            # twistd's own handler makes the process end by the signal (status 143); a
-            # graceful drain that completes is a clean exit, status 0. The reactor installs
-            # its handlers as it starts running, so ours goes in after that.
-            self.clock.callWhenRunning(signal.signal, signal.SIGTERM, self._sigterm)  # type: ignore[attr-defined]
-        _log.info(
-            "agentd {version} started ({source}); transport {transport}",
-            version=__version__,
-            source=self.config.source,
-            transport=self.config.vms.transport,
-        )
-        files, cap = open_file_limit(), self.config.server.max_unauthenticated_connections
-        if files < 2 * cap:
-            _log.warn(
-                "open file limit {files} leaves little room beside [server] "
-                "max_unauthenticated_connections = {cap}; raise LimitNOFILE "
-                "(docs/operations.md)",
-                files=files,
-                cap=cap,
-            )
-        if self.banner:
-            # Development mode only: the freshly generated token is meant to be copied.
-            # Straight to the terminal: twistd routes sys.stderr into the (redacting) log.
-            print(self.banner, file=sys.__stderr__, flush=True)
-
-    @defer.inlineCallbacks
-    def stopService(self):  # type: ignore[no-untyped-def]
-        # Draining: /health/ready answers 503 and new WebSocket upgrades are refused with 503
-        # while the listeners stay open, so load balancers see why; clients reconnect
-        # elsewhere on 1001 while running queries finish.
-        self.draining = True
-        metrics.DRAINING.set(1)
-        _log.info("draining: refusing new connections; closing clients with 1001")
-        self.registry.close_all(1001, "server going away")
-        yield self._drain(self.config.server.drain_seconds)
-        yield self.registry.end_all().addTimeout(10, self.clock).addErrback(lambda _: None)
-        yield self.usage.stop()
-        self.limiter.stop()
-        yield self.transport.stop()
-        yield defer.maybeDeferred(super().stopService)
-        if self.redis_health is not None:
-            self.redis_health.stop()
-        if self.store is not None:
-            yield self.store.disconnect().addErrback(lambda _: None)
-        _log.info("agentd stopped")
-
-    def _drain(self, seconds: float) -> Deferred[None]:
-        """Wait until no query is in flight, the drain time is over, or a second SIGTERM."""
-        done: Deferred[None] = Deferred()
-        deadline = self.clock.seconds() + seconds
-
-        def check() -> None:
-            if done.called:
-                return
-            if self.registry.busy() == 0 or self.clock.seconds() >= deadline:
-                poll.stop()
-                done.callback(None)
-
-        poll = LoopingCall(check)
-        poll.clock = self.clock
-
-        def cut() -> None:
-            if not done.called:
-                poll.stop()
-                done.callback(None)
-
-        self._drain_cut = cut
-        poll.start(0.1, now=True)
-        return done
-
-    def _sigterm(self, signum: int, frame: Any) -> None:
-        from twisted.internet import reactor
-
-        if not self.draining:
-            reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
-        elif self._drain_cut is not None:
-            _log.info("second SIGTERM: ending the drain now")
-            reactor.callFromThread(self._drain_cut)  # type: ignore[attr-defined]
-
-    def ready(self) -> bool:
-        return bool(self.running) and not self.draining
 
 
 def _transport(config: Config, reactor: Any) -> AgentTransport:
@@ -204,14 +82,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 def build(config: Config, reactor: Any) -> AgentdService:
     """Everything agentd runs, wired from one validated Config."""
     metrics.initialize(config.agents.names, tuple(code.value for code in ErrorCode))
-    dev_secret, banner = "", None
-    if not config.auth.jwt_secret and not config.auth.jwt_public_key_file:
-        if config.source != "embedded defaults":
-            raise ConfigError(
-                "[auth] jwt_secret", "required (or jwt_public_key_file, or AGENTD_JWT_SECRET)"
-            )
-        dev_secret = secrets.token_urlsafe(32)
-    authenticator = Authenticator.from_config(config.auth, dev_secret=dev_secret)
+    secret = dev_secret(config)
+    authenticator = Authenticator.from_config(config.auth, dev_secret=secret)
 
     store, redis_health = None, None
     if config.redis.url:
@@ -222,7 +94,7 @@ def build(config: Config, reactor: Any) -> AgentdService:
     prices = (
         PriceTable.load(config.usage.prices_file)
         if config.usage.prices_file
-        else (PriceTable.empty())
+        else PriceTable.empty()
     )
     limiter = RateLimiter.from_config(config.ratelimit, store, reactor, redis_health)
     usage_recorder = UsageRecorder.from_config(
@@ -244,7 +116,7 @@ def build(config: Config, reactor: Any) -> AgentdService:
     )
     registry = SessionRegistry(services)
     service = AgentdService(
-        config, reactor, registry, transport, limiter, usage_recorder, store, banner, redis_health
+        config, reactor, reactor, registry, transport, limiter, usage_recorder, store, redis_health
     )
     factory = AgentWebSocketFactory(
         registry, config.server.max_message_bytes, config.server.auto_ping_seconds
@@ -258,8 +130,14 @@ def build(config: Config, reactor: Any) -> AgentdService:
         limiter=limiter,
         draining=lambda: service.draining,
     )
+    # Redis, the usage spool, the limiter and the way to the agents: none alone makes agentd
+    # unhealthy, as each has a fallback, so its failure degrades service rather than stops it.
+    checks = [redis_check(redis_health)] if redis_health is not None else []
+    parts: tuple[HealthReporter, ...] = (usage_recorder, limiter, transport)
+    for part in parts:
+        checks.extend(part.health_checks())
     health = HealthResource(
-        checks=_health_checks(redis_health, usage_recorder, limiter, transport),
+        checks=checks,
         clock=reactor,
         version=__version__,
         started_at=time.time(),
@@ -280,61 +158,15 @@ def build(config: Config, reactor: Any) -> AgentdService:
         limits=limits,
     )
     for endpoint in config.server.listen:
-        listener = StreamServerEndpointService(
-            BackoffEndpoint(serverFromString(reactor, endpoint), reactor), site
-        )
-        listener.setServiceParent(service)
+        _listen(reactor, endpoint, site).setServiceParent(service)
     for endpoint in config.server.metrics_listen:
-        listener = StreamServerEndpointService(
-            BackoffEndpoint(serverFromString(reactor, endpoint), reactor),
-            metrics_site(metrics.REGISTRY, limits),
-        )
-        listener.setServiceParent(service)
-    if dev_secret:
-        token = authenticator.mint("dev", ["*"], ttl=7 * 24 * 3600)
-        url = _dev_url(config.server.listen[0])
-        service.banner = (
-            "agentd is running in development mode (embedded defaults, throwaway JWT secret).\n"
-            f"  demo console: {url}/?token={token}&project=demo&agent=echo\n"
-            f"  WebSocket:    {url.replace('http', 'ws', 1)}/projects/demo/agent/echo"
-            f"?token={token}\n"
-            f"  token:        {token}"
-        )
+        _listen(reactor, endpoint, metrics_site(metrics.REGISTRY, limits)).setServiceParent(service)
+    if secret:
+        BannerService(banner(authenticator, config.server.listen[0])).setServiceParent(service)
     return service
 
 
-def _dev_url(endpoint: str) -> str:
-    parts = endpoint.split(":")
-    port = parts[1] if len(parts) > 1 else "8080"
-    host = "127.0.0.1"
-    for part in parts[2:]:
-        if part.startswith("interface="):
-            host = part.split("=", 1)[1] or host
-    scheme = "https" if parts[0] == "ssl" else "http"
-    return f"{scheme}://{host}:{port}"
-
-
-def _health_checks(
-    redis_health: RedisHealth | None,
-    usage_recorder: UsageRecorder,
-    limiter: RateLimiter,
-    transport: AgentTransport,
-) -> list[HealthCheck]:
-    """Redis, the usage spool, the limiter and the SSH side; none alone makes agentd unhealthy:
-    each has a fallback, so its failure degrades service rather than stopping it."""
-    checks = []
-    if redis_health is not None:
-        checks.append(redis_check(redis_health))
-
-    def usage_probe() -> CheckResult:
-        detail = usage_recorder.health()
-        return CheckResult("ok" if detail.get("ok") else "degraded", detail)
-
-    def limiter_probe() -> CheckResult:
-        degraded = limiter.degraded
-        return CheckResult("degraded" if degraded else "ok", {"fallback": degraded})
-
-    checks.append(HealthCheck("usage", usage_probe))
-    checks.append(HealthCheck("ratelimit", limiter_probe))
-    checks.extend(transport.health_checks())
-    return checks
+def _listen(reactor: Any, endpoint: str, site: Site) -> StreamServerEndpointService:
+    return StreamServerEndpointService(
+        BackoffEndpoint(serverFromString(reactor, endpoint), reactor), site
+    )

@@ -186,7 +186,7 @@ async def test_two_origin_headers_are_refused_even_when_both_are_allowed(tmp_pat
         gateway.http + "/projects/demo/agent/echo", params={"token": token()}, headers=headers
     )
     assert response.code == 403
-    assert await response.text() == "origin not allowed\n"
+    assert await response.json() == {"error": "origin not allowed"}
     client = await connect(gateway.ws_url(token=token()), headers={"Origin": "https://app.example"})
     assert (await client.recv())["type"] == "session"
     client.close()

@@ -22,13 +22,9 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from agentd.auth import Principal
-from agentd.gateway import (
-    PROMPTS_WAITING_MAX,
-    AgentWebSocket,
-    AgentWebSocketFactory,
-    ConnectionContext,
-)
+from agentd.gateway import PROMPTS_WAITING_MAX, AgentWebSocket, AgentWebSocketFactory
 from agentd.ratelimit import Decision
+from agentd.route import ConnectionContext
 from tests.harness import base_config, merge, token
 from tests.samples import sample
 from tests.servers import free_port

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from agentd import metrics
 from agentd.config import ConfigError, UsageConfig
+from agentd.health import CheckResult, HealthCheck
 from agentd.pricing import PriceTable
 from agentd.redishealth import RedisHealth
 from agentd.redisstore import RedisStore
@@ -399,6 +400,14 @@ class UsageRecorder:
             "spool_writable": writable,
             "redis": None if self._health is None else self._health.up,
         }
+
+    def health_checks(self) -> list[HealthCheck]:
+        """ "usage": degraded while records go to the spool or the spool cannot be written."""
+        return [HealthCheck("usage", self._health_check)]
+
+    def _health_check(self) -> CheckResult:
+        detail = self.health()
+        return CheckResult("ok" if detail["ok"] else "degraded", detail)
 
     # Budgets
 

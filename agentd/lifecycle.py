@@ -1,0 +1,164 @@
+"""agentd's lifetime: start the listeners, and on stop or SIGTERM drain before ending.
+
+Stopping drains: /health/ready answers 503 and new WebSocket upgrades are refused with 503
+while the listeners stay open, clients are closed with 1001 so they reconnect elsewhere, and
+running queries get up to ``[server] drain_seconds`` to finish. Only then do the agents, the
+usage recorder, the limiter, the transport and the listeners stop. A second SIGTERM during
+the drain cuts it short.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Generator
+from types import FrameType
+from typing import Any, Protocol
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from agentd import __version__, metrics
+from agentd.config import Config
+from agentd.listen import open_file_limit
+from agentd.ratelimit import RateLimiter
+from agentd.redishealth import RedisHealth
+from agentd.redisstore import RedisStore
+from agentd.session import SessionRegistry
+from agentd.transport import AgentTransport
+from agentd.usage.recorder import UsageRecorder
+
+_log = Logger()
+
+# How often the drain looks whether queries are still running.
+DRAIN_POLL_SECONDS = 0.1
+# How long ending the agents may take once the drain is over.
+END_AGENTS_SECONDS = 10.0
+
+
+class SignalReactor(Protocol):
+    """The part of the reactor SIGTERM handling uses: a signal handler runs between
+    reactor iterations, so it hands its work to the reactor thread."""
+
+    def callWhenRunning(self, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
+
+    def callFromThread(self, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class AgentdService(MultiService):
+    """Starts the listeners; on stop, drains sessions before ending agents and usage."""
+
+    def __init__(
+        self,
+        config: Config,
+        clock: IReactorTime,
+        reactor: SignalReactor,
+        registry: SessionRegistry,
+        transport: AgentTransport,
+        limiter: RateLimiter,
+        usage: UsageRecorder,
+        store: RedisStore | None,
+        redis_health: RedisHealth | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.clock = clock
+        self.reactor = reactor
+        self.registry = registry
+        self.transport = transport
+        self.limiter = limiter
+        self.usage = usage
+        self.store = store
+        self.redis_health = redis_health
+        self.draining = False
+        self.handle_signals = False
+        self._drain_cut: Callable[[], None] | None = None
+
+    def startService(self) -> None:
+        self.usage.start()
+        super().startService()
+        if self.handle_signals:
+            # twistd's own handler makes the process end by the signal (status 143); a
+            # graceful drain that completes is a clean exit, status 0. The reactor installs
+            # its handlers as it starts running, so ours goes in after that.
+            self.reactor.callWhenRunning(signal.signal, signal.SIGTERM, self.sigterm)
+        _log.info(
+            "agentd {version} started ({source}); transport {transport}",
+            version=__version__,
+            source=self.config.source,
+            transport=self.config.vms.transport,
+        )
+        files, cap = open_file_limit(), self.config.server.max_unauthenticated_connections
+        if files < 2 * cap:
+            _log.warn(
+                "open file limit {files} leaves little room beside [server] "
+                "max_unauthenticated_connections = {cap}; raise LimitNOFILE "
+                "(docs/operations.md)",
+                files=files,
+                cap=cap,
+            )
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        # Draining: /health/ready answers 503 and new WebSocket upgrades are refused with 503
+        # while the listeners stay open, so load balancers see why; clients reconnect
+        # elsewhere on 1001 while running queries finish.
+        self.draining = True
+        metrics.DRAINING.set(1)
+        _log.info("draining: refusing new connections; closing clients with 1001")
+        self.registry.close_all(1001, "server going away")
+        yield self.drain(self.config.server.drain_seconds)
+        yield (
+            self.registry.end_all()
+            .addTimeout(END_AGENTS_SECONDS, self.clock)
+            .addErrback(lambda _: None)
+        )
+        yield self.usage.stop()
+        self.limiter.stop()
+        yield self.transport.stop()
+        yield defer.maybeDeferred(super().stopService)
+        if self.redis_health is not None:
+            self.redis_health.stop()
+        if self.store is not None:
+            yield self.store.disconnect().addErrback(lambda _: None)
+        _log.info("agentd stopped")
+
+    def drain(self, seconds: float) -> Deferred[None]:
+        """Wait until no query is in flight, ``seconds`` have passed, or a second SIGTERM."""
+        done: Deferred[None] = Deferred()
+        deadline = self.clock.seconds() + seconds
+        poll: list[IDelayedCall] = []
+
+        def finish() -> None:
+            self._drain_cut = None
+            if poll and poll[0].active():
+                poll[0].cancel()
+            if not done.called:
+                done.callback(None)
+
+        def check() -> None:
+            poll.clear()
+            if self.registry.busy() == 0 or self.clock.seconds() >= deadline:
+                finish()
+            else:
+                poll.append(self.clock.callLater(DRAIN_POLL_SECONDS, check))
+
+        self._drain_cut = finish
+        check()
+        return done
+
+    def sigterm(self, signum: int, frame: FrameType | None) -> None:
+        """The SIGTERM handler: the first stops the reactor, which stops this service and
+        drains; one during the drain ends the drain now."""
+        if not self.draining:
+            self.reactor.callFromThread(self.reactor.stop)
+        elif self._drain_cut is not None:
+            _log.info("second SIGTERM: ending the drain now")
+            self.reactor.callFromThread(self._drain_cut)
+
+    def ready(self) -> bool:
+        return bool(self.running) and not self.draining
