@@ -141,7 +141,7 @@ class HealthResource(Resource):
         ready: Callable[[], bool],
     ) -> None:
         super().__init__()
-        self._checks = tuple(checks)
+        self.checks = tuple(checks)
         self._clock = clock
         self._version = version
         self._started_at = started_at
@@ -153,10 +153,10 @@ class HealthResource(Resource):
 
     def report(self) -> Deferred[tuple[int, dict[str, Any]]]:
         """The HTTP status and body /health answers, once every check has finished."""
-        d = gatherResults([run_check(check, self._clock) for check in self._checks])
+        d = gatherResults([run_check(check, self._clock) for check in self.checks])
 
         def build(results: list[CheckResult]) -> tuple[int, dict[str, Any]]:
-            pairs = list(zip(self._checks, results, strict=True))
+            pairs = list(zip(self.checks, results, strict=True))
             status = overall_status(pairs)
             body = {
                 "status": status,
