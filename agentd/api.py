@@ -18,6 +18,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from agentd.auth import Authenticator, AuthError, Principal, request_origin_allowed
 from agentd.refusal import Header, Refused
+from agentd.webrequest import WebRequest
 
 _log = Logger()
 
@@ -55,7 +56,7 @@ class APIResource(Resource):
     name = "API"
 
     def __init__(self, authenticator: Authenticator, allowed_origins: tuple[str, ...] = ()) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self._authenticator = authenticator
         self._allowed_origins = allowed_origins
 
@@ -72,10 +73,11 @@ class APIResource(Resource):
     def render(self, request: IRequest) -> int:
         gone: list[Failure] = []
         # Every request a Site dispatches is a server.Request; IRequest lacks notifyFinish.
-        cast(Request, request).notifyFinish().addErrback(gone.append)
+        web: WebRequest = cast(Request, request)
+        web.notifyFinish().addErrback(gone.append)
         d = Deferred.fromCoroutine(self._answer(request))
         d.addErrback(self._crashed)
-        d.addCallback(self._send, request, gone)
+        d.addCallback(self._send, web, gone)
         return NOT_DONE_YET
 
     async def _answer(self, request: IRequest) -> Reply:
@@ -101,7 +103,7 @@ class APIResource(Resource):
         _log.failure("{api} request failed", failure, api=self.name)
         return error_reply(500, "internal error")
 
-    def _send(self, reply: Reply, request: IRequest, gone: list[Failure]) -> None:
+    def _send(self, reply: Reply, request: WebRequest, gone: list[Failure]) -> None:
         if gone:
             return
         request.setResponseCode(reply.status)
@@ -158,12 +160,12 @@ def json_body(request: IRequest, max_bytes: int, expected: str) -> Any:
 
     ``expected`` describes the body for the 400 answer when it is not JSON.
     """
-    content_type = request.getHeader(b"content-type") or b""
+    content_type = _header(request, b"content-type")
     if content_type.split(b";")[0].strip().lower() != b"application/json":
         raise Refused(415, "send the body as application/json")
     too_large = Refused(413, f"body must be at most {max_bytes} bytes")
-    declared = request.getHeader(b"content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
+    declared = _header(request, b"content-length")
+    if declared.strip().isdigit() and int(declared) > max_bytes:
         raise too_large
     body = request.content.read(max_bytes + 1)
     if len(body) > max_bytes:
@@ -174,3 +176,9 @@ def json_body(request: IRequest, max_bytes: int, expected: str) -> Any:
         raise Refused(400, f"body {e}") from None
     except ValueError:
         raise Refused(400, f"body must be {expected}") from None
+
+
+def _header(request: IRequest, name: bytes) -> bytes:
+    """The last value of the request's header ``name``, as twisted.web's getHeader reads it."""
+    values: list[bytes] = request.requestHeaders.getRawHeaders(name) or []
+    return values[-1] if values else b""

@@ -6,11 +6,9 @@ import argparse
 import ipaddress
 import sys
 
-# The splitter serverFromString itself uses, so escaped colons read the same.
-from twisted.internet.endpoints import _parse as parse_endpoint
-
 from agentd.auth import Authenticator
 from agentd.config import USER_RE, ConfigError, load
+from agentd.endpoints import parse_endpoint, socket_address
 
 
 def _token(argv: list[str]) -> int:
@@ -83,14 +81,12 @@ def beyond_loopback(endpoint: str) -> bool:
     Unix sockets do not; tcp, tcp6 and ssl do unless their interface is a loopback address
     (none means every address); any other kind of endpoint is assumed to.
     """
-    args, kwargs = parse_endpoint(endpoint)
-    kind = args[0] if args else ""
-    if kind == "unix":
+    if parse_endpoint(endpoint)[0] == "unix":
         return False
-    if kind not in ("tcp", "tcp6", "ssl"):
+    address = socket_address(endpoint)
+    if address is None:
         return True
-    positional = args[2] if kind == "tcp" and len(args) > 2 else ""
-    interface = kwargs.get("interface", positional)
+    interface = address.interface
     if interface == "localhost":
         return False
     try:

@@ -11,14 +11,9 @@ from twisted.application.service import Service
 
 from agentd.auth import Authenticator
 from agentd.config import Config, ConfigError
+from agentd.endpoints import socket_address
 
 TOKEN_TTL_SECONDS = 7 * 24 * 3600
-# Positional arguments of Twisted's server endpoint parsers, in order, up to the interface.
-_POSITIONAL = {
-    "tcp": ("port", "interface"),
-    "tcp6": ("port", "backlog", "interface"),
-    "ssl": ("port", "privateKey", "certKey", "sslmethod", "interface"),
-}
 
 
 def dev_secret(config: Config) -> str:
@@ -33,51 +28,20 @@ def dev_secret(config: Config) -> str:
     return secrets.token_urlsafe(32)
 
 
-def parse_endpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
-    """A server endpoint string as Twisted reads it: the kind, positional arguments and
-    keyword arguments. ``:`` separates fields, the first ``=`` of a field makes it a keyword
-    argument, and a backslash takes the next character literally (``interface=\\:\\:1``)."""
-    fields: list[tuple[str | None, str]] = []
-    key: str | None = None
-    current: list[str] = []
-    chars = iter(description)
-    for char in chars:
-        if char == "\\":
-            current.append(next(chars, ""))
-        elif char == ":":
-            fields.append((key, "".join(current)))
-            key, current = None, []
-        elif char == "=" and key is None:
-            key, current = "".join(current), []
-        else:
-            current.append(char)
-    fields.append((key, "".join(current)))
-    (_, kind), rest = fields[0], fields[1:]
-    args = [value for name, value in rest if name is None]
-    kwargs = {name: value for name, value in rest if name is not None}
-    return kind, args, kwargs
-
-
 def endpoint_url(endpoint: str) -> str | None:
     """The http(s) URL a browser on this host reaches ``endpoint`` at; None for endpoints
     without one (a UNIX socket)."""
-    kind, args, kwargs = parse_endpoint(endpoint)
-    family = "tcp" if kind == "tcp4" else kind
-    names = _POSITIONAL.get(family)
-    if names is None:
+    address = socket_address(endpoint)
+    if address is None or not address.port.isdigit():
         return None
-    values = dict(zip(names, args, strict=False)) | kwargs
-    port = values.get("port", "")
-    if not port.isdigit():
-        return None
-    host = values.get("interface", "")
+    host = address.interface
     if _every_interface(host):
         # Not an address a browser can connect to; this host's loopback is one of them.
-        host = "::1" if family == "tcp6" else "127.0.0.1"
+        host = "::1" if address.kind == "tcp6" else "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    scheme = "https" if family == "ssl" else "http"
-    return f"{scheme}://{host}:{port}"
+    scheme = "https" if address.kind == "ssl" else "http"
+    return f"{scheme}://{host}:{address.port}"
 
 
 def _every_interface(host: str) -> bool:

@@ -26,6 +26,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from agentd.refusal import NOT_FOUND
+from agentd.webrequest import WebRequest
 
 _log = Logger()
 
@@ -59,7 +60,7 @@ def run_check(check: HealthCheck, clock: IReactorTime) -> Deferred[CheckResult]:
     d.addTimeout(check.timeout, clock)
 
     def failed(failure: Failure) -> CheckResult:
-        if failure.check(TimeoutError):
+        if isinstance(failure.value, TimeoutError):
             return CheckResult("failed", {"error": f"timed out after {check.timeout:g} s"})
         _log.failure("health check {check} failed", failure, level=LogLevel.debug, check=check.name)
         return CheckResult("failed", {"error": type(failure.value).__name__})
@@ -98,7 +99,7 @@ def redis_check(redis: Pinger, critical: bool = False) -> HealthCheck:
     return HealthCheck("redis", probe, critical=critical)
 
 
-def _write_json(request: Request, code: int, body: Mapping[str, Any]) -> bytes:
+def _write_json(request: WebRequest, code: int, body: Mapping[str, Any]) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
@@ -110,7 +111,7 @@ class LiveResource(Resource):
 
     isLeaf = True
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: WebRequest) -> bytes:
         return _write_json(request, 200, {"status": "alive"})
 
 
@@ -120,10 +121,10 @@ class ReadyResource(Resource):
     isLeaf = True
 
     def __init__(self, ready: Callable[[], bool]) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self._ready = ready
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: WebRequest) -> bytes:
         if self._ready():
             return _write_json(request, 200, {"status": "ready"})
         return _write_json(request, 503, {"status": "not ready"})
@@ -140,12 +141,12 @@ class HealthResource(Resource):
         started_at: float,
         ready: Callable[[], bool],
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self.checks = tuple(checks)
         self._clock = clock
         self._version = version
         self._started_at = started_at
-        self.putChild(b"live", LiveResource())
+        self.putChild(b"live", LiveResource())  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self.putChild(b"ready", ReadyResource(ready))
 
     def getChild(self, path: bytes, request: Request) -> IResource:
@@ -175,7 +176,7 @@ class HealthResource(Resource):
 
         return d.addCallback(build)
 
-    def render_GET(self, request: Request) -> int:
+    def render_GET(self, request: WebRequest) -> int:
         gone = False
 
         def lost(_: Failure) -> None:

@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
-from typing import Protocol
 
 from twisted.web.resource import Resource
 
+from agentd.webrequest import WebRequest
+
 Header = tuple[bytes, bytes]
-
-
-class AnsweredRequest(Protocol):
-    """What a refusal sets on a request (twisted.web's Request, typed)."""
-
-    def setResponseCode(self, code: int, message: bytes | None = None) -> None: ...
-
-    def setHeader(self, name: bytes, value: bytes) -> None: ...
 
 
 class Refused(Exception):
@@ -37,7 +30,7 @@ class Refused(Exception):
     def body(self) -> bytes:
         return json.dumps({"error": self.error}).encode("utf-8")
 
-    def answer(self, request: AnsweredRequest) -> bytes:
+    def answer(self, request: WebRequest) -> bytes:
         """Set the status and headers on ``request``; the body to write is returned."""
         request.setResponseCode(self.status)
         request.setHeader(b"content-type", b"application/json")
@@ -68,10 +61,10 @@ class RefusedResource(Resource):
     isLeaf = True
 
     def __init__(self, refused: Refused) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self.refused = refused
 
-    def render(self, request: AnsweredRequest) -> bytes:
+    def render(self, request: WebRequest) -> bytes:
         return self.refused.answer(request)
 
 

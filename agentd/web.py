@@ -16,6 +16,7 @@ from twisted.web.server import Request, Site
 from agentd.clientaddr import IPAddress, parse_address
 from agentd.edge import ConnectionLimits, GuardedChannel
 from agentd.refusal import NOT_FOUND, Refused, RefusedResource
+from agentd.webrequest import WebRequest
 
 _log = Logger()
 
@@ -37,14 +38,14 @@ class BoundedRequest(Request):
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_REQUEST_BODY:
             self._refuse()
-        super().gotLength(length)
+        super().gotLength(length)  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     def handleContentChunk(self, data: bytes) -> None:
         self._body_bytes += len(data)
         if self._body_bytes > MAX_REQUEST_BODY:
             self._refuse()
             return
-        super().handleContentChunk(data)
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     def _refuse(self) -> None:
         if not self._refused:
@@ -61,7 +62,7 @@ class BoundedRequest(Request):
 
     def _client(self) -> tuple[IAddress, IPAddress | None]:
         if self._resolved is None:
-            peer = super().getClientAddress()
+            peer: IAddress = super().getClientAddress()  # type: ignore[no-untyped-call]  # unannotated in Twisted
             channel = self.channel
             if not (isinstance(channel, GuardedChannel) and channel.behind_proxy):
                 self._resolved = (peer, None)
@@ -85,10 +86,11 @@ class BoundedRequest(Request):
             # request and close its connection.
             self.site = channel.site
             channel.persistent = False
-            self.setHeader(b"connection", b"close")
-            self.render(_TOO_MANY_CONNECTIONS)
+            answer: WebRequest = self
+            answer.setHeader(b"connection", b"close")
+            self.render(_TOO_MANY_CONNECTIONS)  # type: ignore[no-untyped-call]  # unannotated in Twisted
             return
-        super().process()
+        super().process()  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
 
 _TOO_LARGE = Refused(413, f"request bodies are at most {MAX_REQUEST_BODY} bytes")
@@ -106,13 +108,14 @@ class AccessLoggingSite(Site):
     protocol = GuardedChannel  # type: ignore[assignment]
 
     def __init__(self, resource: IResource, limits: ConnectionLimits) -> None:
-        super().__init__(resource, reactor=limits.clock)
+        super().__init__(resource, reactor=limits.clock)  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self.limits = limits
 
     # The channel itself rather than Twisted's wrapper that could switch to HTTP/2 after
     # TLS negotiation: agentd offers no HTTP/2, and its WebSocket upgrades are HTTP/1.1.
     def buildProtocol(self, addr: IAddress | None) -> GuardedChannel | None:  # type: ignore[override]
-        channel: GuardedChannel = super().buildProtocol(addr)  # type: ignore[assignment]
+        # Twisted leaves it unannotated; it builds ``protocol``, a GuardedChannel.
+        channel: GuardedChannel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
         channel.limits = self.limits
         if not self.limits.open(channel, addr):
             return None
@@ -128,6 +131,9 @@ class AccessLoggingSite(Site):
 
 
 class _Root(Resource):
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+
     def getChild(self, path: bytes, request: Request) -> IResource:
         return NOT_FOUND
 
@@ -138,15 +144,15 @@ class _StaticFile(Resource):
     isLeaf = True
 
     def __init__(self, body: bytes, content_type: str) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self._body = body
         self._type = content_type.encode()
 
-    def render_HEAD(self, request: Request) -> bytes:
+    def render_HEAD(self, request: WebRequest) -> bytes:
         self.render_GET(request)
         return b""
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: WebRequest) -> bytes:
         request.setHeader(b"content-type", self._type)
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-content-type-options", b"nosniff")
@@ -164,10 +170,14 @@ def _static(name: str, content_type: str) -> Resource:
     return _StaticFile(body, content_type)
 
 
+def _metrics(registry: CollectorRegistry) -> IResource:
+    return MetricsResource(registry=registry)  # type: ignore[no-untyped-call]  # unannotated
+
+
 def metrics_site(registry: CollectorRegistry, limits: ConnectionLimits) -> Site:
     """A Site with only /metrics, for a separate (internal) listen endpoint."""
     root = _Root()
-    root.putChild(b"metrics", MetricsResource(registry=registry))
+    root.putChild(b"metrics", _metrics(registry))
     return AccessLoggingSite(root, limits)
 
 
@@ -184,7 +194,7 @@ def build_site(
     root.putChild(b"projects", agent_route)
     root.putChild(b"health", health)
     if registry is not None:
-        root.putChild(b"metrics", MetricsResource(registry=registry))
+        root.putChild(b"metrics", _metrics(registry))
     api_root = _Root()
     for name, resource in api.items():
         api_root.putChild(name, resource)

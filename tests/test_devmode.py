@@ -7,7 +7,7 @@ import pytest
 from agentd import config as config_module
 from agentd.auth import Authenticator
 from agentd.config import ConfigError
-from agentd.devmode import banner, dev_secret, endpoint_url, parse_endpoint
+from agentd.devmode import banner, dev_secret, endpoint_url
 
 
 @pytest.mark.parametrize(
@@ -36,14 +36,6 @@ def test_endpoint_url_reads_endpoint_strings_as_twisted_does(
     endpoint: str, url: str | None
 ) -> None:
     assert endpoint_url(endpoint) == url
-
-
-def test_parse_endpoint_splits_fields_keywords_and_escapes() -> None:
-    assert parse_endpoint("ssl:8443:privateKey=a\\:b=c:interface=\\:\\:1") == (
-        "ssl",
-        ["8443"],
-        {"privateKey": "a:b=c", "interface": "::1"},
-    )
 
 
 def test_the_banner_gives_working_urls_or_says_why_there_is_none() -> None:
