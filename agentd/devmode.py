@@ -73,7 +73,7 @@ class BannerService(Service):
         self.text = text
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         # The freshly generated token is meant to be copied: straight to the terminal, as
         # twistd routes sys.stderr into the (redacting) log.
         print(self.text, file=sys.__stderr__, flush=True)

@@ -190,7 +190,7 @@ class GuardedChannel(HTTPChannel):
     _abort: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        super().connectionMade()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self._start(_HEAD, self.limits.head_seconds)
 
     def dataReceived(self, data: bytes) -> None:
@@ -201,11 +201,11 @@ class GuardedChannel(HTTPChannel):
             self._start(_HEAD, self.limits.head_seconds)
         if data and self._phase == _HEAD:
             self._received = True
-        super().dataReceived(data)
+        super().dataReceived(data)  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     def allHeadersReceived(self) -> None:
         self._cancel()
-        super().allHeadersReceived()
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         if self._phase == _HEAD and self.length != 0:
             self._start(_BODY, self.limits.body_seconds)
 
@@ -213,14 +213,14 @@ class GuardedChannel(HTTPChannel):
         self._cancel()
         self._phase = _BUSY
         self.limits.busy(self)
-        super().allContentReceived()
+        super().allContentReceived()  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     def requestDone(self, request: Request) -> None:
         if self._phase == _BUSY:
             self._phase = _IDLE
             self._received = False
             self.limits.waiting(self)
-        super().requestDone(request)
+        super().requestDone(request)  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel()
@@ -228,7 +228,7 @@ class GuardedChannel(HTTPChannel):
             self._abort.cancel()
         self._phase = _DONE
         self.limits.release(self)
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     def authenticated(self) -> None:
         """The request became an authenticated WebSocket upgrade; the socket leaves HTTP."""
@@ -268,7 +268,7 @@ class GuardedChannel(HTTPChannel):
             return
         if response:
             transport.write(response)
-        self.loseConnection()
+        self.loseConnection()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self._abort = self.limits.clock.callLater(CLOSE_GRACE_SECONDS, transport.abortConnection)
 
 

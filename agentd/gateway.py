@@ -235,7 +235,7 @@ class AgentWebSocket(WebSocketServerProtocol):
         # channel would have told the request of the lost connection had it kept the socket.
         request, self.upgraded_from = self.upgraded_from, None
         if request is not None and request.channel is not None:
-            request.channel.connectionLost(reason)
+            request.channel.connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted's
 
     # The session's view of this connection.
     def send_frame(self, frame: bytes) -> None:
@@ -264,16 +264,18 @@ class AgentWebSocket(WebSocketServerProtocol):
 
 
 class AgentWebSocketFactory(WebSocketServerFactory):
+    # Twisted's Factory types ``protocol`` and ``buildProtocol`` for any protocol with a
+    # factory attribute; this factory builds AgentWebSocket only.
     protocol = AgentWebSocket  # type: ignore[assignment]
 
     def __init__(
         self, registry: SessionRegistry, max_message_bytes: int, auto_ping_seconds: float
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in autobahn
         self.registry = registry
         self._next: tuple[ConnectionContext, Request] | None = None
-        self._websocket = WebSocketResource(self)
-        self.setProtocolOptions(
+        self._websocket = WebSocketResource(self)  # type: ignore[no-untyped-call]  # unannotated in autobahn
+        self.setProtocolOptions(  # type: ignore[no-untyped-call]  # unannotated in autobahn
             maxFramePayloadSize=max_message_bytes,
             maxMessagePayloadSize=max_message_bytes,
             autoPingInterval=auto_ping_seconds,
@@ -294,7 +296,7 @@ class AgentWebSocketFactory(WebSocketServerFactory):
         """Upgrade an admitted request to this factory's protocol, with its context."""
         # WebSocketResource.render builds the protocol synchronously, through buildProtocol.
         self._next = (ctx, request)
-        self._websocket.render(request)
+        self._websocket.render(request)  # type: ignore[no-untyped-call]  # unannotated in autobahn
 
 
 def _echoable_ping_id(value: Any) -> bool:

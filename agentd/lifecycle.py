@@ -64,7 +64,7 @@ class AgentdService(MultiService):
         store: RedisStore | None,
         redis_health: RedisHealth | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self.config = config
         self.clock = clock
         self.reactor = reactor
@@ -80,7 +80,7 @@ class AgentdService(MultiService):
 
     def startService(self) -> None:
         self.usage.start()
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         if self.handle_signals:
             # twistd's own handler makes the process end by the signal (status 143); a
             # graceful drain that completes is a clean exit, status 0. The reactor installs

@@ -131,5 +131,5 @@ class BackoffEndpoint:
     def _guard(self, port: IListeningPort) -> IListeningPort:
         # ssl: listens on a TCP port under a TLS wrapper, and unix.Port is a tcp.Port too.
         if isinstance(port, tcp.Port) and getattr(port, "socket", None) is not None:
-            port.socket = _BackoffSocket(port.socket, AcceptBackoff(port, self._clock))  # type: ignore[assignment]
+            port.socket = _BackoffSocket(port.socket, AcceptBackoff(port, self._clock))
         return port

@@ -27,6 +27,7 @@ from agentd.config import PROJECT_RE
 from agentd.edge import authenticated
 from agentd.refusal import Refused
 from agentd.session import SessionKey, SessionRegistry
+from agentd.webrequest import WebRequest
 
 _log = Logger()
 
@@ -83,7 +84,7 @@ class AgentRoute(Resource):
     isLeaf = True
 
     def __init__(self, admission: Admission, upgrader: Upgrader) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self._admission = admission
         self._upgrader = upgrader
 
@@ -154,7 +155,8 @@ class AgentRoute(Resource):
         ):
             metrics.RATELIMIT_DECISIONS.labels("sessions", "rejected").inc()
             raise Refused(429, "too many concurrent sessions", retry_after=10)
-        peer = request.getClientAddress()
+        view: WebRequest = request
+        peer = view.getClientAddress()
         return ConnectionContext(
             principal=principal,
             project=project,
@@ -170,12 +172,12 @@ class AgentRoute(Resource):
         self._upgrader.upgrade(request, ctx)
 
 
-def _refuse(request: Request, refused: Refused) -> bytes:
+def _refuse(request: WebRequest, refused: Refused) -> bytes:
     metrics.HANDSHAKES.labels(str(refused.status)).inc()
     return refused.answer(request)
 
 
-def _finish(request: Request, refused: Refused) -> None:
+def _finish(request: WebRequest, refused: Refused) -> None:
     request.write(_refuse(request, refused))
     request.finish()
 

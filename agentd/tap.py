@@ -45,7 +45,7 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "TOML configuration file (default: embedded defaults)"]]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self["listen"] = []
 
     def opt_listen(self, endpoint: str) -> None:
@@ -75,7 +75,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     except ConfigError as e:
         raise SystemExit(f"agentd: configuration error: {e}") from None
     agentd.handle_signals = True
-    agentd.setServiceParent(root)
+    agentd.setServiceParent(root)  # type: ignore[no-untyped-call]  # unannotated in Twisted
     return root
 
 
@@ -158,15 +158,18 @@ def build(config: Config, reactor: Any) -> AgentdService:
         limits=limits,
     )
     for endpoint in config.server.listen:
-        _listen(reactor, endpoint, site).setServiceParent(service)
+        _listen(reactor, endpoint, site, service)
     for endpoint in config.server.metrics_listen:
-        _listen(reactor, endpoint, metrics_site(metrics.REGISTRY, limits)).setServiceParent(service)
+        _listen(reactor, endpoint, metrics_site(metrics.REGISTRY, limits), service)
     if secret:
-        BannerService(banner(authenticator, config.server.listen[0])).setServiceParent(service)
+        # Added last, so that it prints once the listeners have started.
+        dev = BannerService(banner(authenticator, config.server.listen[0]))
+        dev.setServiceParent(service)  # type: ignore[no-untyped-call]  # unannotated in Twisted
     return service
 
 
-def _listen(reactor: Any, endpoint: str, site: Site) -> StreamServerEndpointService:
-    return StreamServerEndpointService(
-        BackoffEndpoint(serverFromString(reactor, endpoint), reactor), site
-    )
+def _listen(reactor: Any, endpoint: str, site: Site, parent: MultiService) -> None:
+    # Twisted leaves serverFromString and the endpoint service unannotated.
+    listening = BackoffEndpoint(serverFromString(reactor, endpoint), reactor)  # type: ignore[no-untyped-call]
+    listener = StreamServerEndpointService(listening, site)  # type: ignore[no-untyped-call]
+    listener.setServiceParent(parent)  # type: ignore[no-untyped-call]

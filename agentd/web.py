@@ -105,6 +105,7 @@ class AccessLoggingSite(Site):
 
     displayTracebacks = False
     requestFactory = BoundedRequest
+    # HTTPFactory types ``protocol`` as its wrapper that may switch to HTTP/2; see below.
     protocol = GuardedChannel  # type: ignore[assignment]
 
     def __init__(self, resource: IResource, limits: ConnectionLimits) -> None:
@@ -113,6 +114,7 @@ class AccessLoggingSite(Site):
 
     # The channel itself rather than Twisted's wrapper that could switch to HTTP/2 after
     # TLS negotiation: agentd offers no HTTP/2, and its WebSocket upgrades are HTTP/1.1.
+    # The override narrows the return type from that wrapper to the channel (mypy: override).
     def buildProtocol(self, addr: IAddress | None) -> GuardedChannel | None:  # type: ignore[override]
         # Twisted leaves it unannotated; it builds ``protocol``, a GuardedChannel.
         channel: GuardedChannel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
