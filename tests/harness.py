@@ -11,7 +11,8 @@ import treq
 from twisted.internet import reactor
 
 from agentd import config as config_module
-from agentd.tap import AgentdService, build
+from agentd.lifecycle import AgentdService
+from agentd.tap import build
 from tests.servers import SshServer, agent_command, free_port
 
 SECRET = "test-secret-0123456789abcdef-0123456789abcdef"
