@@ -25,7 +25,8 @@ from agentd import metrics
 from agentd.api import JSONTooDeep, parse_json
 from agentd.errors import ErrorCode
 from agentd.route import MAX_SEQ, ConnectionContext
-from agentd.session import Session, SessionKey, SessionRegistry
+from agentd.session.registry import SessionRegistry
+from agentd.session.session import Session, SessionKey
 
 _log = Logger()
 

@@ -26,7 +26,7 @@ from agentd.listen import open_file_limit
 from agentd.ratelimit import RateLimiter
 from agentd.redishealth import RedisHealth
 from agentd.redisstore import RedisStore
-from agentd.session import SessionRegistry
+from agentd.session.registry import SessionRegistry
 from agentd.transport import AgentTransport
 from agentd.usage.recorder import UsageRecorder
 

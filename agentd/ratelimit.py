@@ -79,6 +79,12 @@ class ScriptRunner(Protocol):
     ) -> Deferred[Any]: ...
 
 
+class HandshakeLimiter(Protocol):
+    """What the WebSocket route asks before an upgrade: ``RateLimiter.check_handshake``."""
+
+    def check_handshake(self, user: str) -> Deferred[Decision]: ...
+
+
 @dataclass(frozen=True)
 class Decision:
     allowed: bool

@@ -25,8 +25,10 @@ from agentd.api import argument
 from agentd.auth import Authenticator, AuthError, Principal, request_origin_allowed
 from agentd.config import PROJECT_RE
 from agentd.edge import authenticated
+from agentd.ratelimit import HandshakeLimiter
 from agentd.refusal import Refused
-from agentd.session import SessionKey, SessionRegistry
+from agentd.session.registry import SessionRegistry
+from agentd.session.session import SessionKey
 from agentd.webrequest import WebRequest
 
 _log = Logger()
@@ -55,7 +57,7 @@ class Admission:
     allowed_origins: tuple[str, ...]
     registry: SessionRegistry
     max_sessions_per_user: int
-    limiter: Any
+    limiter: HandshakeLimiter | None
     draining: Callable[[], bool]
 
 

@@ -30,7 +30,9 @@ from agentd.ratelimit import RateLimiter
 from agentd.redishealth import RedisHealth
 from agentd.redisstore import RedisStore
 from agentd.route import Admission, AgentRoute
-from agentd.session import SessionRegistry, SessionServices
+from agentd.session.gate import PromptLimits
+from agentd.session.registry import SessionRegistry
+from agentd.session.services import SessionServices
 from agentd.transport import AgentTransport
 from agentd.transport.local import LocalTransport
 from agentd.transport.ssh.transport import SSHTransport
@@ -109,7 +111,7 @@ def build(config: Config, reactor: Any) -> AgentdService:
         grace_seconds=config.sessions.grace_seconds,
         replay_messages=config.sessions.replay_messages,
         replay_bytes=config.sessions.replay_bytes,
-        limiter=limiter,
+        gate=PromptLimits(limiter, usage_recorder.budgets),
         usage=usage_recorder,
         keys=keystore,
         usage_event=UsageEvent.from_agent_usage,

@@ -11,7 +11,7 @@ from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
 
 from agentd import metrics
-from agentd.session import SessionKey
+from agentd.session.session import SessionKey
 from tests.harness import base_config, merge, token
 from tests.wsclient import connect
 

@@ -16,7 +16,7 @@ import orjson
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -25,6 +25,8 @@ from agentd.auth import Principal
 from agentd.gateway import PROMPTS_WAITING_MAX, AgentWebSocket, AgentWebSocketFactory
 from agentd.ratelimit import Decision
 from agentd.route import ConnectionContext
+from agentd.session.gate import PromptLimits
+from agentd.usage.budgets import BudgetDecision
 from tests.harness import base_config, merge, token
 from tests.samples import sample
 from tests.servers import free_port
@@ -365,9 +367,14 @@ class SlowLimiter:
         return self.asked[-1]
 
 
+class NoBudgets:
+    def check(self, user: str, project: str) -> Deferred[BudgetDecision]:
+        return succeed(BudgetDecision(True, None, None, 0.0))
+
+
 def test_prompts_waiting_for_their_decisions_hold_the_clients_input_at_a_bound():
     limiter = SlowLimiter()
-    _, agents, registry = make(limiter=limiter)
+    _, agents, registry = make(gate=PromptLimits(limiter, NoBudgets()))
     protocol, transport = open_connection(registry, limit=MiB)
     prompts = [b'{"type":"prompt","id":"p%d","text":"x"}' % i for i in range(100)]
     protocol.dataReceived(b"".join(masked_frame(p) for p in prompts))

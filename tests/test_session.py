@@ -15,7 +15,10 @@ from twisted.logger import LogEvent, globalLogPublisher
 
 from agentd import agentlog
 from agentd.errors import ErrorCode
-from agentd.session import ReplayLog, SessionKey, SessionRegistry, SessionServices, _splice_seq
+from agentd.session.registry import SessionRegistry
+from agentd.session.replay import ReplayLog, splice_seq
+from agentd.session.services import SessionServices
+from agentd.session.session import SessionKey
 from agentd.transport import AgentSink, AgentTarget, TransportError
 from tests.samples import sample
 
@@ -324,7 +327,7 @@ def test_agentd_messages_in_the_replay_log_cost_about_their_size():
     ],
 )
 def test_seq_is_added_without_changing_the_agent_message(line, expected):
-    assert orjson.loads(_splice_seq(line, 7, orjson.loads(line))) == expected
+    assert orjson.loads(splice_seq(line, 7, orjson.loads(line))) == expected
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ round. When Redis fails or is slow, records go to the spool (agentd.usage.spool)
 before the record counts as handled, and are replayed in order, through the same idempotent
 step, once Redis answers again or when agentd next starts. While the Redis's ``RedisHealth``
 knows it to fail, whoever saw the failure, new records go straight to the spool. The recorder
-is also what the gateway and the HTTP API ask for budgets (agentd.usage.budgets) and reports.
+also holds the budgets (agentd.usage.budgets) that the prompt gate checks, and reads reports.
 docs/usage.md describes the whole of usage metering.
 """
 
@@ -410,6 +410,11 @@ class UsageRecorder:
         return CheckResult("ok" if detail["ok"] else "degraded", detail)
 
     # Budgets
+
+    @property
+    def budgets(self) -> Budgets:
+        """The monthly budgets over this recorder's store, which the prompt gate checks."""
+        return self._budgets
 
     def check_budget(self, user: str, project: str) -> Deferred[BudgetDecision]:
         """May ``user`` send a prompt in ``project`` (see ``Budgets.check``)."""

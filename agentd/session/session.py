@@ -10,24 +10,29 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from agentd import metrics
 from agentd.agentlog import LINES_PER_SECOND, LogBudget, parse_agent_log
 from agentd.errors import ErrorCode, error_message
-from agentd.keys.source import KeySource
-from agentd.transport import AgentProcess, AgentTarget, AgentTransport, TransportError
+from agentd.session.replay import ReplayLog, encode_frame, splice_seq
+from agentd.session.services import Client, SessionServices
+from agentd.transport import AgentProcess, AgentTarget, TransportError
 
-_log = Logger()
+if TYPE_CHECKING:
+    from agentd.session.registry import SessionRegistry
+
+# Log lines carry the room's name, which operators filter on, not this module's.
+_log = Logger(namespace="agentd.session")
 
 # Bound once: labels() is a locked dictionary lookup, too dear for every relayed message.
 _MESSAGES_TO_CLIENT = metrics.MESSAGES.labels("to_client")
@@ -45,48 +50,6 @@ class SessionKey(NamedTuple):
     agent: str
 
 
-class Client(Protocol):
-    """The attached WebSocket, as the session sees it."""
-
-    def send_frame(self, frame: bytes) -> None: ...
-
-    def close(self, code: int, reason: str) -> None: ...
-
-
-class ReplayLog:
-    """The most recent frames, bounded by count and bytes, oldest dropped first."""
-
-    def __init__(self, max_messages: int, max_bytes: int) -> None:
-        self._max_messages = max_messages
-        self._max_bytes = max_bytes
-        self._frames: deque[tuple[int, bytes]] = deque()
-        self._bytes = 0
-
-    def append(self, seq: int, frame: bytes) -> None:
-        frames = self._frames
-        frames.append((seq, frame))
-        self._bytes += len(frame)
-        if len(frames) > self._max_messages or self._bytes > self._max_bytes:
-            while len(frames) > self._max_messages or (
-                self._bytes > self._max_bytes and len(frames) > 1
-            ):
-                self._bytes -= len(frames.popleft()[1])
-
-    def since(self, last_seq: int, current_seq: int) -> tuple[list[bytes], bool]:
-        """Frames with seq > last_seq, and whether that is all of them."""
-        if last_seq >= current_seq:
-            return [], True
-        first = self._frames[0][0] if self._frames else current_seq + 1
-        complete = last_seq + 1 >= first
-        start = max(0, last_seq + 1 - first)
-        frames = [frame for _, frame in list(self._frames)[start:]]
-        return frames, complete
-
-    @property
-    def size(self) -> int:
-        return self._bytes
-
-
 @dataclass
 class Query:
     prompt_id: str
@@ -95,52 +58,10 @@ class Query:
     outputs: int = 0
 
 
-class SessionServices:
-    """What sessions need from the rest of agentd, gathered once by ``makeService``."""
-
-    def __init__(
-        self,
-        *,
-        transport: AgentTransport,
-        clock: IReactorTime,
-        grace_seconds: float,
-        replay_messages: int,
-        replay_bytes: int,
-        limiter: Any = None,
-        usage: Any = None,
-        keys: KeySource | None = None,
-        usage_event: Callable[..., Any] | None = None,
-    ) -> None:
-        self.transport = transport
-        self.clock = clock
-        self.grace_seconds = grace_seconds
-        self.replay_messages = replay_messages
-        self.replay_bytes = replay_bytes
-        self.limiter = limiter
-        self.usage = usage
-        self.keys = keys
-        self.usage_event = usage_event
-
-
-def _encode(message: dict[str, Any]) -> bytes:
-    """A message as a frame to keep: orjson returns its bytes in a buffer of at least 4 KiB,
-    which would make each small message in the replay log cost that much."""
-    return bytes(memoryview(orjson.dumps(message)))
-
-
-def _splice_seq(line: bytes, seq: int, obj: dict[str, Any]) -> bytes:
-    """The agent's line with ``seq`` added, without re-encoding it when that is safe."""
-    if "seq" in obj or not obj:
-        obj["seq"] = seq
-        return _encode(obj)
-    if line[0] == 123 and line[-1] == 125:  # "{...}", as agents write it: no stripping
-        return b'{"seq":%d,' % seq + line[1:]
-    body = line.lstrip()[1:]
-    return b'{"seq":%d,%s' % (seq, body.strip())
-
-
 class Session:
-    def __init__(self, registry: SessionRegistry, key: SessionKey, services: SessionServices):
+    def __init__(
+        self, registry: SessionRegistry, key: SessionKey, services: SessionServices
+    ) -> None:
         self.id = secrets.token_urlsafe(24)  # 192 random bits
         self.key = key
         self._registry = registry
@@ -251,7 +172,7 @@ class Session:
         """Send one of agentd's own messages in the session's seq envelope."""
         self.seq += 1
         message["seq"] = self.seq
-        self._send(_encode(message))
+        self._send(encode_frame(message))
 
     def error(self, code: ErrorCode, text: str, **extra: Any) -> None:
         metrics.ERRORS.labels(self.key.agent, code.value).inc()
@@ -299,7 +220,7 @@ class Session:
             for waiter in waiters:
                 waiter.callback(None)
 
-    def _prompt_failed(self, failure: Any, prompt_id: str) -> None:
+    def _prompt_failed(self, failure: Failure, prompt_id: str) -> None:
         self._settle(prompt_id)
         _log.failure("prompt handling failed", failure=failure, **self._log_context)
         self.error(ErrorCode.INTERNAL, "internal error", id=prompt_id)
@@ -308,35 +229,12 @@ class Session:
         try:
             if self.ended:
                 return
-            services = self._services
-            if services.limiter is not None:
-                decision = await services.limiter.check_prompt(self.key.user)
-                metrics.RATELIMIT_DECISIONS.labels(
-                    "prompts", "allowed" if decision.allowed else "rejected"
-                ).inc()
-                if not decision.allowed:
-                    self.error(
-                        ErrorCode.RATE_LIMIT,
-                        "Rate limited. Please wait before sending another message.",
-                        id=prompt_id,
-                        retryAfter=decision.retry_after_ms,
-                        policy=decision.policy,
-                        limit=decision.limit,
-                        window=decision.window_ms,
-                    )
-                    return
-            if services.usage is not None:
-                budget = await services.usage.check_budget(self.key.user, self.key.project)
-                if not budget.allowed:
-                    metrics.BUDGET_REJECTIONS.labels(budget.scope or "user").inc()
-                    self.error(
-                        ErrorCode.QUOTA_EXCEEDED,
-                        f"Monthly budget reached for this {budget.scope}.",
-                        id=prompt_id,
-                        scope=budget.scope,
-                        budget=budget.budget_usd,
-                        spent=round(budget.spent_usd, 6),
-                    )
+            gate = self._services.gate
+            if gate is not None:
+                refusal = await gate.admit(self.key.user, self.key.project)
+                if refusal is not None:
+                    refusal.metric.inc()
+                    self.error(refusal.code, refusal.text, id=prompt_id, **refusal.fields)
                     return
             process = await self._ensure_process()
             if process is None or self.ended:
@@ -434,7 +332,7 @@ class Session:
                 if self.queries:
                     self._count_output(obj)
             self.seq += 1
-            frame = _splice_seq(line, self.seq, obj)
+            frame = splice_seq(line, self.seq, obj)
             replay.append(self.seq, frame)
             sent += 1
             size += len(frame)
@@ -571,79 +469,3 @@ class _Sink:
         self.agent_log = session.agent_log
         self.agent_overlong = session.agent_overlong
         self.agent_ended = session.agent_ended
-
-
-class SessionRegistry:
-    """Every live session of this agentd process, by id and by (project, user, agent)."""
-
-    def __init__(self, services: SessionServices) -> None:
-        self.services = services
-        self.by_id: dict[str, Session] = {}
-        self.by_key: dict[SessionKey, Session] = {}
-        self._per_user: dict[str, int] = {}
-        self._ending: dict[Session, Deferred[None]] = {}
-        self.draining = False
-
-    def sessions_of(self, user: str) -> int:
-        return self._per_user.get(user, 0)
-
-    def open(
-        self, key: SessionKey, client: Client, session_id: str | None, last_seq: int
-    ) -> Session:
-        if session_id:
-            existing = self.by_id.get(session_id)
-            if existing is not None and existing.key == key and not existing.ended:
-                metrics.SESSION_EVENTS.labels("resumed").inc()
-                existing.attach(client, last_seq, resumed=True)
-                return existing
-        previous = self.by_key.get(key)
-        if previous is not None:
-            previous.end("replaced")
-        session = Session(self, key, self.services)
-        self.by_id[session.id] = session
-        self.by_key[key] = session
-        self._per_user[key.user] = self._per_user.get(key.user, 0) + 1
-        metrics.SESSION_EVENTS.labels("created").inc()
-        session.attach(client, 0, resumed=False)
-        return session
-
-    def forget(self, session: Session) -> None:
-        if self.by_id.pop(session.id, None) is None:
-            return
-        if self.by_key.get(session.key) is session:
-            del self.by_key[session.key]
-        left = self._per_user.get(session.key.user, 1) - 1
-        if left:
-            self._per_user[session.key.user] = left
-        else:
-            self._per_user.pop(session.key.user, None)
-        if session.process is not None:
-            self._ending[session] = Deferred()
-        self.update_gauges()
-
-    def process_ended(self, session: Session) -> None:
-        waiting = self._ending.pop(session, None)
-        if waiting is not None:
-            waiting.callback(None)
-
-    def update_gauges(self) -> None:
-        attached = sum(1 for s in self.by_id.values() if s.client is not None)
-        metrics.SESSIONS.labels("attached").set(attached)
-        metrics.SESSIONS.labels("detached").set(len(self.by_id) - attached)
-
-    def busy(self) -> int:
-        """Queries in flight across all sessions."""
-        return sum(len(s.queries) for s in self.by_id.values())
-
-    def close_all(self, code: int, reason: str) -> None:
-        """Shutdown: close every client; sessions stay until ``end_all``."""
-        self.draining = True
-        for session in list(self.by_id.values()):
-            if session.client is not None:
-                session.client.close(code, reason)
-
-    def end_all(self) -> Deferred[Any]:
-        """End every session; fires when their agent processes have exited."""
-        for session in list(self.by_id.values()):
-            session.end("shutdown")
-        return defer.DeferredList(list(self._ending.values()))

@@ -1,0 +1,70 @@
+"""The prompt gate agentd wires: the user's prompt rate limit first, then the monthly budgets.
+
+A prompt the rate limit refuses never reaches the budgets, and one it accepts is counted
+against the user's limit even when a budget then refuses it, as each check records its own
+decision. Both are reached through the seams below, so this module imports neither Redis nor
+the usage store.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from twisted.internet.defer import Deferred
+
+from agentd import metrics
+from agentd.errors import ErrorCode
+from agentd.session.services import Refusal
+
+if TYPE_CHECKING:
+    from agentd.ratelimit import Decision
+    from agentd.usage.budgets import BudgetDecision
+
+
+class PromptRateLimit(Protocol):
+    """``RateLimiter.check_prompt``: decides on a prompt and counts an accepted one."""
+
+    def check_prompt(self, user: str) -> Deferred[Decision]: ...
+
+
+class BudgetCheck(Protocol):
+    """``Budgets.check``: refuses once this month's operator-paid spend reached a budget."""
+
+    def check(self, user: str, project: str) -> Deferred[BudgetDecision]: ...
+
+
+class PromptLimits:
+    """A ``PromptGate`` over the prompt rate limit and the budgets, in that order."""
+
+    def __init__(self, limiter: PromptRateLimit, budgets: BudgetCheck) -> None:
+        self._limiter = limiter
+        self._budgets = budgets
+
+    async def admit(self, user: str, project: str) -> Refusal | None:
+        decision = await self._limiter.check_prompt(user)
+        if not decision.allowed:
+            return Refusal(
+                ErrorCode.RATE_LIMIT,
+                "Rate limited. Please wait before sending another message.",
+                {
+                    "retryAfter": decision.retry_after_ms,
+                    "policy": decision.policy,
+                    "limit": decision.limit,
+                    "window": decision.window_ms,
+                },
+                metrics.RATELIMIT_DECISIONS.labels("prompts", "rejected"),
+            )
+        metrics.RATELIMIT_DECISIONS.labels("prompts", "allowed").inc()
+        budget = await self._budgets.check(user, project)
+        if not budget.allowed:
+            return Refusal(
+                ErrorCode.QUOTA_EXCEEDED,
+                f"Monthly budget reached for this {budget.scope}.",
+                {
+                    "scope": budget.scope,
+                    "budget": budget.budget_usd,
+                    "spent": round(budget.spent_usd, 6),
+                },
+                metrics.BUDGET_REJECTIONS.labels(budget.scope or "user"),
+            )
+        return None
