@@ -232,10 +232,10 @@ def token_from_request(request: IRequest) -> str | None:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    cookie = request.getCookie(b"agentd_token")
+    cookie: bytes | None = request.getCookie(b"agentd_token")
     if cookie:
         return cookie.decode("utf-8", "replace")
-    values = request.args.get(b"token")
+    values: list[bytes] | None = request.args.get(b"token")
     if values and values[0]:
         return values[0].decode("utf-8", "replace")
     return None

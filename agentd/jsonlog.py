@@ -170,7 +170,8 @@ def event_record(event: LogEvent) -> dict[str, Any]:
     if failure is not None:
         record["error"] = f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
         record["traceback"] = failure.getTraceback()
-    return _redact_value(record)
+    redacted: dict[str, Any] = _redact_value(record)
+    return redacted
 
 
 def json_line(event: LogEvent) -> bytes:

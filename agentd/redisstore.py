@@ -139,5 +139,6 @@ class RedisStore:
     def ping(self, timeout: float | None = None) -> Deferred[Any]:
         return self.call("ping", lambda c: c.ping(), timeout)
 
-    def disconnect(self) -> Deferred[Any]:
-        return self.connection.disconnect()
+    def disconnect(self) -> Deferred[None]:
+        done: Deferred[None] = self.connection.disconnect()
+        return done

@@ -90,10 +90,16 @@ class RedisKeyRecords:
         self._scan_count = scan_count
 
     async def get_all(self, user: str) -> dict[str, str]:
-        return await self._call("keys_read", lambda c: c.hgetall(REDIS_PREFIX + user))
+        records: dict[str, str] = await self._call(
+            "keys_read", lambda c: c.hgetall(REDIS_PREFIX + user)
+        )
+        return records
 
     async def get(self, user: str, provider: str) -> str | None:
-        return await self._call("keys_read", lambda c: c.hget(REDIS_PREFIX + user, provider))
+        record: str | None = await self._call(
+            "keys_read", lambda c: c.hget(REDIS_PREFIX + user, provider)
+        )
+        return record
 
     async def set(self, user: str, provider: str, record: str) -> None:
         await self._call("keys_write", lambda c: c.hset(REDIS_PREFIX + user, provider, record))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from twisted.internet import error, main
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IProcessTransport, IReactorProcess
+from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.process import Process, ProcessReader
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
@@ -55,7 +55,8 @@ class _AgentProcess(Process):
 
 
 class _AgentProcessProtocol(ProcessProtocol):
-    transport: IProcessTransport
+    # Process, unlike IProcessTransport, can pause reading the agent's output pipes.
+    transport: _AgentProcess
 
     def __init__(self, sink: AgentSink, max_line: int) -> None:
         self._sink = sink
@@ -83,10 +84,10 @@ class _AgentProcessProtocol(ProcessProtocol):
         self.transport.write(line + b"\n")
 
     def pause(self) -> None:
-        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.transport.pauseProducing()
 
     def resume(self) -> None:
-        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.transport.resumeProducing()
 
     def terminate(self) -> None:
         try:

@@ -30,7 +30,8 @@ class _UserAuth(SSHUserAuthClient):
         if self._offered:
             return None
         self._offered = True
-        return self._key.public()
+        public: Key = self._key.public()
+        return public
 
     def getPrivateKey(self) -> Deferred[Key]:
         return succeed(self._key)

@@ -33,7 +33,7 @@ PARALLEL_CONNECTS = 4
 MAX_REFUSALS = 64
 
 
-def _classify(e: BaseException) -> TransportError:
+def _classify(e: BaseException | None) -> TransportError:
     if isinstance(e, TransportError):
         return e
     if isinstance(e, error.ConnectionRefusedError):
@@ -98,8 +98,8 @@ class VMPool:
         endpoint = HostnameEndpoint(
             self._reactor, self.host, self.port, timeout=self._settings.connect_timeout
         )
-        d = connectProtocol(endpoint, proto)
-        d.addCallback(lambda _: proto.ready)
+        connecting: Deferred[ClientTransport] = connectProtocol(endpoint, proto)
+        d = connecting.addCallback(lambda _: proto.ready)
         d.addTimeout(self._settings.connect_timeout, self._clock)
 
         def connected(conn: VMConnection) -> VMConnection:
@@ -114,8 +114,9 @@ class VMPool:
         def failed(failure: Failure) -> Failure:
             transport = proto.transport
             if transport is not None and getattr(transport, "connected", False):
+                # ITransport has no abortConnection; the TCP transports that connect here do.
                 transport.abortConnection()  # type: ignore[attr-defined]
-            e = _classify(failure.value)  # type: ignore[arg-type]
+            e = _classify(failure.value)
             if proto.failure is not None and isinstance(failure.value, defer.CancelledError):
                 e = proto.failure
             metrics.SSH_CONNECT_FAILURES.labels(e.reason).inc()

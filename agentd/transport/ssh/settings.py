@@ -26,4 +26,5 @@ class SSHSettings:
 
 
 def load_private_key(path: str) -> Key:
-    return Key.fromFile(path)
+    key: Key = Key.fromFile(path)
+    return key
