@@ -234,13 +234,22 @@ class UsageRecorder:
             # Redis is known to fail: straight to disk, no timeout to wait for. Records go
             # to Redis again once it takes a write; the backlog is replayed in its own order.
             return self._to_spool(record)
-        applied = self._apply(record).addCallbacks(
-            self._applied,
-            self._apply_failed,
-            callbackArgs=(record, False),
-            errbackArgs=(record,),
-        )
-        return applied.addErrback(self._unexpected, record)
+        return Deferred.fromCoroutine(self._record_in_redis(record))
+
+    async def _record_in_redis(self, record: UsageRecord) -> None:
+        """Apply ``record``, spooling it when Redis fails; never fails: a bug is logged."""
+        try:
+            try:
+                result = await self._apply(record)
+            except Exception:
+                if self._spool is None or self._health is None:
+                    raise  # the in-memory store failing is a bug: logged, never retried
+                self._health.failed(Failure())
+                await self._to_spool(record)
+            else:
+                self._applied(result, record, False)
+        except Exception:
+            self._unexpected(Failure(), record)
 
     def _apply(self, record: UsageRecord, replay: bool = False) -> Deferred[str]:
         return maybeDeferred(
@@ -287,12 +296,6 @@ class UsageRecorder:
             tokens = tuple(metrics.TOKENS.labels(agent, kind) for kind in _TOKEN_KINDS)
             children = self._agent_metrics[agent] = (tokens, metrics.COST.labels(agent))
         return children
-
-    def _apply_failed(self, failure: Failure, record: UsageRecord) -> Deferred[None] | Failure:
-        if self._spool is None or self._health is None:
-            return failure  # the in-memory store failing is a bug: logged, never retried
-        self._health.failed(failure)
-        return self._to_spool(record)
 
     def _unexpected(self, failure: Failure, record: UsageRecord) -> None:
         _EVENTS["failed"].inc()
