@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from twisted.internet.defer import Deferred
@@ -19,7 +19,7 @@ def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], floa
 
 
 def retry(
-    attempt: Callable[[], Deferred[T]],
+    attempt: Callable[[], Awaitable[T]],
     *,
     attempts: int,
     base: float,
@@ -39,7 +39,7 @@ def retry(
 
 
 async def _retry(
-    attempt: Callable[[], Deferred[T]],
+    attempt: Callable[[], Awaitable[T]],
     attempts: int,
     base: float,
     cap: float,

@@ -33,7 +33,7 @@ PARALLEL_CONNECTS = 4
 MAX_REFUSALS = 64
 
 
-def _classify(e: BaseException | None) -> TransportError:
+def _classify(e: BaseException) -> TransportError:
     if isinstance(e, TransportError):
         return e
     if isinstance(e, error.ConnectionRefusedError):
@@ -91,7 +91,7 @@ class VMPool:
     def vm(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def _connect_once(self) -> Deferred[VMConnection]:
+    async def _connect_once(self) -> VMConnection:
         metrics.SSH_CONNECT_ATTEMPTS.inc()
         started = time.perf_counter()
         proto = ClientTransport(self.host, self.port, self._settings)
@@ -99,38 +99,37 @@ class VMPool:
             self._reactor, self.host, self.port, timeout=self._settings.connect_timeout
         )
         connecting: Deferred[ClientTransport] = connectProtocol(endpoint, proto)
-        d = connecting.addCallback(lambda _: proto.ready)
-        d.addTimeout(self._settings.connect_timeout, self._clock)
+        ready = connecting.addCallback(lambda _: proto.ready)
+        ready.addTimeout(self._settings.connect_timeout, self._clock)
+        try:
+            conn: VMConnection = await ready
+        except Exception as e:
+            raise self._connect_failed(proto, e) from None
+        metrics.SSH_CONNECT_SECONDS.observe(time.perf_counter() - started)
+        metrics.SSH_CONNECTIONS.inc()
+        self.connections.append(conn)
+        self.last_failure = None
+        self._transports[conn] = proto
+        proto.on_lost = lambda: self._lost(conn)
+        return conn
 
-        def connected(conn: VMConnection) -> VMConnection:
-            metrics.SSH_CONNECT_SECONDS.observe(time.perf_counter() - started)
-            metrics.SSH_CONNECTIONS.inc()
-            self.connections.append(conn)
-            self.last_failure = None
-            self._transports[conn] = proto
-            proto.on_lost = lambda: self._lost(conn)
-            return conn
-
-        def failed(failure: Failure) -> Failure:
-            transport = proto.transport
-            if transport is not None and getattr(transport, "connected", False):
-                # ITransport has no abortConnection; the TCP transports that connect here do.
-                transport.abortConnection()  # type: ignore[attr-defined]
-            e = _classify(failure.value)
-            if proto.failure is not None and isinstance(failure.value, defer.CancelledError):
-                e = proto.failure
-            metrics.SSH_CONNECT_FAILURES.labels(e.reason).inc()
-            self.last_failure = (self._clock.seconds(), e.reason)
-            _log.warn(
-                "SSH connection to {vm} failed: {reason} ({detail})",
-                vm=self.vm,
-                reason=e.reason,
-                detail=e.detail,
-            )
-            return Failure(e)
-
-        d.addCallbacks(connected, failed)
-        return d
+    def _connect_failed(self, proto: ClientTransport, cause: Exception) -> TransportError:
+        transport = proto.transport
+        if transport is not None and getattr(transport, "connected", False):
+            # ITransport has no abortConnection; the TCP transports that connect here do.
+            transport.abortConnection()  # type: ignore[attr-defined]
+        e = _classify(cause)
+        if proto.failure is not None and isinstance(cause, defer.CancelledError):
+            e = proto.failure
+        metrics.SSH_CONNECT_FAILURES.labels(e.reason).inc()
+        self.last_failure = (self._clock.seconds(), e.reason)
+        _log.warn(
+            "SSH connection to {vm} failed: {reason} ({detail})",
+            vm=self.vm,
+            reason=e.reason,
+            detail=e.detail,
+        )
+        return e
 
     def _cap(self) -> int:
         limit = self._settings.max_channels
