@@ -171,7 +171,7 @@ def build(config: Config, reactor: Any) -> AgentdService:
 
 
 def _listen(reactor: Any, endpoint: str, site: Site, parent: MultiService) -> None:
-    # Twisted leaves serverFromString and the endpoint service unannotated.
-    listening = BackoffEndpoint(serverFromString(reactor, endpoint), reactor)  # type: ignore[no-untyped-call]
+    # Twisted leaves the endpoint service unannotated.
+    listening = BackoffEndpoint(serverFromString(reactor, endpoint), reactor)
     listener = StreamServerEndpointService(listening, site)  # type: ignore[no-untyped-call]
     listener.setServiceParent(parent)  # type: ignore[no-untyped-call]
