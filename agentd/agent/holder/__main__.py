@@ -1,0 +1,7 @@
+"""``python -m agentd.agent.holder``: the session holder process, as attach.py starts it."""
+
+import sys
+
+from agentd.agent.holder.holder import main
+
+sys.exit(main())

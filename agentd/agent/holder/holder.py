@@ -1,0 +1,1084 @@
+"""The session holder: one detached process per session that runs the agent and keeps its lines.
+
+``agentd-agent attach`` starts it (see attach.py) in the session directory, in a session and
+process group of its own, with no pipe back to sshd or agentd. It runs the agent CLI as its
+child, exactly as agentd would, numbers every line the agent writes (that number is the
+client's ``seq``), appends it to the journal and relays it to the attach that is connected,
+if any. Attaches come and go; the agent does not notice.
+
+One thread runs everything through a selector; a second only fsyncs (journal.Syncer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from agentd.agent.holder import names, sessions, wire
+from agentd.agent.holder.journal import Journal, JournalError, Position, Syncer
+from agentd.agent.holder.state import STATE_FILE, Identity, State, read_identity
+from agentd.agent.log import Log
+from agentd.agent.protocol import MAX_ID_CHARS, MAX_LINE_BYTES
+
+# The agent's stdout is read this much at a time: what a full pipe holds.
+READ_BYTES = 65536
+# An attach's send buffer is refilled from the journal while it holds less than this.
+ATTACH_HIGH_WATER = 256 * 1024
+ATTACH_READ_BYTES = 256 * 1024
+HELLO_SECONDS = 10.0
+# After SIGTERM the agent CLI drops output nobody reads within 5 s and exits; past this it is
+# killed.
+KILL_SECONDS = 10.0
+# After ``ended``, how long the holder still reads ``recorded`` lines from the attach.
+LINGER_SECONDS = 2.0
+# A journal the disk refused is tried again after this long; the agent waits meanwhile.
+RETRY_SECONDS = 1.0
+LOG_FORWARD_CHARS = 8192
+
+
+@dataclass(frozen=True)
+class Settings:
+    identity: Identity
+    agent_argv: tuple[str, ...]
+    cwd: str
+    sessions: str
+    idle_seconds: float
+    journal_max_bytes: int
+    journal_max_age: float
+    max_line: int
+
+    @property
+    def agent_limit(self) -> int:
+        """How far the agent's lines may fill the journal; the rest is kept for acks, agentd's
+        own lines and ``agent_exited``, so those are never refused for the agent's sake."""
+        return self.journal_max_bytes - self.journal_max_bytes // 16
+
+
+class Attach:
+    """One connection from ``agentd-agent attach``; ``cursor`` is set once its hello is
+    accepted and says which journal bytes it gets next."""
+
+    __slots__ = ("cursor", "deadline", "inbuf", "out", "sock", "unwritable", "writing")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.inbuf = bytearray()
+        self.out = bytearray()
+        self.cursor: Position | None = None
+        self.writing = False
+        self.unwritable = False  # it stopped reading; what it sent is still read to the end
+
+
+class AgentChild:
+    """The agent process and its three pipes."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], pidfd: int) -> None:
+        assert proc.stdin and proc.stdout and proc.stderr
+        self.proc = proc
+        self.pidfd = pidfd
+        self.stdin = proc.stdin.fileno()
+        self.stdout = proc.stdout.fileno()
+        self.stderr = proc.stderr.fileno()
+        self.to_agent = bytearray()
+        self.partial = b""
+        self.err_partial = b""
+        self.discarding = 0  # bytes of an overlong stdout line dropped so far
+        self.stdout_open = True
+        self.stdin_open = True
+        self.exited = False
+        self.reading = True
+
+
+class Holder:
+    def __init__(
+        self,
+        settings: Settings,
+        journal: Journal,
+        state: State,
+        listener: socket.socket,
+        syncer: Syncer,
+        log: Log,
+    ) -> None:
+        self.settings = settings
+        self.identity = settings.identity
+        self.journal = journal
+        self.state = state
+        self.syncer = syncer
+        self.log = log
+        self.listener: socket.socket | None = listener
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(listener, selectors.EVENT_READ, self._accept)
+        self.current: Attach | None = None
+        self.waiting: list[Attach] = []  # connected, hello not yet received
+        self.agent: AgentChild | None = None
+        self.running: OrderedDict[str, None] = OrderedDict()  # prompt ids of running queries
+        self.held: list[bytes] = []  # agent lines read but not yet journaled: no room
+        self.exited_seq: int | None = None  # the seq of agent_exited while no agent runs
+        self.ending: str | None = None
+        self.keep_directory = False
+        self.finishing = False
+        self.finished = False
+        self.idle_since: float | None = time.monotonic()
+        self.kill_at: float | None = None
+        self.linger_until: float | None = None
+        self.retry_at: float | None = None
+        self.stop_signal: int | None = None
+        journal.advance(state.confirmed)
+        self._signals()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        registered = self.sel.get_map()
+        while not self.finished:
+            for key, mask in self.sel.select(self._timeout()):
+                # A callback earlier in this batch may have closed or replaced this one.
+                if registered.get(key.fd) is key:
+                    key.data(mask)
+            self._tick()
+
+    def _timeout(self) -> float | None:
+        now = time.monotonic()
+        deadlines = [a.deadline for a in self.waiting]
+        if self.idle_since is not None and self.ending is None:
+            deadlines.append(self.idle_since + self.settings.idle_seconds)
+        for deadline in (self.kill_at, self.linger_until, self.retry_at, self._age_deadline()):
+            if deadline is not None:
+                deadlines.append(deadline)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _age_deadline(self) -> float | None:
+        """When the journal next has a segment too old to keep (as a monotonic time)."""
+        expiry = self.journal.next_expiry(self.state.confirmed, self._keep())
+        if expiry is None:
+            return None
+        return time.monotonic() + max(0.0, expiry - time.time())
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.stop_signal is not None and self.ending is None:
+            self.log.info("stopping", session=self._short, signal=self.stop_signal)
+            self.keep_directory = True
+            self._begin_end("session holder stopped")
+        for attach in [a for a in self.waiting if a.deadline <= now]:
+            self._close(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "no hello"))
+        if self.retry_at is not None and now >= self.retry_at:
+            self.retry_at = None
+            self._unhold()
+        if self.kill_at is not None and now >= self.kill_at and self.agent is not None:
+            self.kill_at = None
+            self.log.warn("agent did not exit; killing it", session=self._short)
+            self._signal_agent(signal.SIGKILL)
+        if self.linger_until is not None and now >= self.linger_until:
+            self.finished = True
+        self._trim()
+        self._check_idle(now)
+
+    def _check_idle(self, now: float) -> None:
+        if self.ending is not None:
+            return
+        if (
+            self.current is None
+            and self.agent is None
+            and self.exited_seq is not None
+            and self.state.confirmed >= self.exited_seq
+        ):
+            self._begin_end("agent exited")
+            return
+        # A query blocked on a full journal cannot reach its end without a client, so it
+        # does not keep a session alive that nobody comes back to.
+        idle = self.current is None and (not self.running or bool(self.held))
+        if not idle:
+            self.idle_since = None
+        elif self.idle_since is None:
+            self.idle_since = now
+        elif now - self.idle_since >= self.settings.idle_seconds:
+            self.log.info("idle: ending", session=self._short)
+            self._begin_end("idle")
+
+    def _signals(self) -> None:
+        receive, wake = socket.socketpair()
+        receive.setblocking(False)
+        wake.setblocking(False)
+        self._wake = wake  # kept: the wakeup fd must stay open
+        signal.set_wakeup_fd(wake.fileno())
+        self.sel.register(receive, selectors.EVENT_READ, lambda mask: self._drain(receive))
+
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            self.stop_signal = signum
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+
+    @staticmethod
+    def _drain(sock: socket.socket) -> None:
+        try:
+            while sock.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    @property
+    def _short(self) -> str:
+        return self.identity.session[:8]
+
+    # -- the agent ------------------------------------------------------------------------
+
+    def take_over(self) -> None:
+        """Start where a holder that is gone stopped: its client learns that its agent
+        ended, unless the journal already says so."""
+        last = self.journal.last_line()
+        if last is None or not wire.is_agent_exited(last):
+            self._emit(wire.agent_exited("session holder lost", None), force=True)
+        self.log.warn("took over a session whose holder was gone", session=self._short)
+
+    def start_agent(self) -> AgentChild:
+        """Start the agent process; raises OSError when it cannot be started."""
+        proc = subprocess.Popen(
+            self.settings.agent_argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self.settings.cwd,
+            bufsize=0,
+        )
+        agent = AgentChild(proc, os.pidfd_open(proc.pid))
+        for fd in (agent.stdin, agent.stdout, agent.stderr):
+            os.set_blocking(fd, False)
+        self.sel.register(agent.stdout, selectors.EVENT_READ, self._agent_out)
+        self.sel.register(agent.stderr, selectors.EVENT_READ, self._agent_err)
+        self.sel.register(agent.pidfd, selectors.EVENT_READ, self._agent_gone)
+        self.agent = agent
+        self.exited_seq = None
+        self.log.info("agent started", session=self._short, pid=proc.pid)
+        return agent
+
+    def _agent_out(self, mask: int) -> None:
+        agent = self.agent
+        assert agent is not None
+        try:
+            data = os.read(agent.stdout, READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._agent_stdout_closed(agent)
+            return
+        if agent.partial:
+            data = agent.partial + data
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        if agent.discarding and lines:
+            self._overlong(agent.discarding + len(lines[0]))
+            agent.discarding = 0
+            del lines[0]
+        if len(tail) > self.settings.max_line or agent.discarding:
+            agent.discarding += len(tail)
+            tail = b""
+        agent.partial = tail
+        if lines:
+            if max(map(len, lines)) > self.settings.max_line:
+                lines = self._without_overlong(lines)
+            self._take(lines)
+
+    def _without_overlong(self, lines: list[bytes]) -> list[bytes]:
+        kept = []
+        for line in lines:
+            if len(line) > self.settings.max_line:
+                self._overlong(len(line))
+            else:
+                kept.append(line)
+        return kept
+
+    def _overlong(self, size: int) -> None:
+        self.log.warn("dropped an agent line over the limit", session=self._short, size=size)
+
+    def _agent_stdout_closed(self, agent: AgentChild) -> None:
+        if agent.reading:
+            self.sel.unregister(agent.stdout)
+            agent.reading = False
+        agent.stdout_open = False
+        if agent.discarding:
+            self._overlong(agent.discarding)
+        elif agent.partial:
+            self._take([agent.partial])
+        agent.partial = b""
+        self._agent_maybe_ended()
+
+    def _agent_err(self, mask: int) -> None:
+        agent = self.agent
+        assert agent is not None
+        try:
+            data = os.read(agent.stderr, READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(agent.stderr)
+            if agent.err_partial:
+                self._agent_log([agent.err_partial])
+            agent.err_partial = b""
+            return
+        lines = (agent.err_partial + data).split(b"\n")
+        agent.err_partial = lines.pop()[: self.settings.max_line]
+        self._agent_log(lines)
+
+    def _agent_log(self, lines: list[bytes]) -> None:
+        """The agent's stderr: into the holder's log, and to agentd as ``log`` lines."""
+        lines = [line for line in lines if line.strip()]
+        if not lines:
+            return
+        try:
+            os.write(2, b"".join(line + b"\n" for line in lines))
+        except OSError:
+            pass
+        self._rotate_log()
+        attach = self.current
+        if attach is not None and len(attach.out) < ATTACH_HIGH_WATER:
+            for line in lines:
+                text = line[:LOG_FORWARD_CHARS].decode("utf-8", "replace")
+                attach.out += wire.encode({"type": "log", "line": text})
+            self._flush(attach)
+
+    def _rotate_log(self) -> None:
+        try:
+            if os.fstat(2).st_size <= sessions.LOG_BYTES:
+                return
+            os.replace(sessions.LOG, sessions.LOG + ".1")
+            fd = os.open(sessions.LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(fd, 2)
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _agent_gone(self, mask: int) -> None:
+        agent = self.agent
+        assert agent is not None
+        if agent.proc.poll() is None:
+            return
+        self.sel.unregister(agent.pidfd)
+        os.close(agent.pidfd)
+        agent.exited = True
+        self._agent_maybe_ended()
+
+    def _agent_maybe_ended(self) -> None:
+        """Once the agent has exited and all it wrote is journaled, say so to the client."""
+        agent = self.agent
+        if agent is None or not agent.exited or agent.stdout_open or self.held:
+            return
+        self._agent_stderr_rest(agent)
+        status = agent.proc.returncode
+        for pipe in (agent.proc.stdin, agent.proc.stdout, agent.proc.stderr):
+            if pipe is not None and not pipe.closed:
+                self._unregister(pipe.fileno())
+                pipe.close()
+        self.agent = None
+        self.kill_at = None
+        self.running.clear()
+        if status < 0:
+            reason, exit_status = f"killed by signal {-status}", None
+        else:
+            reason, exit_status = f"exited with {status}", status
+        self.log.info("agent ended", session=self._short, reason=reason)
+        self._emit(wire.agent_exited(reason, exit_status), force=True)
+        self.exited_seq = self.journal.last_seq
+        if self.ending is not None:
+            self._finish()
+
+    def _agent_stderr_rest(self, agent: AgentChild) -> None:
+        try:
+            rest = os.read(agent.stderr, READ_BYTES)
+        except OSError:
+            rest = b""
+        if rest or agent.err_partial:
+            self._agent_log((agent.err_partial + rest).split(b"\n"))
+
+    def _unregister(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _to_agent(self, line: bytes) -> None:
+        agent = self.agent
+        if agent is None or not agent.stdin_open:
+            return
+        agent.to_agent += line + b"\n"
+        self._agent_write(0)
+
+    def _agent_write(self, mask: int) -> None:
+        agent = self.agent
+        if agent is None:
+            return
+        try:
+            written = os.write(agent.stdin, agent.to_agent)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            agent.to_agent.clear()  # the agent is going; its exit is reported
+            written = 0
+        del agent.to_agent[:written]
+        key = self.sel.get_map().get(agent.stdin)
+        if agent.to_agent and key is None:
+            self.sel.register(agent.stdin, selectors.EVENT_WRITE, self._agent_write)
+        elif not agent.to_agent and key is not None:
+            self.sel.unregister(agent.stdin)
+            if self.ending is not None:
+                self._close_agent_stdin(agent)
+
+    def _close_agent_stdin(self, agent: AgentChild) -> None:
+        if agent.stdin_open and not agent.to_agent:
+            agent.stdin_open = False
+            assert agent.proc.stdin is not None
+            self._unregister(agent.stdin)
+            agent.proc.stdin.close()
+
+    def _signal_agent(self, signum: int) -> None:
+        if self.agent is not None and not self.agent.exited:
+            try:
+                self.agent.proc.send_signal(signum)
+            except OSError:
+                pass
+
+    def _pause_agent(self) -> None:
+        agent = self.agent
+        if agent is not None and agent.reading:
+            self.sel.unregister(agent.stdout)
+            agent.reading = False
+
+    def _resume_agent(self) -> None:
+        agent = self.agent
+        if agent is not None and not agent.reading and agent.stdout_open:
+            self.sel.register(agent.stdout, selectors.EVENT_READ, self._agent_out)
+            agent.reading = True
+
+    # -- numbering and the journal --------------------------------------------------------
+
+    def _take(self, lines: list[bytes]) -> None:
+        """Journal the agent's lines, holding back (and pausing the agent) what has no room."""
+        if self.held:
+            self.held += lines
+            return
+        taken = self._journal_agent_lines(lines)
+        if taken < len(lines):
+            self.held = lines[taken:]
+            self._pause_agent()
+
+    def _unhold(self) -> None:
+        if self.held:
+            taken = self._journal_agent_lines(self.held)
+            self.held = self.held[taken:]
+        if not self.held and self.retry_at is None:
+            self._resume_agent()
+            self._agent_maybe_ended()
+
+    def _journal_agent_lines(self, lines: list[bytes]) -> int:
+        """Number, journal and relay as many of ``lines`` as fit; how many were used up."""
+        journal = self.journal
+        if self.ending is not None:
+            room = 1 << 62  # the agent's last words (its final ``done``) are always kept
+        else:
+            limit = self.settings.agent_limit
+            if journal.total + 2 * READ_BYTES > limit:
+                journal.trim(self.state.confirmed, self._keep(), 2 * READ_BYTES)
+            room = limit - journal.total
+        seq = first = journal.last_seq + 1
+        out: list[bytes] = []
+        effects: list[dict[str, Any]] = []
+        size = used = 0
+        for line in lines:
+            if line.startswith(wire.DELTA_PREFIX) and line.endswith(wire.DELTA_SUFFIX):
+                numbered = b'{"seq":%d,%s\n' % (seq, line[1:])
+                obj = None
+            else:
+                obj = self._parse_agent_line(line)
+                if obj is None:
+                    used += 1
+                    continue
+                numbered = wire.number(line, seq, obj)
+            size += len(numbered)
+            if size > room:
+                break
+            out.append(numbered)
+            used += 1
+            seq += 1
+            if obj is not None and obj.get("type") in ("done", "error"):
+                effects.append(obj)
+        if out:
+            if not self._append(b"".join(out), first, seq - 1):
+                return 0
+            for obj in effects:
+                self._query_end(obj)
+        return used
+
+    def _parse_agent_line(self, line: bytes) -> dict[str, Any] | None:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if type(obj) is not dict:
+            if line.strip():
+                self.log.warn(
+                    "agent wrote a line that is not a JSON object",
+                    session=self._short,
+                    size=len(line),
+                )
+            return None
+        return obj
+
+    def _append(self, data: bytes, first: int, last: int) -> bool:
+        """Journal numbered lines and relay them; False (nothing journaled) when the disk
+        refused, to be tried again later."""
+        attach = self.current
+        live = (
+            attach is not None
+            and attach.cursor is not None
+            and len(attach.out) < ATTACH_HIGH_WATER
+            and self.journal.at_end(attach.cursor)
+        )
+        try:
+            self.journal.append(data, first, last)
+        except JournalError as e:
+            self.log.error("journal write failed", session=self._short, error=e.strerror)
+            self.retry_at = time.monotonic() + RETRY_SECONDS
+            self._pause_agent()
+            return False
+        if attach is not None and attach.cursor is not None:
+            if live:
+                # The attach had everything before these lines: hand them over as they are.
+                attach.out += data
+                attach.cursor = self.journal.end()
+            self._flush(attach)
+        return True
+
+    def _emit(self, message: dict[str, Any], force: bool = False) -> bool:
+        """Journal one of the holder's or agentd's own lines with the next seq. Without
+        ``force``, False when even the reserve above the agent's share is full."""
+        seq = self.journal.last_seq + 1
+        line = wire.numbered(message, seq)
+        if not force and not self._has_room(len(line)):
+            return False
+        return self._append(line, seq, seq)
+
+    def _has_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit the journal's bound (making room if they can)."""
+        journal = self.journal
+        if journal.total + size > self.settings.journal_max_bytes:
+            journal.trim(self.state.confirmed, self._keep(), size)
+        return journal.total + size <= self.settings.journal_max_bytes
+
+    def _keep(self) -> Position | None:
+        """The journal position the attached client still needs, if any."""
+        attach = self.current
+        return None if attach is None else attach.cursor
+
+    def _trim(self) -> None:
+        if self._age_deadline() is not None:
+            self.journal.trim(self.state.confirmed, self._keep())
+
+    def _query_end(self, obj: dict[str, Any]) -> None:
+        """A ``done`` or ``error`` line: the end of a query (as agentd judges it), whose usage
+        is kept until agentd says it recorded it."""
+        kind = obj.get("type")
+        line_id = obj.get("id")
+        if isinstance(line_id, str) and line_id in self.running:
+            query = line_id
+        elif self.running:
+            query = next(iter(self.running))  # agents that do not echo ids answer in order
+        else:
+            return
+        if kind == "error" and "usage" not in obj and line_id != query:
+            return  # an error about something else, not this query's end
+        del self.running[query]
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            outcome = "aborted" if obj.get("aborted") else ("done" if kind == "done" else "error")
+            self.state.add_usage(
+                {
+                    "id": query,
+                    "event": wire.usage_event_id(self.identity.session, query),
+                    "outcome": outcome,
+                    "usage": usage,
+                    "timestamp": round(time.time(), 3),
+                }
+            )
+
+    # -- attaches -------------------------------------------------------------------------
+
+    def _accept(self, mask: int) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            return
+        sock.setblocking(False)
+        attach = Attach(sock, time.monotonic() + HELLO_SECONDS)
+        self.waiting.append(attach)
+        self.sel.register(sock, selectors.EVENT_READ, lambda mask: self._attach_ready(attach, mask))
+
+    def _attach_ready(self, attach: Attach, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(attach)
+            if attach.sock.fileno() < 0:
+                return
+        if not mask & selectors.EVENT_READ:
+            return
+        try:
+            data = attach.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(attach)
+            return
+        attach.inbuf += data
+        while attach.sock.fileno() >= 0:
+            newline = attach.inbuf.find(b"\n")
+            if newline < 0:
+                if len(attach.inbuf) > MAX_LINE_BYTES:
+                    self._close(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "line too long"))
+                return
+            line = bytes(attach.inbuf[:newline])
+            del attach.inbuf[: newline + 1]
+            if attach.cursor is None:
+                self._hello(attach, line)
+            elif attach is self.current:
+                self._input(attach, line)
+
+    def _hello(self, attach: Attach, line: bytes) -> None:
+        problem = _hello_problem(line)
+        if problem is not None:
+            self._close(attach, wire.refusal(wire.Refusal.BAD_REQUEST, problem))
+            return
+        hello = json.loads(line)
+        claimed = Identity(hello["session"], hello["user"], hello["project"], hello["agent"])
+        if claimed != self.identity:
+            self.log.warn("attach refused: another user, project or agent", session=self._short)
+            self._close(
+                attach,
+                wire.refusal(
+                    wire.Refusal.MISMATCH, "the session belongs to another user, project or agent"
+                ),
+            )
+            return
+        if self.ending is not None:
+            self._close(attach, wire.refusal(wire.Refusal.ENDING, "the session is ending"))
+            return
+        self.waiting.remove(attach)
+        previous, self.current = self.current, attach
+        if previous is not None:
+            self._close(previous, wire.encode({"type": "superseded"}))
+        after = hello["after"]
+        journal = self.journal
+        if after > journal.last_seq:
+            # The client saw lines this journal no longer has (the VM lost what was not yet
+            # synced): number on from where the client is, so it never sees a seq twice.
+            self.log.warn("client is ahead of the journal", session=self._short, after=after)
+            journal.advance(after)
+        attach.cursor, complete = journal.locate(after)
+        agent = self.agent
+        attach.out += wire.encode(
+            {
+                "type": "attached",
+                "v": wire.VERSION,
+                "session": self.identity.session,
+                "lastSeq": journal.last_seq,
+                "complete": complete,
+                "started": hello.get("started") is True,
+                "live": True,
+                "agentPid": None if agent is None else agent.proc.pid,
+                "holderPid": os.getpid(),
+            }
+        )
+        for record in self.state.unrecorded.values():
+            attach.out += wire.encode({"type": "unrecorded", **record})
+        self._confirm(after)
+        self._flush(attach)
+
+    def _input(self, attach: Attach, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            message = json.loads(line)
+        except ValueError:
+            message = None
+        kind = message.get("type") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or not isinstance(kind, str):
+            self._control(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "not a typed object"))
+            return
+        if kind == "prompt":
+            self._prompt(attach, line, message)
+        elif kind == "abort":
+            if self.agent is not None:
+                self._to_agent(line)
+        elif kind == "confirm":
+            seq = message.get("seq")
+            if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+                self._confirm(seq)
+            else:
+                self._control(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "seq: an integer"))
+        elif kind == "recorded":
+            query = message.get("id")
+            if isinstance(query, str):
+                self.state.recorded(query)
+            else:
+                self._control(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "id: a string"))
+        elif kind == "emit":
+            self._emit_for(attach, message.get("message"))
+        elif kind == "end":
+            self.log.info("end requested", session=self._short)
+            self._begin_end("ended by request")
+        else:
+            self._control(attach, wire.refusal(wire.Refusal.BAD_REQUEST, f"unknown type {kind}"))
+
+    def _prompt(self, attach: Attach, line: bytes, message: dict[str, Any]) -> None:
+        prompt_id = message.get("id")
+        if not isinstance(prompt_id, str) or not 0 < len(prompt_id) <= MAX_ID_CHARS:
+            problem = f"id: a string of 1 to {MAX_ID_CHARS} characters"
+            self._control(attach, wire.refusal(wire.Refusal.BAD_REQUEST, problem))
+            return
+        if self.ending is not None:
+            self._control(attach, wire.refusal(wire.Refusal.ENDING, "the session is ending"))
+            return
+        if prompt_id in self.state.prompts:
+            ack = {"type": "ack", "id": prompt_id, "duplicate": True}
+            if not self._emit(ack):
+                self._journal_full(attach, prompt_id)
+            return
+        ack = {"type": "ack", "id": prompt_id}
+        if not self._has_room(len(wire.numbered(ack, self.journal.last_seq + 1))):
+            self._journal_full(attach, prompt_id)
+            return
+        if self.agent is None:
+            try:
+                self.start_agent()
+            except OSError as e:
+                self.log.error("cannot start the agent", session=self._short, error=e.strerror)
+                message = {
+                    "type": "error",
+                    "code": "vm_unavailable",
+                    "error": "The project VM is unavailable.",
+                    "id": prompt_id,
+                }
+                self._emit(message, force=True)
+                return
+        self.state.accept(prompt_id)
+        self._to_agent(line)
+        self.running[prompt_id] = None
+        self._emit(ack, force=True)
+
+    def _journal_full(self, attach: Attach, prompt_id: str) -> None:
+        text = f"no room for prompt {prompt_id} until the client confirms what it read"
+        self._control(attach, wire.refusal(wire.Refusal.JOURNAL_FULL, text))
+
+    def _emit_for(self, attach: Attach, message: object) -> None:
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            self._control(
+                attach, wire.refusal(wire.Refusal.BAD_REQUEST, "message: an object with a type")
+            )
+            return
+        message.pop("seq", None)
+        if not self._emit(message):
+            self._control(
+                attach, wire.refusal(wire.Refusal.JOURNAL_FULL, "no room until the client confirms")
+            )
+
+    def _confirm(self, seq: int) -> None:
+        seq = min(seq, self.journal.last_seq)
+        if seq > self.state.confirmed:
+            self.state.confirm(seq)
+            self._unhold()
+
+    def _control(self, attach: Attach, line: bytes) -> None:
+        attach.out += line
+        self._flush(attach)
+
+    def _flush(self, attach: Attach) -> None:
+        """Send what the attach has pending, refilling from the journal while it keeps up."""
+        sock = attach.sock
+        if attach.unwritable or sock.fileno() < 0:
+            attach.out.clear()
+            return
+        while True:
+            if attach.out:
+                try:
+                    sent = sock.send(attach.out)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    # Gone, or only its reading side: lines it sent before going (a
+                    # ``recorded``, a ``confirm``) are still read, up to its end of file.
+                    attach.unwritable = True
+                    attach.out.clear()
+                    break
+                del attach.out[:sent]
+                if attach.out:
+                    break
+            cursor = attach.cursor
+            if cursor is None or self.journal.at_end(cursor):
+                break
+            data, attach.cursor = self.journal.read(cursor, ATTACH_READ_BYTES)
+            attach.out += data
+        writing = bool(attach.out)
+        if writing != attach.writing:
+            attach.writing = writing
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+            self.sel.modify(sock, events, self.sel.get_key(sock).data)
+
+    def _close(self, attach: Attach, last: bytes = b"") -> None:
+        """Close an attach, trying to send ``last`` first (it may be gone already)."""
+        sock = attach.sock
+        if sock.fileno() < 0:
+            return
+        if last:
+            try:
+                sock.send(bytes(attach.out) + last if attach.cursor is None else last)
+            except OSError:
+                pass
+        self.sel.unregister(sock)
+        sock.close()
+        if attach in self.waiting:
+            self.waiting.remove(attach)
+        if attach is self.current:
+            self.current = None
+            if self.linger_until is not None:
+                self.finished = True
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def _begin_end(self, reason: str) -> None:
+        """Stop taking attaches, stop the agent (its running query ends as aborted, with its
+        usage), then finish."""
+        if self.ending is not None:
+            return
+        self.ending = reason
+        self._stop_listening()
+        for attach in list(self.waiting):
+            self._close(attach, wire.refusal(wire.Refusal.ENDING, "the session is ending"))
+        agent = self.agent
+        if agent is None:
+            self._finish()
+            return
+        self._close_agent_stdin(agent)
+        self._signal_agent(signal.SIGTERM)
+        self.kill_at = time.monotonic() + KILL_SECONDS
+        self._unhold()
+
+    def _stop_listening(self) -> None:
+        if self.listener is None:
+            return
+        self.sel.unregister(self.listener)
+        self.listener.close()
+        self.listener = None
+        try:
+            os.unlink(sessions.SOCKET)
+        except FileNotFoundError:
+            pass
+
+    def _finish(self) -> None:
+        if self.finishing:
+            return
+        self.finishing = True
+        attach = self.current
+        if attach is None:
+            self.finished = True
+            return
+        # agentd answers ``ended`` with the ``recorded`` lines it owes, then closes.
+        attach.out += wire.encode({"type": "ended", "reason": self.ending})
+        self._flush(attach)
+        self.linger_until = time.monotonic() + LINGER_SECONDS
+
+    def close(self) -> None:
+        """After the loop: everything on disk, then the directory removed unless it is still
+        needed (usage nobody recorded, or a stop that a later attach should learn of)."""
+        reason = self.ending or "ended"
+        for attach in [*self.waiting, *([self.current] if self.current else [])]:
+            self._close(attach)
+        self._stop_listening()
+        keep = self.keep_directory or bool(self.state.unrecorded)
+        if keep:
+            self.state.end(reason)
+        self.journal.close()
+        self.state.close()
+        self.syncer.stop()
+        if not keep:
+            _remove_session_directory()
+        self.log.info("ended", session=self._short, reason=reason, kept=keep)
+
+
+def _hello_problem(line: bytes) -> str | None:
+    """What is wrong with a hello line, or None."""
+    try:
+        hello = json.loads(line)
+    except ValueError:
+        return "hello: not JSON"
+    if not isinstance(hello, dict) or hello.get("type") != "hello":
+        return "the first line must be a hello"
+    if hello.get("v") != wire.VERSION:
+        return f"hello: v must be {wire.VERSION}"
+    patterns = {
+        "session": names.SESSION_ID_RE,
+        "user": names.USER_RE,
+        "project": names.PROJECT_RE,
+        "agent": names.AGENT_NAME_RE,
+    }
+    for key, pattern in patterns.items():
+        value = hello.get(key)
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            return f"hello: {key} is malformed"
+    after = hello.get("after")
+    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= names.MAX_SEQ:
+        return "hello: after must be a seq"
+    return None
+
+
+def _remove_session_directory() -> None:
+    """Remove the session directory (the current one) under its start lock, so an attach
+    starting a new holder at this moment sees either all of it or none."""
+    path = os.getcwd()
+    lock = sessions.StartLock()
+    try:
+        if not lock.acquire(timeout=5.0):
+            return
+    except TimeoutError:
+        return
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        lock.release()
+
+
+# -- the process --------------------------------------------------------------------------
+
+
+def parse(argv: list[str]) -> tuple[Settings, int | None]:
+    parser = argparse.ArgumentParser(prog="python -m agentd.agent.holder")
+    parser.add_argument("--session", required=True)
+    parser.add_argument("--user", required=True)
+    parser.add_argument("--project", required=True)
+    parser.add_argument("--agent", required=True)
+    parser.add_argument("--sessions-dir", required=True)
+    parser.add_argument("--cwd", required=True)
+    parser.add_argument("--agent-argv", required=True, type=json.loads)
+    parser.add_argument("--idle-seconds", type=float, required=True)
+    parser.add_argument("--journal-max-bytes", type=int, required=True)
+    parser.add_argument("--journal-max-age", type=float, required=True)
+    parser.add_argument("--max-line", type=int, required=True)
+    parser.add_argument("--ready-fd", type=int)
+    args = parser.parse_args(argv)
+    command = args.agent_argv
+    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+        parser.error("--agent-argv: a JSON list of strings")
+    settings = Settings(
+        identity=Identity(args.session, args.user, args.project, args.agent),
+        agent_argv=tuple(command),
+        cwd=args.cwd,
+        sessions=args.sessions_dir,
+        idle_seconds=args.idle_seconds,
+        journal_max_bytes=args.journal_max_bytes,
+        journal_max_age=args.journal_max_age,
+        max_line=args.max_line,
+    )
+    return settings, args.ready_fd
+
+
+def serve(settings: Settings, ready: Callable[[str], None]) -> int:
+    """Run the holder in the session directory (the current one); ``ready`` is told "ready"
+    once attaches can connect, or why the holder cannot run."""
+    identity = settings.identity
+    log = Log(identity.agent, fd=2, level=os.environ.get("AGENTD_AGENT_LOG_LEVEL", "info"))
+    try:
+        stored = read_identity(".")
+    except ValueError as e:
+        ready(f"error: {e}")
+        return 1
+    if stored != identity:
+        ready("error: the session directory belongs to another session")
+        return 1
+    syncer = Syncer()
+    journal = Journal(
+        sessions.JOURNAL, settings.journal_max_bytes, settings.journal_max_age, syncer
+    )
+    took_over = bool(journal.segments) or os.path.exists(STATE_FILE)
+    state = State(".", syncer)
+    if state.ended is not None:
+        state.end(None)
+    try:
+        os.unlink(sessions.SOCKET)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sessions.SOCKET)
+    listener.listen(64)
+    listener.setblocking(False)
+    holder = Holder(settings, journal, state, listener, syncer, log)
+    if took_over:
+        holder.take_over()
+    try:
+        holder.start_agent()
+    except OSError as e:
+        ready(f"error: cannot start the agent: {e.strerror or e}")
+        return 1
+    with open(sessions.PID_FILE + ".tmp", "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(sessions.PID_FILE + ".tmp", sessions.PID_FILE)
+    ready("ready")
+    removed = sessions.sweep(settings.sessions, identity.session, settings.journal_max_age)
+    if removed:
+        log.info("removed abandoned sessions", count=len(removed))
+    holder.run()
+    holder.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    settings, ready_fd = parse(sys.argv[1:] if argv is None else argv)
+
+    told = False
+
+    def ready(word: str) -> None:
+        nonlocal told
+        if ready_fd is not None and not told:
+            told = True
+            try:
+                os.write(ready_fd, word.encode() + b"\n")
+                os.close(ready_fd)
+            except OSError:
+                pass  # the attach that started us is gone; attaches to come will connect
+
+    try:
+        os.chdir(os.path.join(settings.sessions, settings.identity.session))
+        log_fd = os.open(sessions.LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as e:
+        ready(f"error: {e.strerror}")
+        return 1
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    try:
+        return serve(settings, ready)
+    except Exception:
+        traceback.print_exc()
+        ready("error: internal error")
+        return 1
