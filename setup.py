@@ -40,7 +40,7 @@ setup(
     entry_points={
         "console_scripts": [
             "agentd = agentd.cli:main",
-            "agentd-agent = agentd.agent.cli:main",
+            "agentd-agent = agentd.agent.entry:main",
         ]
     },
 )

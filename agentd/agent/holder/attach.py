@@ -1,0 +1,451 @@
+"""``agentd-agent attach``: connect stdin and stdout to a session's holder, starting it if asked.
+
+This is what agentd runs on the VM (over SSH, or locally) instead of the agent itself. It
+finds the session's holder by its socket, sends the hello, and then only relays bytes:
+stdin to the holder, the holder to stdout. It exits when stdin closes or the holder goes
+away; the holder and its agent live on.
+
+With ``--start``, a session with no live holder gets one: a new session, or one whose holder
+was lost (it carries on from the journal). Without it, a session whose holder is gone is
+served from its journal by the attach itself, ending with ``ended``. Two attaches starting
+the same session at once start one holder: starting happens under the session's start lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
+
+from agentd.agent.holder import names, sessions, wire
+from agentd.agent.holder.state import Identity, read_identity, write_identity
+
+if TYPE_CHECKING:
+    from agentd.agent.holder.journal import Journal, Position
+
+USAGE = (
+    "agentd-agent attach --session ID --user USER --project PROJECT --agent AGENT "
+    "[--after SEQ] [--start] [options]"
+)
+DEFAULT_AGENT_COMMAND = "agentd-agent {agent}"
+DEFAULT_IDLE_SECONDS = 3600.0
+DEFAULT_JOURNAL_BYTES = 64 << 20
+DEFAULT_JOURNAL_AGE = 86400.0
+DEFAULT_MAX_LINE = 1 << 20
+# How long a start may take: the holder loads, recovers its journal and starts the agent.
+READY_SECONDS = 10.0
+LOCK_SECONDS = 15.0
+RELAY_BYTES = 256 * 1024
+
+
+class UsageError(Exception):
+    """The command line is unusable; the message says how."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+@dataclass(frozen=True)
+class Options:
+    identity: Identity
+    after: int
+    start: bool
+    sessions_dir: str | None
+    agent_command: str
+    idle_seconds: float
+    journal_max_bytes: int
+    journal_max_age: float
+    max_line: int
+
+
+def parse(argv: list[str], env: dict[str, str] | os._Environ[str]) -> Options:
+    parser = _Parser(prog="agentd-agent attach", usage=USAGE, add_help=False)
+    parser.add_argument("--session", required=True)
+    parser.add_argument("--user", required=True)
+    parser.add_argument("--project", required=True)
+    parser.add_argument("--agent", required=True)
+    parser.add_argument("--after", default="0")
+    parser.add_argument("--start", action="store_true")
+    parser.add_argument("--sessions-dir")
+    parser.add_argument("--agent-command", default=env.get("AGENTD_AGENT_COMMAND"))
+    parser.add_argument("--idle-seconds", type=float, default=DEFAULT_IDLE_SECONDS)
+    parser.add_argument("--journal-max-bytes", type=int, default=DEFAULT_JOURNAL_BYTES)
+    parser.add_argument("--journal-max-age", type=float, default=DEFAULT_JOURNAL_AGE)
+    parser.add_argument("--max-line", type=int, default=DEFAULT_MAX_LINE)
+    args = parser.parse_args(argv)
+    patterns = {
+        "session": names.SESSION_ID_RE,
+        "user": names.USER_RE,
+        "project": names.PROJECT_RE,
+        "agent": names.AGENT_NAME_RE,
+    }
+    for key, pattern in patterns.items():
+        if not pattern.fullmatch(getattr(args, key)):
+            raise UsageError(f"--{key} is malformed")
+    after = names.seq_from_text(args.after)
+    if after is None:
+        raise UsageError("--after must be a seq (a non-negative integer)")
+    if not args.idle_seconds > 0:
+        raise UsageError("--idle-seconds must be positive")
+    if not args.journal_max_age > 0:
+        raise UsageError("--journal-max-age must be positive")
+    if not 1024 <= args.max_line <= 16 << 20:
+        raise UsageError("--max-line must be from 1024 to 16777216")
+    if args.journal_max_bytes < 8 * args.max_line:
+        raise UsageError("--journal-max-bytes must be at least 8 times --max-line")
+    command = args.agent_command or DEFAULT_AGENT_COMMAND
+    if "{agent}" not in command:
+        raise UsageError("--agent-command must contain {agent}")
+    return Options(
+        identity=Identity(args.session, args.user, args.project, args.agent),
+        after=after,
+        start=args.start,
+        sessions_dir=args.sessions_dir,
+        agent_command=command,
+        idle_seconds=args.idle_seconds,
+        journal_max_bytes=args.journal_max_bytes,
+        journal_max_age=args.journal_max_age,
+        max_line=args.max_line,
+    )
+
+
+class Refused(Exception):
+    """The attach cannot go ahead: ``code`` and ``text`` go to stdout as a control error."""
+
+    def __init__(self, code: wire.Refusal, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+@dataclass
+class Reached:
+    """A live holder to relay to (and whether this attach started it), or a lost session."""
+
+    sock: socket.socket | None = None
+    started: bool = False
+    lost: LostSession | None = None
+
+
+def reach(options: Options, base: str, cwd: str) -> Reached:
+    """Connect to the session's holder, starting one (``--start``) when none is live, or
+    serve a lost session's journal. Raises Refused."""
+    path = os.path.join(base, options.identity.session)
+    for _ in range(5):
+        try:
+            if not os.path.isdir(path):
+                if not options.start:
+                    raise Refused(wire.Refusal.NO_SESSION, "no such session")
+                sessions.ensure_private_dir(path)
+            os.chdir(path)
+        except FileNotFoundError:
+            continue  # removed by its ending holder just now: look again
+        except sessions.SessionsError as e:
+            raise Refused(wire.Refusal.UNAVAILABLE, str(e)) from None
+        sock = sessions.connect()
+        if sock is not None:
+            return Reached(sock, started=False)
+        lock = sessions.StartLock()
+        try:
+            if not lock.acquire(LOCK_SECONDS):
+                continue
+        except TimeoutError as e:
+            raise Refused(wire.Refusal.UNAVAILABLE, str(e)) from None
+        try:
+            return _reach_locked(options, base, cwd)
+        finally:
+            lock.release()
+    raise Refused(wire.Refusal.UNAVAILABLE, "the session directory keeps disappearing")
+
+
+def _reach_locked(options: Options, base: str, cwd: str) -> Reached:
+    sock = sessions.connect()  # started by whoever held the lock before us
+    if sock is not None:
+        return Reached(sock, started=False)
+    try:
+        stored = read_identity(".")
+    except ValueError as e:
+        raise Refused(wire.Refusal.UNAVAILABLE, str(e)) from None
+    if stored is not None and stored != options.identity:
+        raise Refused(
+            wire.Refusal.MISMATCH, "the session belongs to another user, project or agent"
+        )
+    if not options.start:
+        if stored is None or not sessions.has_journal():
+            raise Refused(wire.Refusal.NO_SESSION, "no such session")
+        return Reached(lost=open_lost(options.identity.session, options.after))
+    argv = _agent_argv(options)
+    if stored is None:
+        write_identity(".", options.identity)
+    problem = start_holder(_holder_argv(options, base, cwd, argv))
+    if problem is not None:
+        raise Refused(wire.Refusal.UNAVAILABLE, problem)
+    sock = sessions.connect()
+    if sock is None:
+        raise Refused(wire.Refusal.UNAVAILABLE, "the session holder is not listening")
+    return Reached(sock, started=True)
+
+
+def _agent_argv(options: Options) -> list[str]:
+    """The agent command with its program found: on PATH, or next to this Python (a
+    virtualenv that was never activated). Raises Refused when it is nowhere."""
+    import shlex
+    import shutil
+
+    agent = options.identity.agent
+    argv = [part.replace("{agent}", agent) for part in shlex.split(options.agent_command)]
+    found = shutil.which(argv[0]) or shutil.which(argv[0], path=os.path.dirname(sys.executable))
+    if found is None:
+        raise Refused(wire.Refusal.UNAVAILABLE, f"{argv[0]}: command not found")
+    return [os.path.abspath(found), *argv[1:]]
+
+
+def _holder_argv(options: Options, base: str, cwd: str, agent_argv: list[str]) -> list[str]:
+    identity = options.identity
+    return [
+        sys.executable,
+        "-m",
+        "agentd.agent.holder",
+        "--session",
+        identity.session,
+        "--user",
+        identity.user,
+        "--project",
+        identity.project,
+        "--agent",
+        identity.agent,
+        "--sessions-dir",
+        base,
+        "--cwd",
+        cwd,
+        "--agent-argv",
+        json.dumps(agent_argv),
+        "--idle-seconds",
+        repr(options.idle_seconds),
+        "--journal-max-bytes",
+        str(options.journal_max_bytes),
+        "--journal-max-age",
+        repr(options.journal_max_age),
+        "--max-line",
+        str(options.max_line),
+    ]
+
+
+def start_holder(argv: list[str]) -> str | None:
+    """Start the holder fully detached and wait until it listens; None, or why it did not
+    start. The holder is a grandchild in a session of its own (so it never gets a
+    controlling terminal, and sshd closing the channel or a SIGHUP do not reach it), leads
+    its own process group, and has /dev/null for stdin and stdout."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _become_holder(argv, read_end, write_end)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    try:
+        reply = b""
+        while not reply.endswith(b"\n"):
+            ready, _, _ = select.select([read_end], [], [], READY_SECONDS)
+            if not ready:
+                return "the session holder did not start in time"
+            chunk = os.read(read_end, 4096)
+            if not chunk:
+                break
+            reply += chunk
+    finally:
+        os.close(read_end)
+    word = reply.decode("utf-8", "replace").strip()
+    if word == "ready":
+        return None
+    return word.removeprefix("error: ") or "the session holder did not start"
+
+
+def _become_holder(argv: list[str], read_end: int, write_end: int) -> NoReturn:
+    try:
+        os.close(read_end)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        os.setpgid(0, 0)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        # Every other descriptor (the lock, sockets) is close-on-exec and stays behind.
+        os.set_inheritable(write_end, True)
+        os.execv(argv[0], [*argv, "--ready-fd", str(write_end)])  # noqa: S606 (no shell wanted)
+    finally:
+        os._exit(127)
+
+
+def open_lost(session: str, after: int) -> LostSession:
+    """Open a session whose holder is gone, under the start lock: its journal gets an
+    ``agent_exited`` line unless it already ends with one, and the files are opened, so the
+    lines can be read after the lock is released (a holder starting meanwhile only adds
+    segments or deletes ones already opened here)."""
+    from agentd.agent.holder.journal import Journal
+    from agentd.agent.holder.state import State
+
+    journal = Journal(sessions.JOURNAL, 1 << 62, float("inf"))
+    state = State(".")
+    journal.advance(max(state.confirmed, after))
+    last = journal.last_line()
+    if last is None or not wire.is_agent_exited(last):
+        seq = journal.last_seq + 1
+        line = wire.numbered(wire.agent_exited("session holder lost", None), seq)
+        journal.append(line, seq, seq)
+    position, complete = journal.locate(after)
+    journal.open_readers()
+    head = wire.encode(
+        {
+            "type": "attached",
+            "v": wire.VERSION,
+            "session": session,
+            "lastSeq": journal.last_seq,
+            "complete": complete,
+            "started": False,
+            "live": False,
+            "agentPid": None,
+            "holderPid": None,
+        }
+    )
+    head += b"".join(wire.encode({"type": "unrecorded", **u}) for u in state.unrecorded.values())
+    tail = wire.encode({"type": "ended", "reason": state.ended or "session holder lost"})
+    state.close()
+    return LostSession(journal, position, head, tail)
+
+
+class LostSession:
+    """A session whose holder is gone, opened by ``open_lost``, served by ``replay``."""
+
+    def __init__(self, journal: Journal, position: Position, head: bytes, tail: bytes) -> None:
+        self.journal = journal
+        self.position = position
+        self.head = head
+        self.tail = tail
+
+    def replay(self) -> None:
+        """``attached``, the unrecorded usage, every line after the client's seq, ``ended``."""
+        journal, position = self.journal, self.position
+        try:
+            if not write_all(1, self.head):
+                return
+            while not journal.at_end(position):
+                data, position = journal.read(position, RELAY_BYTES)
+                if not write_all(1, data):
+                    return
+            write_all(1, self.tail)
+        finally:
+            journal.close()
+
+
+def write_all(fd: int, data: bytes) -> bool:
+    """Write all of ``data``, waiting while ``fd`` is full; False when the reader is gone."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
+        except OSError:
+            return False
+    return True
+
+
+def relay(sock: socket.socket, hello: bytes) -> int:
+    """Send the hello, then copy stdin to the holder and the holder to stdout until either
+    ends. Exit status 1 when the holder refused the attach, else 0."""
+    try:
+        sock.sendall(hello)
+    except OSError:
+        return _refuse(wire.Refusal.UNAVAILABLE, "the session holder went away")
+    threading.Thread(target=_pump_stdin, args=(sock,), name="stdin", daemon=True).start()
+    first = True
+    refused = False
+    while True:
+        try:
+            data = sock.recv(RELAY_BYTES)
+        except OSError:
+            break
+        if not data:
+            break
+        if first:
+            first = False
+            refused = data.startswith(b'{"type":"error"')
+        if not write_all(1, data):
+            break
+    return 1 if refused else 0
+
+
+def _pump_stdin(sock: socket.socket) -> None:
+    while True:
+        try:
+            data = os.read(0, 65536)
+        except BlockingIOError:
+            # stdin shares its open file with a non-blocking stdout (a socketpair).
+            select.select([0], [], [])
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            break
+        try:
+            sock.sendall(data)
+        except OSError:
+            break
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _refuse(code: wire.Refusal, text: str) -> int:
+    write_all(1, wire.refusal(code, text))
+    return 1
+
+
+def main(argv: list[str]) -> int:
+    os.umask(0o077)
+    try:
+        options = parse(argv, os.environ)
+    except UsageError as e:
+        write_all(2, f"usage: {USAGE}\n{e}\n".encode())
+        write_all(1, wire.refusal(wire.Refusal.BAD_REQUEST, str(e)))
+        return 2
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        cwd = os.path.expanduser("~")
+    base = sessions.sessions_dir(options.sessions_dir, os.environ)
+    try:
+        sessions.ensure_private_dir(base)
+        reached = reach(options, base, cwd)
+    except sessions.SessionsError as e:
+        return _refuse(wire.Refusal.UNAVAILABLE, str(e))
+    except Refused as e:
+        return _refuse(e.code, e.text)
+    if reached.lost is not None:
+        reached.lost.replay()
+        return 0
+    assert reached.sock is not None
+    identity = options.identity
+    hello = wire.encode(
+        {
+            "type": "hello",
+            "v": wire.VERSION,
+            "session": identity.session,
+            "user": identity.user,
+            "project": identity.project,
+            "agent": identity.agent,
+            "after": options.after,
+            "started": reached.started,
+        }
+    )
+    return relay(reached.sock, hello)
