@@ -1,0 +1,620 @@
+"""The session holder through ``agentd-agent attach`` as a subprocess, with the echo agent.
+
+Every holder a test starts is killed (by its process group) when the test ends: holders
+outlive their attaches by design.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentd.agent.holder import names, wire
+from agentd.agent.holder.journal import Journal, Position, Syncer
+from tests.fake_providers import REPO, agent_env
+
+AGENT_COMMAND = f"{shlex.quote(sys.executable)} -m agentd.agent.cli {{agent}}"
+SESSION = "s3ss10n-0123456789"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+class Attach:
+    """``agentd-agent attach`` as a subprocess: JSON lines in, JSON lines out."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=agent_env(),
+            cwd=REPO,
+        )
+        self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.holder_pid: int | None = None
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = json.loads(raw)
+            if line.get("type") == "attached" and line.get("holderPid"):
+                self.holder_pid = line["holderPid"]
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(message).encode() + b"\n")
+        self.process.stdin.flush()
+
+    def read(self, timeout: float = 10.0) -> dict[str, Any]:
+        line = self.lines.get(timeout=timeout)
+        assert line is not None, "attach ended"
+        return line
+
+    def read_until(self, stop: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        """Lines (control lines and agent logs aside) up to and including the first that
+        ``stop`` accepts."""
+        lines = []
+        while True:
+            line = self.read()
+            if line.get("type") in ("log", "unrecorded"):
+                continue
+            lines.append(line)
+            if stop(line):
+                return lines
+
+    def rest(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Every line until the attach ends."""
+        lines = []
+        while (line := self.lines.get(timeout=timeout)) is not None:
+            lines.append(line)
+        return lines
+
+    def detach(self) -> int:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        return self.process.wait(timeout=10)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+class Sessions:
+    """A sessions directory, the attaches run against it, and every holder they started."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.attaches: list[Attach] = []
+        self.holders: set[int] = set()
+
+    def attach(
+        self,
+        session: str = SESSION,
+        after: int = 0,
+        start: bool = True,
+        user: str = "ada",
+        project: str = "demo",
+        agent: str = "echo",
+        options: tuple[str, ...] = (),
+    ) -> Attach:
+        argv = [sys.executable, "-m", "agentd.agent.entry", "attach"]
+        argv += ["--session", session, "--user", user, "--project", project, "--agent", agent]
+        argv += ["--after", str(after), "--sessions-dir", str(self.base)]
+        argv += ["--agent-command", AGENT_COMMAND, *options]
+        if start:
+            argv.append("--start")
+        attach = Attach(argv)
+        self.attaches.append(attach)
+        return attach
+
+    def attached(self, **kwargs: Any) -> tuple[Attach, dict[str, Any]]:
+        attach = self.attach(**kwargs)
+        hello = attach.read(timeout=15)
+        assert hello["type"] == "attached", hello
+        if hello["holderPid"]:
+            self.holders.add(hello["holderPid"])
+        return attach, hello
+
+    def directory(self, session: str = SESSION) -> Path:
+        return self.base / session
+
+    def journal_bytes(self, session: str = SESSION) -> int:
+        total = 0
+        for segment in (self.directory(session) / "journal").iterdir():
+            try:
+                total += segment.stat().st_size
+            except FileNotFoundError:
+                pass  # deleted by the holder meanwhile
+        return total
+
+    def close(self) -> None:
+        for attach in self.attaches:
+            if attach.process.poll() is None:
+                attach.kill()
+        for pid_file in self.base.glob("*/holder.pid"):
+            self.holders.add(int(pid_file.read_text()))
+        for pid in self.holders:
+            if is_holder(pid):
+                os.killpg(pid, signal.SIGKILL)
+        for pid in self.holders:
+            wait_for(lambda pid=pid: not is_holder(pid), what=f"holder {pid} to go")
+        for log in self.base.glob("*/holder.log*"):
+            assert b"Traceback" not in log.read_bytes(), log.read_text()
+
+
+def is_holder(pid: int) -> bool:
+    """Whether ``pid`` is a live session holder (not a zombie, not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return b"agentd.agent.holder" in cmdline and state != "Z"
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[Sessions]:
+    s = Sessions(tmp_path / "sessions")
+    yield s
+    s.close()
+
+
+def prompt(attach: Attach, prompt_id: str, text: str, **options: Any) -> list[dict[str, Any]]:
+    """Send a prompt; the lines up to its done or error."""
+    attach.send({"type": "prompt", "id": prompt_id, "text": text, **options})
+    return attach.read_until(lambda m: m["type"] in ("done", "error") and m.get("id") == prompt_id)
+
+
+def seqs(lines: list[dict[str, Any]]) -> list[int]:
+    return [line["seq"] for line in lines if "seq" in line]
+
+
+def text_of(lines: list[dict[str, Any]]) -> str:
+    return "".join(line["text"] for line in lines if line["type"] == "delta")
+
+
+# -- the basics ---------------------------------------------------------------------------
+
+
+def test_attach_starts_a_detached_holder_that_numbers_the_agents_lines(sessions: Sessions):
+    attach, hello = sessions.attached()
+    assert hello["started"] is True and hello["live"] is True and hello["complete"] is True
+    assert hello["lastSeq"] == 0 and hello["session"] == SESSION
+    lines = prompt(attach, "p1", "hello big  world")
+    assert [m["type"] for m in lines] == ["ack", "start", "delta", "delta", "delta", "done"]
+    assert seqs(lines) == [1, 2, 3, 4, 5, 6]
+    assert text_of(lines) == "hello big  world"
+    # The holder is nobody's child here: its own session and process group, /dev/null in.
+    holder, agent = hello["holderPid"], hello["agentPid"]
+    assert os.getsid(holder) != os.getsid(0) and os.getpgid(holder) == holder
+    assert os.getpgid(agent) == holder
+    assert Path(f"/proc/{holder}/status").read_text().count(f"PPid:\t{attach.process.pid}") == 0
+    assert os.readlink(f"/proc/{holder}/fd/0") == "/dev/null"
+    assert os.readlink(f"/proc/{holder}/fd/1") == "/dev/null"
+    # The attach ends with its stdin; the holder and its agent do not, nor on SIGHUP.
+    assert attach.detach() == 0
+    os.kill(holder, signal.SIGHUP)
+    time.sleep(0.2)
+    assert is_holder(holder) and alive(agent)
+
+
+def test_a_killed_attach_loses_nothing_the_resume_asks_for(sessions: Sessions):
+    attach, _ = sessions.attached()
+    words = " ".join(f"w{i}" for i in range(400))
+    attach.send({"type": "prompt", "id": "p1", "text": words, "repeat": 3, "delay_ms": 1})
+    seen = [attach.read() for _ in range(60)]
+    seen = [m for m in seen if "seq" in m]
+    attach.kill()  # SIGKILL, mid-stream
+    time.sleep(0.3)
+    again, hello = sessions.attached(after=seen[-1]["seq"], start=False)
+    assert hello["complete"] is True and hello["started"] is False
+    rest = again.read_until(lambda m: m["type"] == "done")
+    lines = seen + rest
+    assert seqs(lines) == list(range(1, len(lines) + 1))
+    assert text_of(lines) == words * 3
+
+
+def test_two_attaches_starting_at_once_share_one_holder(sessions: Sessions):
+    racers = [sessions.attach() for _ in range(4)]
+    hellos = []
+    for attach in racers:
+        line = attach.read(timeout=15)
+        assert line["type"] in ("attached", "superseded"), line
+        if line["type"] == "attached":
+            hellos.append(line)
+    assert len({h["holderPid"] for h in hellos}) == 1
+    assert [h["started"] for h in hellos].count(True) == 1
+    sessions.holders.update(h["holderPid"] for h in hellos)
+    holders = [
+        p for p in os.listdir("/proc") if p.isdigit() and is_holder(int(p)) and _serves(p, SESSION)
+    ]
+    assert len(holders) == 1
+
+
+def _serves(pid: str, session: str) -> bool:
+    try:
+        return session.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+
+
+def test_the_newest_attach_supersedes_the_older(sessions: Sessions):
+    old, _ = sessions.attached()
+    new, _ = sessions.attached(start=False)
+    assert old.read_until(lambda m: True) == [{"type": "superseded"}]
+    assert old.rest() == [] and old.process.wait(timeout=10) == 0
+    lines = prompt(new, "p1", "still here")
+    assert text_of(lines) == "still here"
+
+
+@pytest.mark.parametrize("field", ["user", "project", "agent"])
+def test_an_attach_for_another_user_project_or_agent_is_refused(sessions: Sessions, field: str):
+    owner, _ = sessions.attached()
+    prompt(owner, "p1", "secret")
+    other = {"user": "eve", "project": "other", "agent": "echo2"}[field]
+    intruder = sessions.attach(start=False, **{field: other})
+    assert intruder.read() == {
+        "type": "error",
+        "code": "mismatch",
+        "error": "the session belongs to another user, project or agent",
+    }
+    assert intruder.rest() == [] and intruder.process.wait(timeout=10) == 1
+    # The owner was not superseded and still has the agent.
+    assert text_of(prompt(owner, "p2", "mine")) == "mine"
+    # With the holder gone, the journal is refused to them just the same.
+    os.killpg(owner.holder_pid or 0, signal.SIGKILL)
+    wait_for(lambda: not is_holder(owner.holder_pid or 0))
+    for start in (False, True):
+        refused = sessions.attach(start=start, **{field: other})
+        assert refused.rest()[0]["code"] == "mismatch"
+
+
+def test_malformed_arguments_are_refused_before_anything_starts(sessions: Sessions):
+    attach = sessions.attach(session="short")
+    assert attach.rest() == [
+        {"type": "error", "code": "bad_request", "error": "--session is malformed"}
+    ]
+    assert attach.process.wait(timeout=10) == 2
+    assert not sessions.base.exists()
+
+
+def test_the_patterns_are_agentds_own():
+    from agentd import config, gateway
+
+    assert names.PROJECT_RE.pattern == config.PROJECT_RE.pattern
+    assert names.USER_RE.pattern == config.USER_RE.pattern
+    assert names.AGENT_NAME_RE.pattern == config.AGENT_NAME_RE.pattern
+    assert names.SESSION_ID_RE.pattern == gateway.SESSION_ID_RE.pattern
+    assert names.LAST_SEQ_RE.pattern == gateway.LAST_SEQ_RE.pattern
+    assert names.MAX_SEQ == gateway.MAX_SEQ
+
+
+# -- nothing lost, nothing twice ----------------------------------------------------------
+
+
+def test_a_detached_flood_pauses_the_agent_and_the_resume_gets_every_line(sessions: Sessions):
+    bound = 256 * 1024
+    options = ("--journal-max-bytes", str(bound), "--max-line", "16384")
+    attach, hello = sessions.attached(options=options)
+    attach.send({"type": "prompt", "id": "flood", "text": "word ", "repeat": 50_000})
+    ack = attach.read_until(lambda m: m["type"] == "ack")[-1]
+    attach.detach()
+    # Nobody confirms: the journal fills to its bound and the agent is paused there.
+    sizes: list[int] = []
+
+    def stopped_growing() -> bool:
+        sizes.append(sessions.journal_bytes())
+        time.sleep(0.05)
+        return sizes[-1] > bound // 2 and sessions.journal_bytes() == sizes[-1]
+
+    wait_for(stopped_growing, what="the journal to fill")
+    ticks = cpu_ticks(hello["agentPid"])
+    for _ in range(30):
+        sizes.append(sessions.journal_bytes())
+        time.sleep(0.01)
+    assert sizes[-1] == sizes[-30], "the journal still grows"
+    assert cpu_ticks(hello["agentPid"]) - ticks <= 1, "the agent is still working"
+    assert bound - 64 * 1024 < sizes[-1] and max(sizes) <= bound
+    assert is_holder(hello["holderPid"])
+    # Back, confirming as it reads: every line arrives once, in order, the agent resumed.
+    again, resumed = sessions.attached(after=ack["seq"], start=False)
+    assert resumed["complete"] is True
+    lines = []
+    while not lines or lines[-1]["type"] != "done":
+        line = again.read()
+        if "seq" not in line:
+            continue
+        lines.append(line)
+        if line["seq"] % 500 == 0:
+            again.send({"type": "confirm", "seq": line["seq"]})
+            sizes.append(sessions.journal_bytes())
+    assert seqs(lines) == list(range(ack["seq"] + 1, ack["seq"] + 1 + len(lines)))
+    assert text_of(lines) == "word " * 50_000
+    assert max(sizes) <= bound
+
+
+def test_a_resume_from_before_the_trimmed_lines_is_incomplete(sessions: Sessions):
+    options = ("--journal-max-bytes", str(128 * 1024), "--max-line", "16384")
+    attach, _ = sessions.attached(options=options)
+    lines = []
+    for turn in range(4):
+        lines += prompt(attach, f"p{turn}", "x " * 1000)
+        attach.send({"type": "confirm", "seq": lines[-1]["seq"]})
+    early, hello = sessions.attached(after=0, start=False)
+    assert hello["complete"] is False and hello["lastSeq"] == lines[-1]["seq"]
+    replay = early.read_until(lambda m: m["seq"] == lines[-1]["seq"])
+    assert replay[0]["seq"] > 1 and seqs(replay) == list(
+        range(replay[0]["seq"], hello["lastSeq"] + 1)
+    )
+
+
+def test_a_prompt_is_forwarded_once_whoever_sends_it_again(sessions: Sessions):
+    first, _ = sessions.attached()
+    assert text_of(prompt(first, "p1", "once only")) == "once only"
+    first.detach()
+    second, _ = sessions.attached(after=0, start=False)
+    second.send({"type": "prompt", "id": "p1", "text": "once only"})
+    second.send({"type": "prompt", "id": "p2", "text": "then this"})
+    lines = second.read_until(lambda m: m["type"] == "done" and m["id"] == "p2")
+    duplicate = [m for m in lines if m["type"] == "ack" and m["id"] == "p1" and m.get("duplicate")]
+    assert len(duplicate) == 1
+    assert [m["id"] for m in lines if m["type"] == "start"] == ["p1", "p2"]  # p1's from the replay
+    assert seqs(lines) == list(range(1, len(lines) + 1))
+
+
+def test_usage_is_reported_on_every_attach_until_recorded(sessions: Sessions):
+    attach, _ = sessions.attached()
+    done = prompt(attach, "p1", "count me")[-1]
+    attach.detach()
+    again, _ = sessions.attached(after=done["seq"], start=False)
+    pending = again.read()
+    assert pending == {
+        "type": "unrecorded",
+        "id": "p1",
+        "event": wire.usage_event_id(SESSION, "p1"),
+        "outcome": "done",
+        "usage": done["usage"],
+        "timestamp": pending["timestamp"],
+    }
+    assert abs(pending["timestamp"] - time.time()) < 60
+    again.send({"type": "recorded", "id": "p1"})
+    again.send({"type": "emit", "message": {"type": "pong"}})  # a marker: recorded is handled
+    assert again.read_until(lambda m: m["type"] == "pong")[-1]["seq"] == done["seq"] + 1
+    again.detach()
+    third, _ = sessions.attached(after=done["seq"] + 1, start=False)
+    third.send({"type": "emit", "message": {"type": "pong"}})
+    assert third.read()["type"] == "pong"  # no unrecorded line came first
+
+
+def test_the_usage_event_id_is_derived_from_session_and_query():
+    one = wire.usage_event_id("s3ss10n-0123456789", "p1")
+    assert one == wire.usage_event_id("s3ss10n-0123456789", "p1")
+    assert one != wire.usage_event_id("s3ss10n-0123456789", "p2")
+    assert one != wire.usage_event_id("s3ss10n-0123456780", "p1")
+    assert one.startswith("h-") and len(one) == 66
+
+
+def test_agentds_own_lines_are_numbered_and_journaled_with_the_agents(sessions: Sessions):
+    attach, _ = sessions.attached()
+    attach.send({"type": "emit", "message": {"type": "error", "code": "rate_limit", "seq": 99}})
+    emitted = attach.read()
+    assert emitted == {"seq": 1, "type": "error", "code": "rate_limit"}
+    lines = prompt(attach, "p1", "next")
+    assert seqs(lines)[0] == 2
+    attach.detach()
+    replay, _ = sessions.attached(after=0, start=False)
+    assert replay.read_until(lambda m: True) == [emitted]
+
+
+# -- lifetime -----------------------------------------------------------------------------
+
+
+def test_a_killed_holder_leaves_its_journal_and_the_resume_learns_it(sessions: Sessions):
+    attach, hello = sessions.attached()
+    lines = prompt(attach, "p1", "before the crash")
+    os.killpg(hello["holderPid"], signal.SIGKILL)
+    assert attach.process.wait(timeout=10) == 0  # the attach goes with its holder
+    wait_for(lambda: not is_holder(hello["holderPid"]))
+    lost = sessions.attach(after=2, start=False)
+    served = lost.rest()
+    assert lost.process.wait(timeout=10) == 0
+    head, *numbered, tail = [m for m in served if m["type"] != "unrecorded"]
+    assert head["type"] == "attached" and head["live"] is False and head["complete"] is True
+    assert numbered[:-1] == lines[2:]
+    assert numbered[-1]["code"] == "agent_exited" and numbered[-1]["seq"] == lines[-1]["seq"] + 1
+    assert "session holder lost" in numbered[-1]["error"]
+    assert tail == {"type": "ended", "reason": "session holder lost"}
+    # Asked to, a new holder carries on: seq goes on, accepted prompts stay accepted.
+    fresh, hello2 = sessions.attached(after=numbered[-1]["seq"], start=True)
+    assert hello2["started"] is True and hello2["agentPid"] != hello["agentPid"]
+    fresh.send({"type": "prompt", "id": "p1", "text": "before the crash"})
+    ack = fresh.read_until(lambda m: m["type"] == "ack")[-1]
+    assert ack == {"seq": numbered[-1]["seq"] + 1, "type": "ack", "id": "p1", "duplicate": True}
+
+
+def test_an_idle_session_ends_but_a_running_query_runs_to_its_end(sessions: Sessions):
+    options = ("--idle-seconds", "0.3")
+    attach, hello = sessions.attached(options=options)
+    attach.send({"type": "prompt", "id": "slow", "text": "a b c d e f", "delay_ms": 200})
+    attach.read_until(lambda m: m["type"] == "start")
+    attach.detach()
+    time.sleep(0.6)  # idle time passed, but the query runs
+    assert is_holder(hello["holderPid"])
+    # Once the query ended and the idle time passed, the session ends; its usage is kept
+    # for the next attach, nothing else.
+    wait_for(lambda: not is_holder(hello["holderPid"]), what="the idle end")
+    left = {p.name for p in sessions.directory().iterdir()}
+    assert "sock" not in left and "state.jsonl" in left
+    recorder, again = sessions.attached(after=0, start=False)
+    assert again["live"] is False
+    assert any(m["type"] == "unrecorded" and m["id"] == "slow" for m in recorder.rest())
+
+
+def test_an_idle_session_with_nothing_owed_removes_its_directory(sessions: Sessions):
+    attach, hello = sessions.attached(options=("--idle-seconds", "0.3"))
+    prompt(attach, "p1", "quick")
+    attach.send({"type": "recorded", "id": "p1"})
+    attach.detach()
+    wait_for(lambda: not is_holder(hello["holderPid"]), what="the idle end")
+    wait_for(lambda: not sessions.directory().exists(), what="the directory to go")
+    assert sessions.attach(start=False).rest() == [
+        {"type": "error", "code": "no_session", "error": "no such session"}
+    ]
+
+
+def test_end_stops_the_agent_and_ends_the_session(sessions: Sessions):
+    attach, hello = sessions.attached()
+    attach.send({"type": "prompt", "id": "long", "text": "x ", "repeat": 100, "delay_ms": 50})
+    attach.read_until(lambda m: m["type"] == "delta")
+    attach.send({"type": "end"})
+    lines = attach.rest()
+    done = next(m for m in lines if m["type"] == "done")
+    assert done["aborted"] is True and done["usage"]["outputTokens"] >= 1
+    exited = next(m for m in lines if m.get("code") == "agent_exited")
+    assert exited["exitStatus"] == 0 and exited["seq"] == done["seq"] + 1
+    assert lines[-1] == {"type": "ended", "reason": "ended by request"}
+    wait_for(lambda: not is_holder(hello["holderPid"]), what="the holder to end")
+    assert not alive(hello["agentPid"])
+
+
+def test_an_agent_that_exits_is_reported_and_the_next_prompt_starts_another(sessions: Sessions):
+    attach, hello = sessions.attached()
+    attach.send({"type": "prompt", "id": "bye", "text": "x", "exit": 3})
+    exited = attach.read_until(lambda m: m.get("code") == "agent_exited")[-1]
+    assert exited["exitStatus"] == 3 and "exited with 3" in exited["error"]
+    lines = prompt(attach, "p2", "new agent")
+    assert text_of(lines) == "new agent" and seqs(lines)[0] == exited["seq"] + 1
+    attach.detach()
+    _, hello2 = sessions.attached(after=lines[-1]["seq"], start=False)
+    assert hello2["agentPid"] != hello["agentPid"] and hello2["holderPid"] == hello["holderPid"]
+
+
+# -- the files ----------------------------------------------------------------------------
+
+
+def test_the_session_directory_and_its_files_are_private(sessions: Sessions):
+    attach, _ = sessions.attached()
+    prompt(attach, "p1", "private")
+    paths = [sessions.base, *sessions.base.rglob("*")]
+    assert len(paths) > 8
+    for path in paths:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert mode & 0o077 == 0, f"{path}: {mode:o}"
+        if path.is_dir():
+            assert mode == 0o700, path
+        elif path.is_file():
+            assert mode == 0o600, path
+
+
+def test_journaled_lines_are_in_the_file_within_100_ms(sessions: Sessions):
+    attach, _ = sessions.attached()
+    attach.send({"type": "prompt", "id": "p1", "text": "a b c d e f g h", "delay_ms": 30})
+    journal = sessions.directory() / "journal"
+    for _ in range(8):
+        line = attach.read_until(lambda m: m["type"] == "delta")[-1]
+        marker = json.dumps(line["text"]).encode()
+
+        def on_disk(marker: bytes = marker, seq: int = line["seq"]) -> bool:
+            data = b"".join(f.read_bytes() for f in journal.iterdir())
+            return b'{"seq":%d,' % seq in data and marker in data
+
+        wait_for(on_disk, timeout=0.1, what="the line in the journal file")
+
+
+def test_the_syncer_fsyncs_a_write_within_100_ms_and_batches_writes(tmp_path: Path):
+    synced: list[tuple[int, float]] = []
+    syncer = Syncer(fsync=lambda fd: synced.append((fd, time.monotonic())))
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        started = time.monotonic()
+        for _ in range(1000):
+            os.write(fd, b"x\n")
+            syncer.dirty(fd)
+        wait_for(lambda: synced, timeout=0.1, what="an fsync")
+        assert synced[0][1] - started < 0.1
+        time.sleep(0.1)
+        assert len(synced) <= 2  # a thousand writes, one or two fsyncs
+    finally:
+        syncer.retire(fd)
+        syncer.stop()
+
+
+# -- the journal on its own ---------------------------------------------------------------
+
+
+def _lines(first: int, last: int) -> bytes:
+    return b"".join(
+        wire.numbered({"type": "delta", "text": f"t{n}"}, n) for n in range(first, last + 1)
+    )
+
+
+def test_the_journal_finds_any_seq_and_drops_a_torn_tail(tmp_path: Path):
+    journal = Journal(str(tmp_path / "j"), 8192, 3600)
+    for first in range(1, 600, 50):
+        journal.append(_lines(first, first + 49), first, first + 49)
+    assert len(journal.segments) > 3
+    for after in (0, 1, 49, 50, 51, 333, 598, 599):
+        position, complete = journal.locate(after)
+        data, _ = journal.read(position, 100)
+        assert complete and wire.seq_of(data) == after + 1
+    assert journal.at_end(journal.locate(650)[0])
+    journal.close()
+    last = sorted((tmp_path / "j").iterdir())[-1]
+    with open(last, "ab") as f:
+        f.write(b'{"seq":601,"type":"del')  # a crash in mid-write
+    reopened = Journal(str(tmp_path / "j"), 8192, 3600)
+    assert reopened.last_seq == 600 and last.read_bytes().endswith(b"}\n")
+    reopened.close()
+
+
+def test_the_journal_deletes_only_confirmed_segments(tmp_path: Path):
+    journal = Journal(str(tmp_path / "j"), 8192, 3600)
+    for first in range(1, 600, 50):
+        journal.append(_lines(first, first + 49), first, first + 49)
+    total = journal.total
+    journal.trim(confirmed=0, keep=None, need=1 << 20)
+    assert journal.total == total and journal.first_seq == 1
+    journal.trim(confirmed=300, keep=None, need=1 << 20)
+    assert 1 < journal.first_seq <= 301 and journal.locate(300)[1] is True
+    journal.trim(confirmed=600, keep=Position(journal.first_seq, 0), need=1 << 20)
+    assert journal.first_seq <= 301  # an attach still reads from there
+    journal.close()
