@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from agentd.agent.holder import attach as attach_command
 from agentd.agent.holder import names, wire
 from agentd.agent.holder.journal import Journal, Position, Syncer
 from tests.fake_providers import REPO, agent_env
@@ -315,6 +316,46 @@ def test_malformed_arguments_are_refused_before_anything_starts(sessions: Sessio
     ]
     assert attach.process.wait(timeout=10) == 2
     assert not sessions.base.exists()
+
+
+BASE_ARGS = ["--session", SESSION, "--user", "ada", "--project", "demo", "--agent", "echo"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        (["--bogus", "1"], "unknown option --bogus"),
+        (["--after"], "--after needs a value"),
+        (["--after", "1", "--after", "2"], "--after is given twice"),
+        (["--after", "-1"], "--after must be a seq"),
+        (["--idle-seconds", "soon"], "--idle-seconds must be a number"),
+        (["--idle-seconds", "0"], "--idle-seconds must be positive"),
+        (["--max-line", "100"], "--max-line must be from 1024"),
+        (["--journal-max-bytes", "100000"], "at least 8 times --max-line"),
+        (["--agent-command", "run-agent"], "must contain {agent}"),
+        (["--user", "a b"], "--user is malformed"),
+    ],
+)
+def test_attach_arguments_are_checked(extra: list[str], problem: str):
+    argv = [*BASE_ARGS, *extra]
+    if extra[0] == "--user":
+        argv = argv[:2] + argv[4:]
+    with pytest.raises(attach_command.UsageError, match=problem):
+        attach_command.parse(argv, {})
+    with pytest.raises(attach_command.UsageError, match="--project is required"):
+        attach_command.parse(["--session", SESSION, "--user", "ada", "--agent", "echo"], {})
+
+
+def test_attach_arguments_have_defaults_and_take_either_form():
+    options = attach_command.parse(
+        [*BASE_ARGS, "--after=42", "--start"], {"AGENTD_AGENT_COMMAND": "run {agent} --fast"}
+    )
+    assert options.after == 42 and options.start is True
+    assert options.identity == (SESSION, "ada", "demo", "echo")
+    assert options.agent_command == "run {agent} --fast"
+    assert options.idle_seconds == 3600 and options.journal_max_bytes == 64 << 20
+    assert options.journal_max_age == 86400 and options.max_line == 1 << 20
+    assert attach_command.parse(BASE_ARGS, {}).agent_command == "agentd-agent {agent}"
 
 
 def test_the_patterns_are_agentds_own():

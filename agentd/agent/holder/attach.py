@@ -13,21 +13,22 @@ the same session at once start one holder: starting happens under the session's 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import select
 import socket
 import sys
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple, NoReturn, TypeVar
 
 from agentd.agent.holder import names, sessions, wire
 from agentd.agent.holder.state import Identity, read_identity, write_identity
 
 if TYPE_CHECKING:
     from agentd.agent.holder.journal import Journal, Position
+
+N = TypeVar("N", int, float)
 
 USAGE = (
     "agentd-agent attach --session ID --user USER --project PROJECT --agent AGENT "
@@ -44,17 +45,27 @@ LOCK_SECONDS = 15.0
 RELAY_BYTES = 256 * 1024
 
 
+# Every option that takes a value; ``--start`` is the only flag without one.
+OPTIONS = (
+    "--session",
+    "--user",
+    "--project",
+    "--agent",
+    "--after",
+    "--sessions-dir",
+    "--agent-command",
+    "--idle-seconds",
+    "--journal-max-bytes",
+    "--journal-max-age",
+    "--max-line",
+)
+
+
 class UsageError(Exception):
     """The command line is unusable; the message says how."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     identity: Identity
     after: int
     start: bool
@@ -66,55 +77,79 @@ class Options:
     max_line: int
 
 
-def parse(argv: list[str], env: dict[str, str] | os._Environ[str]) -> Options:
-    parser = _Parser(prog="agentd-agent attach", usage=USAGE, add_help=False)
-    parser.add_argument("--session", required=True)
-    parser.add_argument("--user", required=True)
-    parser.add_argument("--project", required=True)
-    parser.add_argument("--agent", required=True)
-    parser.add_argument("--after", default="0")
-    parser.add_argument("--start", action="store_true")
-    parser.add_argument("--sessions-dir")
-    parser.add_argument("--agent-command", default=env.get("AGENTD_AGENT_COMMAND"))
-    parser.add_argument("--idle-seconds", type=float, default=DEFAULT_IDLE_SECONDS)
-    parser.add_argument("--journal-max-bytes", type=int, default=DEFAULT_JOURNAL_BYTES)
-    parser.add_argument("--journal-max-age", type=float, default=DEFAULT_JOURNAL_AGE)
-    parser.add_argument("--max-line", type=int, default=DEFAULT_MAX_LINE)
-    args = parser.parse_args(argv)
+def parse(argv: list[str], env: Mapping[str, str]) -> Options:
+    """The command line, checked. Parsed by hand: argparse and what it imports would cost
+    every attach several milliseconds."""
+    values: dict[str, str] = {}
+    start = False
+    rest = list(argv)
+    while rest:
+        word = rest.pop(0)
+        if word == "--start":
+            start = True
+            continue
+        name, equals, value = word.partition("=")
+        if name not in OPTIONS:
+            raise UsageError(f"unknown option {name}")
+        if not equals:
+            if not rest:
+                raise UsageError(f"{name} needs a value")
+            value = rest.pop(0)
+        if name in values:
+            raise UsageError(f"{name} is given twice")
+        values[name] = value
     patterns = {
-        "session": names.SESSION_ID_RE,
-        "user": names.USER_RE,
-        "project": names.PROJECT_RE,
-        "agent": names.AGENT_NAME_RE,
+        "--session": names.SESSION_ID_RE,
+        "--user": names.USER_RE,
+        "--project": names.PROJECT_RE,
+        "--agent": names.AGENT_NAME_RE,
     }
     for key, pattern in patterns.items():
-        if not pattern.fullmatch(getattr(args, key)):
-            raise UsageError(f"--{key} is malformed")
-    after = names.seq_from_text(args.after)
+        if key not in values:
+            raise UsageError(f"{key} is required")
+        if not pattern.fullmatch(values[key]):
+            raise UsageError(f"{key} is malformed")
+    after = names.seq_from_text(values.get("--after", "0"))
     if after is None:
         raise UsageError("--after must be a seq (a non-negative integer)")
-    if not args.idle_seconds > 0:
+    idle_seconds = _number(values, "--idle-seconds", float, DEFAULT_IDLE_SECONDS)
+    journal_max_bytes = _number(values, "--journal-max-bytes", int, DEFAULT_JOURNAL_BYTES)
+    journal_max_age = _number(values, "--journal-max-age", float, DEFAULT_JOURNAL_AGE)
+    max_line = _number(values, "--max-line", int, DEFAULT_MAX_LINE)
+    if not idle_seconds > 0:
         raise UsageError("--idle-seconds must be positive")
-    if not args.journal_max_age > 0:
+    if not journal_max_age > 0:
         raise UsageError("--journal-max-age must be positive")
-    if not 1024 <= args.max_line <= 16 << 20:
+    if not 1024 <= max_line <= 16 << 20:
         raise UsageError("--max-line must be from 1024 to 16777216")
-    if args.journal_max_bytes < 8 * args.max_line:
+    if journal_max_bytes < 8 * max_line:
         raise UsageError("--journal-max-bytes must be at least 8 times --max-line")
-    command = args.agent_command or DEFAULT_AGENT_COMMAND
+    command = values.get("--agent-command") or env.get("AGENTD_AGENT_COMMAND")
+    command = command or DEFAULT_AGENT_COMMAND
     if "{agent}" not in command:
         raise UsageError("--agent-command must contain {agent}")
     return Options(
-        identity=Identity(args.session, args.user, args.project, args.agent),
+        identity=Identity(
+            values["--session"], values["--user"], values["--project"], values["--agent"]
+        ),
         after=after,
-        start=args.start,
-        sessions_dir=args.sessions_dir,
+        start=start,
+        sessions_dir=values.get("--sessions-dir"),
         agent_command=command,
-        idle_seconds=args.idle_seconds,
-        journal_max_bytes=args.journal_max_bytes,
-        journal_max_age=args.journal_max_age,
-        max_line=args.max_line,
+        idle_seconds=idle_seconds,
+        journal_max_bytes=journal_max_bytes,
+        journal_max_age=journal_max_age,
+        max_line=max_line,
     )
+
+
+def _number(values: dict[str, str], name: str, kind: type[N], default: N) -> N:
+    if name not in values:
+        return default
+    try:
+        return kind(values[name])
+    except ValueError:
+        raise UsageError(f"{name} must be a number") from None
 
 
 class Refused(Exception):
@@ -126,8 +161,7 @@ class Refused(Exception):
         self.text = text
 
 
-@dataclass
-class Reached:
+class Reached(NamedTuple):
     """A live holder to relay to (and whether this attach started it), or a lost session."""
 
     sock: socket.socket | None = None

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
@@ -963,7 +962,7 @@ def _remove_session_directory() -> None:
     except TimeoutError:
         return
     try:
-        shutil.rmtree(path, ignore_errors=True)
+        sessions.remove_tree(path)
     finally:
         lock.release()
 

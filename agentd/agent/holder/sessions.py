@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import socket
 import stat
 import time
@@ -204,11 +203,14 @@ def _remove_if_unheld(dir_fd: int, path: str) -> bool:
                 return False
         finally:
             probe.close()
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
         return True
     finally:
         os.close(lock)
 
 
-def remove_session(path: str) -> None:
+def remove_tree(path: str) -> None:
+    # Imported here: only a holder removes sessions, and the attach path must start fast.
+    import shutil
+
     shutil.rmtree(path, ignore_errors=True)

@@ -20,8 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from agentd.agent.holder.journal import Syncer
@@ -36,8 +35,7 @@ MAX_UNRECORDED = 10_000
 COMPACT_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     session: str
     user: str
     project: str
@@ -62,7 +60,8 @@ def read_identity(directory: str) -> Identity | None:
 
 
 def write_identity(directory: str, identity: Identity) -> None:
-    _replace(os.path.join(directory, IDENTITY_FILE), json.dumps(asdict(identity)).encode() + b"\n")
+    data = json.dumps(identity._asdict()).encode() + b"\n"
+    _replace(os.path.join(directory, IDENTITY_FILE), data)
 
 
 def _replace(path: str, data: bytes) -> None:

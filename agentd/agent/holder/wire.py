@@ -9,7 +9,6 @@ the journal. A control line is for agentd only: it begins with ``{"type":`` and 
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 from typing import Any
 
@@ -81,6 +80,9 @@ def usage_event_id(session: str, query: str) -> str:
     and the usage store records an id once, so a query is never counted twice. The result
     fits agentd's query id pattern (printable ASCII, at most 128 characters).
     """
+    # Imported here: the attach path never needs it, and must start fast.
+    import hashlib
+
     digest = hashlib.sha256(f"{session}\n{query}".encode()).hexdigest()
     return f"h-{digest}"
 
