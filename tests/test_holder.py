@@ -413,6 +413,21 @@ def test_a_detached_flood_pauses_the_agent_and_the_resume_gets_every_line(sessio
     assert max(sizes) <= bound
 
 
+def test_a_client_that_confirms_streams_far_past_the_journals_bound(sessions: Sessions):
+    bound = 4 << 20  # segments of 256 KiB: room is made a whole segment at a time
+    options = ("--journal-max-bytes", str(bound), "--max-line", "65536")
+    attach, _ = sessions.attached(options=options)
+    attach.send({"type": "prompt", "id": "long", "text": "word ", "repeat": 150_000})
+    deltas = 0
+    while (line := attach.read())["type"] != "done":
+        if line["type"] == "delta":
+            deltas += 1
+            if deltas % 2000 == 0:
+                attach.send({"type": "confirm", "seq": line["seq"]})
+                assert sessions.journal_bytes() <= bound
+    assert deltas == 150_000
+
+
 def test_a_resume_from_before_the_trimmed_lines_is_incomplete(sessions: Sessions):
     options = ("--journal-max-bytes", str(128 * 1024), "--max-line", "16384")
     attach, _ = sessions.attached(options=options)

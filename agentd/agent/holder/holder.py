@@ -498,7 +498,7 @@ class Holder:
         else:
             limit = self.settings.agent_limit
             if journal.total + 2 * READ_BYTES > limit:
-                journal.trim(self.state.confirmed, self._keep(), 2 * READ_BYTES)
+                journal.trim(self.state.confirmed, self._keep(), 2 * READ_BYTES, limit)
             room = limit - journal.total
         seq = first = journal.last_seq + 1
         out: list[bytes] = []

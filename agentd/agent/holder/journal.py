@@ -252,14 +252,17 @@ class Journal:
             self._syncer.retire(self._fd)
         self._fd = None
 
-    def trim(self, confirmed: int, keep: Position | None, need: int = 0) -> None:
+    def trim(
+        self, confirmed: int, keep: Position | None, need: int = 0, bound: int | None = None
+    ) -> None:
         """Delete the oldest segments whose lines are all confirmed and that ``keep`` (an
-        attach's place) is past, while the journal plus ``need`` bytes is over its bound or
-        they are older than ``max_age``."""
+        attach's place) is past, while the journal plus ``need`` bytes is over ``bound``
+        (``max_bytes`` unless given) or they are older than ``max_age``."""
+        limit = self.max_bytes if bound is None else bound
         now = self._clock()
         while self._deletable(confirmed, keep):
             segment = self.segments[0]
-            if self.total + need <= self.max_bytes and now - segment.modified <= self.max_age:
+            if self.total + need <= limit and now - segment.modified <= self.max_age:
                 break
             self._delete_first()
 
