@@ -584,6 +584,45 @@ def test_an_agent_that_exits_is_reported_and_the_next_prompt_starts_another(sess
     assert hello2["agentPid"] != hello["agentPid"] and hello2["holderPid"] == hello["holderPid"]
 
 
+def test_an_exited_agent_ends_the_session_once_its_client_confirmed_that(sessions: Sessions):
+    attach, hello = sessions.attached()  # the idle time is an hour
+    attach.send({"type": "prompt", "id": "bye", "text": "x", "exit": 0})
+    exited = attach.read_until(lambda m: m.get("code") == "agent_exited")[-1]
+    attach.send({"type": "recorded", "id": "bye"})
+    time.sleep(0.3)
+    assert is_holder(hello["holderPid"])  # still attached: the next prompt would restart it
+    attach.send({"type": "confirm", "seq": exited["seq"]})
+    attach.detach()
+    wait_for(lambda: not is_holder(hello["holderPid"]), what="the holder to end")
+    assert not sessions.directory().exists()
+
+
+def test_a_stopped_holder_leaves_its_session_for_the_next_attach(sessions: Sessions):
+    attach, hello = sessions.attached()
+    lines = prompt(attach, "p1", "kept")
+    os.kill(hello["holderPid"], signal.SIGTERM)  # a VM shutting down
+    assert attach.rest()[-1] == {"type": "ended", "reason": "session holder stopped"}
+    wait_for(lambda: not is_holder(hello["holderPid"]), what="the holder to stop")
+    served = sessions.attach(after=lines[-1]["seq"], start=False).rest()
+    exited = [m for m in served if m.get("code") == "agent_exited"]
+    assert len(exited) == 1 and exited[0]["exitStatus"] == 0
+    assert served[-1] == {"type": "ended", "reason": "session holder stopped"}
+
+
+def test_a_starting_holder_removes_sessions_abandoned_long_ago(sessions: Sessions):
+    sessions.base.mkdir(mode=0o700, parents=True)
+    old, recent = sessions.base / "abandoned-0123456789", sessions.base / "recent-0123456789ab"
+    for directory in (old, recent):
+        (directory / "journal").mkdir(mode=0o700, parents=True)
+        (directory / "state.jsonl").write_text('{"confirmed":0}\n')
+    week_ago = time.time() - 7 * 86400
+    for path in (old, old / "journal", old / "state.jsonl"):
+        os.utime(path, (week_ago, week_ago))
+    sessions.attached()
+    wait_for(lambda: not old.exists(), what="the abandoned session to go")
+    assert recent.exists()
+
+
 # -- the files ----------------------------------------------------------------------------
 
 
