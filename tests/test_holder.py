@@ -287,6 +287,25 @@ def test_the_newest_attach_supersedes_the_older(sessions: Sessions):
     assert text_of(lines) == "still here"
 
 
+def test_a_superseded_attach_that_fell_behind_still_learns_it_whole(sessions: Sessions):
+    argv = sessions.attach().process.args  # the same command line, for a process read later
+    sessions.attaches[-1].kill()
+    behind = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=agent_env(), cwd=REPO
+    )
+    assert behind.stdin is not None and behind.stdout is not None
+    prompt = {"type": "prompt", "id": "big", "text": "x", "repeat": 20_000, "delta_bytes": 1000}
+    behind.stdin.write(json.dumps(prompt).encode() + b"\n")
+    behind.stdin.flush()
+    time.sleep(1.0)  # nobody reads it: its pipe, its socket and the holder's buffer fill up
+    newer, _ = sessions.attached(after=0, start=False)
+    lines = [json.loads(raw) for raw in behind.stdout]  # every line whole, to the last
+    assert lines[-1] == {"type": "superseded"}
+    assert behind.wait(timeout=10) == 0
+    assert any(line.get("type") == "delta" for line in lines)
+    newer.read_until(lambda m: m["type"] == "done")
+
+
 @pytest.mark.parametrize("field", ["user", "project", "agent"])
 def test_an_attach_for_another_user_project_or_agent_is_refused(sessions: Sessions, field: str):
     owner, _ = sessions.attached()

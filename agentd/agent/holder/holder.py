@@ -44,6 +44,8 @@ HELLO_SECONDS = 10.0
 KILL_SECONDS = 10.0
 # After ``ended``, how long the holder still reads ``recorded`` lines from the attach.
 LINGER_SECONDS = 2.0
+# A superseded or refused attach that does not read its last line is closed after this long.
+DISMISS_SECONDS = 5.0
 # A journal the disk refused is tried again after this long; the agent waits meanwhile.
 RETRY_SECONDS = 1.0
 LOG_FORWARD_CHARS = 8192
@@ -71,7 +73,16 @@ class Attach:
     """One connection from ``agentd-agent attach``; ``cursor`` is set once its hello is
     accepted and says which journal bytes it gets next."""
 
-    __slots__ = ("cursor", "deadline", "inbuf", "out", "sock", "unwritable", "writing")
+    __slots__ = (
+        "cursor",
+        "deadline",
+        "dismissed",
+        "inbuf",
+        "out",
+        "sock",
+        "unwritable",
+        "writing",
+    )
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
@@ -81,6 +92,7 @@ class Attach:
         self.cursor: Position | None = None
         self.writing = False
         self.unwritable = False  # it stopped reading; what it sent is still read to the end
+        self.dismissed = False  # refused or superseded: its last line goes out, then it closes
 
 
 class AgentChild:
@@ -124,6 +136,7 @@ class Holder:
         self.sel.register(listener, selectors.EVENT_READ, self._accept)
         self.current: Attach | None = None
         self.waiting: list[Attach] = []  # connected, hello not yet received
+        self.dismissed: list[Attach] = []  # being closed once their last line is out
         self.agent: AgentChild | None = None
         self.running: OrderedDict[str, None] = OrderedDict()  # prompt ids of running queries
         self.held: list[bytes] = []  # agent lines read but not yet journaled: no room
@@ -153,7 +166,7 @@ class Holder:
 
     def _timeout(self) -> float | None:
         now = time.monotonic()
-        deadlines = [a.deadline for a in self.waiting]
+        deadlines = [a.deadline for a in (*self.waiting, *self.dismissed)]
         if self.idle_since is not None and self.ending is None:
             deadlines.append(self.idle_since + self.settings.idle_seconds)
         for deadline in (self.kill_at, self.linger_until, self.retry_at, self._age_deadline()):
@@ -178,6 +191,8 @@ class Holder:
             self._begin_end("session holder stopped")
         for attach in [a for a in self.waiting if a.deadline <= now]:
             self._close(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "no hello"))
+        for attach in [a for a in self.dismissed if a.deadline <= now]:
+            self._close(attach)
         if self.retry_at is not None and now >= self.retry_at:
             self.retry_at = None
             self._unhold()
@@ -203,7 +218,7 @@ class Holder:
             return
         # A query blocked on a full journal cannot reach its end without a client, so it
         # does not keep a session alive that nobody comes back to.
-        idle = self.current is None and (not self.running or bool(self.held))
+        idle = self.current is None and not self.waiting and (not self.running or bool(self.held))
         if not idle:
             self.idle_since = None
         elif self.idle_since is None:
@@ -650,6 +665,8 @@ class Holder:
         if not data:
             self._close(attach)
             return
+        if attach.dismissed:
+            return
         attach.inbuf += data
         while attach.sock.fileno() >= 0:
             newline = attach.inbuf.find(b"\n")
@@ -817,6 +834,8 @@ class Holder:
         sock = attach.sock
         if attach.unwritable or sock.fileno() < 0:
             attach.out.clear()
+            if attach.dismissed:
+                self._close(attach)
             return
         while True:
             if attach.out:
@@ -838,6 +857,9 @@ class Holder:
                 break
             data, attach.cursor = self.journal.read(cursor, ATTACH_READ_BYTES)
             attach.out += data
+        if attach.dismissed and (attach.unwritable or not attach.out):
+            self._close(attach)
+            return
         writing = bool(attach.out)
         if writing != attach.writing:
             attach.writing = writing
@@ -845,23 +867,30 @@ class Holder:
             self.sel.modify(sock, events, self.sel.get_key(sock).data)
 
     def _close(self, attach: Attach, last: bytes = b"") -> None:
-        """Close an attach, trying to send ``last`` first (it may be gone already)."""
+        """Close an attach; with ``last``, only once the line in flight and ``last`` are
+        sent (or DISMISS_SECONDS passed), so that it learns why."""
         sock = attach.sock
         if sock.fileno() < 0:
             return
-        if last:
-            try:
-                sock.send(bytes(attach.out) + last if attach.cursor is None else last)
-            except OSError:
-                pass
-        self.sel.unregister(sock)
-        sock.close()
-        if attach in self.waiting:
-            self.waiting.remove(attach)
         if attach is self.current:
             self.current = None
             if self.linger_until is not None:
                 self.finished = True
+        if attach in self.waiting:
+            self.waiting.remove(attach)
+        if last and not attach.dismissed:
+            attach.dismissed = True
+            attach.cursor = None
+            del attach.out[attach.out.find(b"\n") + 1 :]
+            attach.out += last
+            attach.deadline = time.monotonic() + DISMISS_SECONDS
+            self.dismissed.append(attach)
+            self._flush(attach)
+            return
+        if attach in self.dismissed:
+            self.dismissed.remove(attach)
+        self.sel.unregister(sock)
+        sock.close()
 
     # -- ending ---------------------------------------------------------------------------
 
@@ -911,7 +940,7 @@ class Holder:
         """After the loop: everything on disk, then the directory removed unless it is still
         needed (usage nobody recorded, or a stop that a later attach should learn of)."""
         reason = self.ending or "ended"
-        for attach in [*self.waiting, *([self.current] if self.current else [])]:
+        for attach in [*self.waiting, *self.dismissed, *([self.current] if self.current else [])]:
             self._close(attach)
         self._stop_listening()
         keep = self.keep_directory or bool(self.state.unrecorded)
