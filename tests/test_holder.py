@@ -591,6 +591,25 @@ def test_end_stops_the_agent_and_ends_the_session(sessions: Sessions):
     assert not alive(hello["agentPid"])
 
 
+def test_ended_comes_after_every_line_even_to_an_attach_that_fell_behind(sessions: Sessions):
+    argv = sessions.attach().process.args
+    sessions.attaches[-1].kill()
+    behind = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=agent_env(), cwd=REPO
+    )
+    assert behind.stdin is not None and behind.stdout is not None
+    prompt = {"type": "prompt", "id": "big", "text": "x", "repeat": 20_000, "delta_bytes": 1000}
+    behind.stdin.write(json.dumps(prompt).encode() + b"\n")
+    behind.stdin.flush()
+    time.sleep(1.0)  # unread: megabytes wait in the journal
+    behind.stdin.write(b'{"type":"end"}\n')
+    behind.stdin.flush()
+    lines = [json.loads(raw) for raw in behind.stdout]
+    assert lines[-1] == {"type": "ended", "reason": "ended by request"}
+    assert lines[-2]["code"] == "agent_exited" and lines[-3]["type"] == "done"
+    assert seqs(lines) == list(range(1, len(seqs(lines)) + 1))
+
+
 def test_an_agent_that_exits_is_reported_and_the_next_prompt_starts_another(sessions: Sessions):
     attach, hello = sessions.attached()
     attach.send({"type": "prompt", "id": "bye", "text": "x", "exit": 3})

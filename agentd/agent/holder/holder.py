@@ -42,8 +42,10 @@ HELLO_SECONDS = 10.0
 # After SIGTERM the agent CLI drops output nobody reads within 5 s and exits; past this it is
 # killed.
 KILL_SECONDS = 10.0
-# After ``ended``, how long the holder still reads ``recorded`` lines from the attach.
+# After ``ended``, how long the holder still reads ``recorded`` lines from the attach, and
+# how long an ending session waits for its attach to catch up to ``ended`` at all.
 LINGER_SECONDS = 2.0
+FINISH_SECONDS = 10.0
 # A superseded or refused attach that does not read its last line is closed after this long.
 DISMISS_SECONDS = 5.0
 # A journal the disk refused is tried again after this long; the agent waits meanwhile.
@@ -70,13 +72,14 @@ class Settings:
 
 
 class Attach:
-    """One connection from ``agentd-agent attach``; ``cursor`` is set once its hello is
-    accepted and says which journal bytes it gets next."""
+    """One connection from ``agentd-agent attach``. Once its hello is accepted (``greeted``),
+    ``cursor`` says which journal bytes it gets next; None once it has had the last."""
 
     __slots__ = (
         "cursor",
         "deadline",
         "dismissed",
+        "greeted",
         "inbuf",
         "out",
         "sock",
@@ -89,6 +92,7 @@ class Attach:
         self.deadline = deadline
         self.inbuf = bytearray()
         self.out = bytearray()
+        self.greeted = False
         self.cursor: Position | None = None
         self.writing = False
         self.unwritable = False  # it stopped reading; what it sent is still read to the end
@@ -676,7 +680,7 @@ class Holder:
                 return
             line = bytes(attach.inbuf[:newline])
             del attach.inbuf[: newline + 1]
-            if attach.cursor is None:
+            if not attach.greeted:
                 self._hello(attach, line)
             elif attach is self.current:
                 self._input(attach, line)
@@ -701,6 +705,7 @@ class Holder:
             self._close(attach, wire.refusal(wire.Refusal.ENDING, "the session is ending"))
             return
         self.waiting.remove(attach)
+        attach.greeted = True
         previous, self.current = self.current, attach
         if previous is not None:
             self._close(previous, wire.encode({"type": "superseded"}))
@@ -808,6 +813,9 @@ class Holder:
         self._control(attach, wire.refusal(wire.Refusal.JOURNAL_FULL, text))
 
     def _emit_for(self, attach: Attach, message: object) -> None:
+        if self.finishing:
+            self._control(attach, wire.refusal(wire.Refusal.ENDING, "the session has ended"))
+            return
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             self._control(
                 attach, wire.refusal(wire.Refusal.BAD_REQUEST, "message: an object with a type")
@@ -853,8 +861,17 @@ class Holder:
                 if attach.out:
                     break
             cursor = attach.cursor
-            if cursor is None or self.journal.at_end(cursor):
+            if cursor is None:
                 break
+            if self.journal.at_end(cursor):
+                if not self.finishing or attach is not self.current:
+                    break
+                # The session is over and this attach has every line: the last word.
+                attach.cursor = None
+                attach.out += wire.encode({"type": "ended", "reason": self.ending})
+                if self.linger_until is not None:
+                    self.linger_until = min(self.linger_until, time.monotonic() + LINGER_SECONDS)
+                continue
             data, attach.cursor = self.journal.read(cursor, ATTACH_READ_BYTES)
             attach.out += data
         if attach.dismissed and (attach.unwritable or not attach.out):
@@ -931,10 +948,11 @@ class Holder:
         if attach is None:
             self.finished = True
             return
-        # agentd answers ``ended`` with the ``recorded`` lines it owes, then closes.
-        attach.out += wire.encode({"type": "ended", "reason": self.ending})
+        # ``ended`` follows the attach's last line (see _flush); agentd answers with the
+        # ``recorded`` lines it owes, then closes. An attach that does not catch up in
+        # FINISH_SECONDS is left behind: the lines stay in the journal only if it is kept.
+        self.linger_until = time.monotonic() + FINISH_SECONDS
         self._flush(attach)
-        self.linger_until = time.monotonic() + LINGER_SECONDS
 
     def close(self) -> None:
         """After the loop: everything on disk, then the directory removed unless it is still
