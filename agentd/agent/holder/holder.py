@@ -39,8 +39,10 @@ READ_BYTES = 65536
 ATTACH_HIGH_WATER = 256 * 1024
 ATTACH_READ_BYTES = 256 * 1024
 HELLO_SECONDS = 10.0
-# After SIGTERM the agent CLI drops output nobody reads within 5 s and exits; past this it is
-# killed.
+# Ending, the agent's stdin is closed, which the CLI takes as the end (the running query is
+# aborted with its usage). An agent still there this long after gets SIGTERM (not at once: the
+# CLI, already on its way out, no longer handles it and would die of it), then SIGKILL.
+TERM_SECONDS = 2.0
 KILL_SECONDS = 10.0
 # After ``ended``, how long the holder still reads ``recorded`` lines from the attach, and
 # how long an ending session waits for its attach to catch up to ``ended`` at all.
@@ -150,6 +152,7 @@ class Holder:
         self.finishing = False
         self.finished = False
         self.idle_since: float | None = time.monotonic()
+        self.term_at: float | None = None
         self.kill_at: float | None = None
         self.linger_until: float | None = None
         self.retry_at: float | None = None
@@ -173,7 +176,13 @@ class Holder:
         deadlines = [a.deadline for a in (*self.waiting, *self.dismissed)]
         if self.idle_since is not None and self.ending is None:
             deadlines.append(self.idle_since + self.settings.idle_seconds)
-        for deadline in (self.kill_at, self.linger_until, self.retry_at, self._age_deadline()):
+        for deadline in (
+            self.term_at,
+            self.kill_at,
+            self.linger_until,
+            self.retry_at,
+            self._age_deadline(),
+        ):
             if deadline is not None:
                 deadlines.append(deadline)
         if not deadlines:
@@ -200,6 +209,10 @@ class Holder:
         if self.retry_at is not None and now >= self.retry_at:
             self.retry_at = None
             self._unhold()
+        if self.term_at is not None and now >= self.term_at and self.agent is not None:
+            self.term_at = None
+            self.log.warn("agent did not exit at end of input; terminating it", session=self._short)
+            self._signal_agent(signal.SIGTERM)
         if self.kill_at is not None and now >= self.kill_at and self.agent is not None:
             self.kill_at = None
             self.log.warn("agent did not exit; killing it", session=self._short)
@@ -410,7 +423,7 @@ class Holder:
                 self._unregister(pipe.fileno())
                 pipe.close()
         self.agent = None
-        self.kill_at = None
+        self.term_at = self.kill_at = None
         self.running.clear()
         if status < 0:
             reason, exit_status = f"killed by signal {-status}", None
@@ -925,8 +938,9 @@ class Holder:
             self._finish()
             return
         self._close_agent_stdin(agent)
-        self._signal_agent(signal.SIGTERM)
-        self.kill_at = time.monotonic() + KILL_SECONDS
+        now = time.monotonic()
+        self.term_at = now + TERM_SECONDS
+        self.kill_at = now + KILL_SECONDS
         self._unhold()
 
     def _stop_listening(self) -> None:
