@@ -127,7 +127,9 @@ class Sessions:
         argv = [sys.executable, "-m", "agentd.agent.entry", "attach"]
         argv += ["--session", session, "--user", user, "--project", project, "--agent", agent]
         argv += ["--after", str(after), "--sessions-dir", str(self.base)]
-        argv += ["--agent-command", AGENT_COMMAND, *options]
+        if "--agent-command" not in options:
+            argv += ["--agent-command", AGENT_COMMAND]
+        argv += options
         if start:
             argv.append("--start")
         attach = Attach(argv)
@@ -375,6 +377,21 @@ def test_attach_arguments_have_defaults_and_take_either_form():
     assert options.idle_seconds == 3600 and options.journal_max_bytes == 64 << 20
     assert options.journal_max_age == 86400 and options.max_line == 1 << 20
     assert attach_command.parse(BASE_ARGS, {}).agent_command == "agentd-agent {agent}"
+
+
+def test_agentd_agent_runs_the_cli_unless_asked_to_attach(sessions: Sessions):
+    setup = (REPO / "setup.py").read_text()
+    assert '"agentd-agent = agentd.agent.entry:main"' in setup
+    cli = subprocess.run(
+        [sys.executable, "-m", "agentd.agent.entry", "echo"],
+        input=b'{"type":"prompt","id":"p1","text":"plain"}\n',
+        capture_output=True,
+        env=agent_env(),
+        timeout=30,
+    )
+    assert json.loads(cli.stdout.splitlines()[-1])["type"] == "done"
+    broken = sessions.attach(options=("--agent-command", "'unbalanced {agent}"))
+    assert broken.rest()[0]["code"] == "bad_request" and broken.process.wait(timeout=10) == 1
 
 
 def test_the_patterns_are_agentds_own():

@@ -235,7 +235,10 @@ def _agent_argv(options: Options) -> list[str]:
     import shutil
 
     agent = options.identity.agent
-    argv = [part.replace("{agent}", agent) for part in shlex.split(options.agent_command)]
+    try:
+        argv = [part.replace("{agent}", agent) for part in shlex.split(options.agent_command)]
+    except ValueError as e:
+        raise Refused(wire.Refusal.BAD_REQUEST, f"--agent-command: {e}") from None
     found = shutil.which(argv[0]) or shutil.which(argv[0], path=os.path.dirname(sys.executable))
     if found is None:
         raise Refused(wire.Refusal.UNAVAILABLE, f"{argv[0]}: command not found")
