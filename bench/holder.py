@@ -30,7 +30,7 @@ from bench.procs import CpuMeter, cpu_seconds, rss_kib
 from bench.suite import percentile, summary
 
 ROOT = Path(__file__).resolve().parent.parent
-AGENT = [sys.executable, "-m", "agentd.agent.cli"]
+AGENT = [sys.executable, "-m", "agentd.agent.cli", "--test-options"]
 SIZES = {"100B": 100, "4KiB": 4096}
 SESSION = "bench-holder-0123456789"
 READ_BYTES = 1 << 20
@@ -125,7 +125,7 @@ def stream_runs(sessions: Path, runs: int, counts: dict[str, int]) -> dict[str, 
         figures: dict[str, list[float]] = {}
         cpu: dict[str, list[float]] = {}
         for run in range(runs):
-            prompt = {"text": "x", "repeat": counts[name], "delta_bytes": size}
+            prompt = {"text": "x", "options": {"repeat": counts[name], "delta_bytes": size}}
             for target, stream, meter_pids in (
                 ("direct", direct, {"agent": direct.proc.pid}),
                 ("holder", held, pids),
@@ -177,7 +177,9 @@ def attach_latency(sessions: Path, attaches: int) -> dict[str, Any]:
         fresh.close()
     first = Stream(attach_argv(sessions, "bench-latency-0123456"), numbered=True)
     first.first_line()
-    first.answer({"type": "prompt", "id": "p", "text": "x", "repeat": 200, "delta_bytes": 100})
+    first.answer(
+        {"type": "prompt", "id": "p", "text": "x", "options": {"repeat": 200, "delta_bytes": 100}}
+    )
     first.close()
     attached, replayed = [], []
     for _ in range(attaches):

@@ -27,7 +27,7 @@ from agentd.agent.holder import names, wire
 from agentd.agent.holder.journal import Journal, Position, Syncer
 from tests.fake_providers import REPO, agent_env
 
-AGENT_COMMAND = f"{shlex.quote(sys.executable)} -m agentd.agent.cli {{agent}}"
+AGENT_COMMAND = f"{shlex.quote(sys.executable)} -m agentd.agent.cli --test-options {{agent}}"
 SESSION = "s3ss10n-0123456789"
 
 
@@ -243,7 +243,9 @@ def test_attach_starts_a_detached_holder_that_numbers_the_agents_lines(sessions:
 def test_a_killed_attach_loses_nothing_the_resume_asks_for(sessions: Sessions):
     attach, _ = sessions.attached()
     words = " ".join(f"w{i}" for i in range(400))
-    attach.send({"type": "prompt", "id": "p1", "text": words, "repeat": 3, "delay_ms": 1})
+    attach.send(
+        {"type": "prompt", "id": "p1", "text": words, "options": {"repeat": 3, "delay_ms": 1}}
+    )
     seen = [attach.read() for _ in range(60)]
     seen = [m for m in seen if "seq" in m]
     attach.kill()  # SIGKILL, mid-stream
@@ -296,7 +298,12 @@ def test_a_superseded_attach_that_fell_behind_still_learns_it_whole(sessions: Se
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=agent_env(), cwd=REPO
     )
     assert behind.stdin is not None and behind.stdout is not None
-    prompt = {"type": "prompt", "id": "big", "text": "x", "repeat": 20_000, "delta_bytes": 1000}
+    prompt = {
+        "type": "prompt",
+        "id": "big",
+        "text": "x",
+        "options": {"repeat": 20_000, "delta_bytes": 1000},
+    }
     behind.stdin.write(json.dumps(prompt).encode() + b"\n")
     behind.stdin.flush()
     time.sleep(1.0)  # nobody reads it: its pipe, its socket and the holder's buffer fill up
@@ -395,14 +402,14 @@ def test_agentd_agent_runs_the_cli_unless_asked_to_attach(sessions: Sessions):
 
 
 def test_the_patterns_are_agentds_own():
-    from agentd import config, gateway
+    from agentd import config, route
 
     assert names.PROJECT_RE.pattern == config.PROJECT_RE.pattern
     assert names.USER_RE.pattern == config.USER_RE.pattern
     assert names.AGENT_NAME_RE.pattern == config.AGENT_NAME_RE.pattern
-    assert names.SESSION_ID_RE.pattern == gateway.SESSION_ID_RE.pattern
-    assert names.LAST_SEQ_RE.pattern == gateway.LAST_SEQ_RE.pattern
-    assert names.MAX_SEQ == gateway.MAX_SEQ
+    assert names.SESSION_ID_RE.pattern == route.SESSION_ID_RE.pattern
+    assert names.LAST_SEQ_RE.pattern == route.LAST_SEQ_RE.pattern
+    assert names.MAX_SEQ == route.MAX_SEQ
 
 
 # -- nothing lost, nothing twice ----------------------------------------------------------
@@ -412,7 +419,7 @@ def test_a_detached_flood_pauses_the_agent_and_the_resume_gets_every_line(sessio
     bound = 256 * 1024
     options = ("--journal-max-bytes", str(bound), "--max-line", "16384")
     attach, hello = sessions.attached(options=options)
-    attach.send({"type": "prompt", "id": "flood", "text": "word ", "repeat": 50_000})
+    attach.send({"type": "prompt", "id": "flood", "text": "word ", "options": {"repeat": 50_000}})
     ack = attach.read_until(lambda m: m["type"] == "ack")[-1]
     attach.detach()
     # Nobody confirms: the journal fills to its bound and the agent is paused there.
@@ -453,7 +460,7 @@ def test_a_client_that_confirms_streams_far_past_the_journals_bound(sessions: Se
     bound = 4 << 20  # segments of 256 KiB: room is made a whole segment at a time
     options = ("--journal-max-bytes", str(bound), "--max-line", "65536")
     attach, _ = sessions.attached(options=options)
-    attach.send({"type": "prompt", "id": "long", "text": "word ", "repeat": 150_000})
+    attach.send({"type": "prompt", "id": "long", "text": "word ", "options": {"repeat": 150_000}})
     deltas = 0
     while (line := attach.read())["type"] != "done":
         if line["type"] == "delta":
@@ -566,7 +573,9 @@ def test_a_killed_holder_leaves_its_journal_and_the_resume_learns_it(sessions: S
 def test_an_idle_session_ends_but_a_running_query_runs_to_its_end(sessions: Sessions):
     options = ("--idle-seconds", "0.3")
     attach, hello = sessions.attached(options=options)
-    attach.send({"type": "prompt", "id": "slow", "text": "a b c d e f", "delay_ms": 200})
+    attach.send(
+        {"type": "prompt", "id": "slow", "text": "a b c d e f", "options": {"delay_ms": 200}}
+    )
     attach.read_until(lambda m: m["type"] == "start")
     attach.detach()
     time.sleep(0.6)  # idle time passed, but the query runs
@@ -595,7 +604,9 @@ def test_an_idle_session_with_nothing_owed_removes_its_directory(sessions: Sessi
 
 def test_end_stops_the_agent_and_ends_the_session(sessions: Sessions):
     attach, hello = sessions.attached()
-    attach.send({"type": "prompt", "id": "long", "text": "x ", "repeat": 100, "delay_ms": 50})
+    attach.send(
+        {"type": "prompt", "id": "long", "text": "x ", "options": {"repeat": 100, "delay_ms": 50}}
+    )
     attach.read_until(lambda m: m["type"] == "delta")
     attach.send({"type": "end"})
     lines = attach.rest()
@@ -615,7 +626,12 @@ def test_ended_comes_after_every_line_even_to_an_attach_that_fell_behind(session
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=agent_env(), cwd=REPO
     )
     assert behind.stdin is not None and behind.stdout is not None
-    prompt = {"type": "prompt", "id": "big", "text": "x", "repeat": 20_000, "delta_bytes": 1000}
+    prompt = {
+        "type": "prompt",
+        "id": "big",
+        "text": "x",
+        "options": {"repeat": 20_000, "delta_bytes": 1000},
+    }
     behind.stdin.write(json.dumps(prompt).encode() + b"\n")
     behind.stdin.flush()
     time.sleep(1.0)  # unread: megabytes wait in the journal
@@ -629,7 +645,7 @@ def test_ended_comes_after_every_line_even_to_an_attach_that_fell_behind(session
 
 def test_an_agent_that_exits_is_reported_and_the_next_prompt_starts_another(sessions: Sessions):
     attach, hello = sessions.attached()
-    attach.send({"type": "prompt", "id": "bye", "text": "x", "exit": 3})
+    attach.send({"type": "prompt", "id": "bye", "text": "x", "options": {"exit": 3}})
     exited = attach.read_until(lambda m: m.get("code") == "agent_exited")[-1]
     assert exited["exitStatus"] == 3 and "exited with 3" in exited["error"]
     lines = prompt(attach, "p2", "new agent")
@@ -641,7 +657,7 @@ def test_an_agent_that_exits_is_reported_and_the_next_prompt_starts_another(sess
 
 def test_an_exited_agent_ends_the_session_once_its_client_confirmed_that(sessions: Sessions):
     attach, hello = sessions.attached()  # the idle time is an hour
-    attach.send({"type": "prompt", "id": "bye", "text": "x", "exit": 0})
+    attach.send({"type": "prompt", "id": "bye", "text": "x", "options": {"exit": 0}})
     exited = attach.read_until(lambda m: m.get("code") == "agent_exited")[-1]
     attach.send({"type": "recorded", "id": "bye"})
     time.sleep(0.3)
@@ -697,7 +713,9 @@ def test_the_session_directory_and_its_files_are_private(sessions: Sessions):
 
 def test_journaled_lines_are_in_the_file_within_100_ms(sessions: Sessions):
     attach, _ = sessions.attached()
-    attach.send({"type": "prompt", "id": "p1", "text": "a b c d e f g h", "delay_ms": 30})
+    attach.send(
+        {"type": "prompt", "id": "p1", "text": "a b c d e f g h", "options": {"delay_ms": 30}}
+    )
     journal = sessions.directory() / "journal"
     for _ in range(8):
         line = attach.read_until(lambda m: m["type"] == "delta")[-1]
