@@ -262,7 +262,7 @@ async def test_every_token_that_does_not_fit_is_401_over_http_without_a_tracebac
         bearer = {"Authorization": f"Bearer {token}"}
         upgrade = await treq.get(route, headers={**handshake_headers(), **bearer})
         assert upgrade.code == 401, alg
-        assert (await upgrade.text()) == "invalid token\n"
+        assert (await upgrade.json()) == {"error": "invalid token"}
         keys = await treq.get(gateway.http + "/api/keys", headers=bearer)
         assert keys.code == 401, alg
         assert (await keys.json()) == {"error": "invalid token"}
