@@ -2,6 +2,6 @@
 
 import sys
 
-from agentd.agent.holder.holder import main
+from agentd.agent.holder.process import main
 
 sys.exit(main())

@@ -214,3 +214,19 @@ def remove_tree(path: str) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_current() -> None:
+    """Remove the session directory (the current one) under its start lock, so an attach
+    starting a new holder at this moment sees either all of it or none."""
+    path = os.getcwd()
+    lock = StartLock()
+    try:
+        if not lock.acquire(timeout=5.0):
+            return
+    except TimeoutError:
+        return
+    try:
+        remove_tree(path)
+    finally:
+        lock.release()
