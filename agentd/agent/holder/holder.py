@@ -16,7 +16,6 @@ import os
 import selectors
 import signal
 import socket
-import subprocess
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,13 +23,12 @@ from types import FrameType
 from typing import Any
 
 from agentd.agent.holder import names, sessions, wire
+from agentd.agent.holder.child import READ_BYTES, AgentChild
 from agentd.agent.holder.journal import Journal, JournalError, Position, Syncer
 from agentd.agent.holder.state import Identity, State
 from agentd.agent.log import Log
 from agentd.agent.protocol import MAX_ID_CHARS, MAX_LINE_BYTES
 
-# The agent's stdout is read this much at a time: what a full pipe holds.
-READ_BYTES = 65536
 # An attach's send buffer is refilled from the journal while it holds less than this.
 ATTACH_HIGH_WATER = 256 * 1024
 ATTACH_READ_BYTES = 256 * 1024
@@ -95,26 +93,6 @@ class Attach:
         self.writing = False
         self.unwritable = False  # it stopped reading; what it sent is still read to the end
         self.dismissed = False  # refused or superseded: its last line goes out, then it closes
-
-
-class AgentChild:
-    """The agent process and its three pipes."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], pidfd: int) -> None:
-        assert proc.stdin and proc.stdout and proc.stderr
-        self.proc = proc
-        self.pidfd = pidfd
-        self.stdin = proc.stdin.fileno()
-        self.stdout = proc.stdout.fileno()
-        self.stderr = proc.stderr.fileno()
-        self.to_agent = bytearray()
-        self.partial = b""
-        self.err_partial = b""
-        self.discarding = 0  # bytes of an overlong stdout line dropped so far
-        self.stdout_open = True
-        self.stdin_open = True
-        self.exited = False
-        self.reading = True
 
 
 class Holder:
@@ -208,11 +186,11 @@ class Holder:
         if self.term_at is not None and now >= self.term_at and self.agent is not None:
             self.term_at = None
             self.log.warn("agent did not exit at end of input; terminating it", session=self._short)
-            self._signal_agent(signal.SIGTERM)
+            self.agent.signal(signal.SIGTERM)
         if self.kill_at is not None and now >= self.kill_at and self.agent is not None:
             self.kill_at = None
             self.log.warn("agent did not exit; killing it", session=self._short)
-            self._signal_agent(signal.SIGKILL)
+            self.agent.signal(signal.SIGKILL)
         if self.linger_until is not None and now >= self.linger_until:
             self.finished = True
         self._trim()
@@ -278,107 +256,26 @@ class Holder:
 
     def start_agent(self) -> AgentChild:
         """Start the agent process; raises OSError when it cannot be started."""
-        proc = subprocess.Popen(
-            self.settings.agent_argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=self.settings.cwd,
-            bufsize=0,
+        settings = self.settings
+        agent = AgentChild.start(
+            settings.agent_argv,
+            settings.cwd,
+            self.sel,
+            settings.max_line,
+            self.log,
+            self._short,
+            self,
         )
-        agent = AgentChild(proc, os.pidfd_open(proc.pid))
-        for fd in (agent.stdin, agent.stdout, agent.stderr):
-            os.set_blocking(fd, False)
-        self.sel.register(agent.stdout, selectors.EVENT_READ, self._agent_out)
-        self.sel.register(agent.stderr, selectors.EVENT_READ, self._agent_err)
-        self.sel.register(agent.pidfd, selectors.EVENT_READ, self._agent_gone)
         self.agent = agent
         self.exited_seq = None
-        self.log.info("agent started", session=self._short, pid=proc.pid)
+        self.log.info("agent started", session=self._short, pid=agent.proc.pid)
         return agent
 
-    def _agent_out(self, mask: int) -> None:
-        agent = self.agent
-        assert agent is not None
-        try:
-            data = os.read(agent.stdout, READ_BYTES)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._agent_stdout_closed(agent)
-            return
-        if agent.partial:
-            data = agent.partial + data
-        lines = data.split(b"\n")
-        tail = lines.pop()
-        if agent.discarding and lines:
-            self._overlong(agent.discarding + len(lines[0]))
-            agent.discarding = 0
-            del lines[0]
-        if len(tail) > self.settings.max_line or agent.discarding:
-            agent.discarding += len(tail)
-            tail = b""
-        agent.partial = tail
-        if lines:
-            if max(map(len, lines)) > self.settings.max_line:
-                lines = self._without_overlong(lines)
-            self._take(lines)
+    def agent_lines(self, lines: list[bytes]) -> None:
+        self._take(lines)
 
-    def _without_overlong(self, lines: list[bytes]) -> list[bytes]:
-        kept = []
-        for line in lines:
-            if len(line) > self.settings.max_line:
-                self._overlong(len(line))
-            else:
-                kept.append(line)
-        return kept
-
-    def _overlong(self, size: int) -> None:
-        self.log.warn("dropped an agent line over the limit", session=self._short, size=size)
-
-    def _agent_stdout_closed(self, agent: AgentChild) -> None:
-        if agent.reading:
-            self.sel.unregister(agent.stdout)
-            agent.reading = False
-        agent.stdout_open = False
-        if agent.discarding:
-            self._overlong(agent.discarding)
-        elif agent.partial:
-            self._take([agent.partial])
-        agent.partial = b""
-        self._agent_maybe_ended()
-
-    def _agent_err(self, mask: int) -> None:
-        agent = self.agent
-        assert agent is not None
-        try:
-            data = os.read(agent.stderr, READ_BYTES)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.sel.unregister(agent.stderr)
-            if agent.err_partial:
-                self._agent_log([agent.err_partial])
-            agent.err_partial = b""
-            return
-        lines = (agent.err_partial + data).split(b"\n")
-        agent.err_partial = lines.pop()[: self.settings.max_line]
-        self._agent_log(lines)
-
-    def _agent_log(self, lines: list[bytes]) -> None:
-        """The agent's stderr: into the holder's log, and to agentd as ``log`` lines."""
-        lines = [line for line in lines if line.strip()]
-        if not lines:
-            return
-        try:
-            os.write(2, b"".join(line + b"\n" for line in lines))
-        except OSError:
-            pass
-        self._rotate_log()
+    def agent_stderr(self, lines: list[bytes]) -> None:
+        """Sent on to agentd as ``log`` lines, unless its attach is behind."""
         attach = self.current
         if attach is not None and len(attach.out) < ATTACH_HIGH_WATER:
             for line in lines:
@@ -386,117 +283,20 @@ class Holder:
                 attach.out += wire.encode({"type": "log", "line": text})
             self._flush(attach)
 
-    def _rotate_log(self) -> None:
-        try:
-            if os.fstat(2).st_size <= sessions.LOG_BYTES:
-                return
-            os.replace(sessions.LOG, sessions.LOG + ".1")
-            fd = os.open(sessions.LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.dup2(fd, 2)
-            os.close(fd)
-        except OSError:
-            pass
-
-    def _agent_gone(self, mask: int) -> None:
-        agent = self.agent
-        assert agent is not None
-        if agent.proc.poll() is None:
-            return
-        self.sel.unregister(agent.pidfd)
-        os.close(agent.pidfd)
-        agent.exited = True
-        self._agent_maybe_ended()
-
-    def _agent_maybe_ended(self) -> None:
+    def agent_changed(self) -> None:
         """Once the agent has exited and all it wrote is journaled, say so to the client."""
         agent = self.agent
-        if agent is None or not agent.exited or agent.stdout_open or self.held:
+        if agent is None or not agent.ended or self.held:
             return
-        self._agent_stderr_rest(agent)
-        status = agent.proc.returncode
-        for pipe in (agent.proc.stdin, agent.proc.stdout, agent.proc.stderr):
-            if pipe is not None and not pipe.closed:
-                self._unregister(pipe.fileno())
-                pipe.close()
+        reason, exit_status = agent.release()
         self.agent = None
         self.term_at = self.kill_at = None
         self.running.clear()
-        if status < 0:
-            reason, exit_status = f"killed by signal {-status}", None
-        else:
-            reason, exit_status = f"exited with {status}", status
         self.log.info("agent ended", session=self._short, reason=reason)
         self._emit(wire.agent_exited(reason, exit_status), force=True)
         self.exited_seq = self.journal.last_seq
         if self.ending is not None:
             self._finish()
-
-    def _agent_stderr_rest(self, agent: AgentChild) -> None:
-        try:
-            rest = os.read(agent.stderr, READ_BYTES)
-        except OSError:
-            rest = b""
-        if rest or agent.err_partial:
-            self._agent_log((agent.err_partial + rest).split(b"\n"))
-
-    def _unregister(self, fd: int) -> None:
-        try:
-            self.sel.unregister(fd)
-        except (KeyError, ValueError):
-            pass
-
-    def _to_agent(self, line: bytes) -> None:
-        agent = self.agent
-        if agent is None or not agent.stdin_open:
-            return
-        agent.to_agent += line + b"\n"
-        self._agent_write(0)
-
-    def _agent_write(self, mask: int) -> None:
-        agent = self.agent
-        if agent is None:
-            return
-        try:
-            written = os.write(agent.stdin, agent.to_agent)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            agent.to_agent.clear()  # the agent is going; its exit is reported
-            written = 0
-        del agent.to_agent[:written]
-        key = self.sel.get_map().get(agent.stdin)
-        if agent.to_agent and key is None:
-            self.sel.register(agent.stdin, selectors.EVENT_WRITE, self._agent_write)
-        elif not agent.to_agent and key is not None:
-            self.sel.unregister(agent.stdin)
-            if self.ending is not None:
-                self._close_agent_stdin(agent)
-
-    def _close_agent_stdin(self, agent: AgentChild) -> None:
-        if agent.stdin_open and not agent.to_agent:
-            agent.stdin_open = False
-            assert agent.proc.stdin is not None
-            self._unregister(agent.stdin)
-            agent.proc.stdin.close()
-
-    def _signal_agent(self, signum: int) -> None:
-        if self.agent is not None and not self.agent.exited:
-            try:
-                self.agent.proc.send_signal(signum)
-            except OSError:
-                pass
-
-    def _pause_agent(self) -> None:
-        agent = self.agent
-        if agent is not None and agent.reading:
-            self.sel.unregister(agent.stdout)
-            agent.reading = False
-
-    def _resume_agent(self) -> None:
-        agent = self.agent
-        if agent is not None and not agent.reading and agent.stdout_open:
-            self.sel.register(agent.stdout, selectors.EVENT_READ, self._agent_out)
-            agent.reading = True
 
     # -- numbering and the journal --------------------------------------------------------
 
@@ -516,7 +316,15 @@ class Holder:
             self.held = self.held[taken:]
         if not self.held and self.retry_at is None:
             self._resume_agent()
-            self._agent_maybe_ended()
+            self.agent_changed()
+
+    def _pause_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.pause()
+
+    def _resume_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.resume()
 
     def _journal_agent_lines(self, lines: list[bytes]) -> int:
         """Number, journal and relay as many of ``lines`` as fit; how many were used up."""
@@ -760,7 +568,7 @@ class Holder:
             self._prompt(attach, line, message)
         elif kind == "abort":
             if self.agent is not None:
-                self._to_agent(line)
+                self.agent.send(line)
         elif kind == "confirm":
             seq = message.get("seq")
             if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
@@ -799,9 +607,10 @@ class Holder:
         if not self._has_room(len(wire.numbered(ack, self.journal.last_seq + 1))):
             self._journal_full(attach, prompt_id)
             return
-        if self.agent is None:
+        agent = self.agent
+        if agent is None:
             try:
-                self.start_agent()
+                agent = self.start_agent()
             except OSError as e:
                 self.log.error("cannot start the agent", session=self._short, error=e.strerror)
                 message = {
@@ -813,7 +622,7 @@ class Holder:
                 self._emit(message, force=True)
                 return
         self.state.accept(prompt_id)
-        self._to_agent(line)
+        agent.send(line)
         self.running[prompt_id] = None
         self._emit(ack, force=True)
 
@@ -933,7 +742,7 @@ class Holder:
         if agent is None:
             self._finish()
             return
-        self._close_agent_stdin(agent)
+        agent.end_input()
         now = time.monotonic()
         self.term_at = now + TERM_SECONDS
         self.kill_at = now + KILL_SECONDS
