@@ -22,31 +22,21 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from agentd.agent.holder import names, sessions, wire
+from agentd.agent.holder import sessions, wire
 from agentd.agent.holder.child import READ_BYTES, AgentChild
+from agentd.agent.holder.connections import Attach, Attaches
 from agentd.agent.holder.journal import Journal, JournalError, Position, Syncer
 from agentd.agent.holder.state import Identity, State
 from agentd.agent.log import Log
-from agentd.agent.protocol import MAX_ID_CHARS, MAX_LINE_BYTES
+from agentd.agent.protocol import MAX_ID_CHARS
 
-# An attach's send buffer is refilled from the journal while it holds less than this.
-ATTACH_HIGH_WATER = 256 * 1024
-ATTACH_READ_BYTES = 256 * 1024
-HELLO_SECONDS = 10.0
 # Ending, the agent's stdin is closed, which the CLI takes as the end (the running query is
 # aborted with its usage). An agent still there this long after gets SIGTERM (not at once: the
 # CLI, already on its way out, no longer handles it and would die of it), then SIGKILL.
 TERM_SECONDS = 2.0
 KILL_SECONDS = 10.0
-# After ``ended``, how long the holder still reads ``recorded`` lines from the attach, and
-# how long an ending session waits for its attach to catch up to ``ended`` at all.
-LINGER_SECONDS = 2.0
-FINISH_SECONDS = 10.0
-# A superseded or refused attach that does not read its last line is closed after this long.
-DISMISS_SECONDS = 5.0
 # A journal the disk refused is tried again after this long; the agent waits meanwhile.
 RETRY_SECONDS = 1.0
-LOG_FORWARD_CHARS = 8192
 
 
 @dataclass(frozen=True)
@@ -67,34 +57,6 @@ class Settings:
         return self.journal_max_bytes - self.journal_max_bytes // 16
 
 
-class Attach:
-    """One connection from ``agentd-agent attach``. Once its hello is accepted (``greeted``),
-    ``cursor`` says which journal bytes it gets next; None once it has had the last."""
-
-    __slots__ = (
-        "cursor",
-        "deadline",
-        "dismissed",
-        "greeted",
-        "inbuf",
-        "out",
-        "sock",
-        "unwritable",
-        "writing",
-    )
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.deadline = deadline
-        self.inbuf = bytearray()
-        self.out = bytearray()
-        self.greeted = False
-        self.cursor: Position | None = None
-        self.writing = False
-        self.unwritable = False  # it stopped reading; what it sent is still read to the end
-        self.dismissed = False  # refused or superseded: its last line goes out, then it closes
-
-
 class Holder:
     def __init__(
         self,
@@ -111,12 +73,8 @@ class Holder:
         self.state = state
         self.syncer = syncer
         self.log = log
-        self.listener: socket.socket | None = listener
         self.sel = selectors.DefaultSelector()
-        self.sel.register(listener, selectors.EVENT_READ, self._accept)
-        self.current: Attach | None = None
-        self.waiting: list[Attach] = []  # connected, hello not yet received
-        self.dismissed: list[Attach] = []  # being closed once their last line is out
+        self.attaches = Attaches(self.sel, listener, journal, self.identity, log, self)
         self.agent: AgentChild | None = None
         self.running: OrderedDict[str, None] = OrderedDict()  # prompt ids of running queries
         self.held: list[bytes] = []  # agent lines read but not yet journaled: no room
@@ -128,7 +86,6 @@ class Holder:
         self.idle_since: float | None = time.monotonic()
         self.term_at: float | None = None
         self.kill_at: float | None = None
-        self.linger_until: float | None = None
         self.retry_at: float | None = None
         self.stop_signal: int | None = None
         journal.advance(state.confirmed)
@@ -138,7 +95,7 @@ class Holder:
 
     def run(self) -> None:
         registered = self.sel.get_map()
-        while not self.finished:
+        while not self.finished and not self.attaches.over:
             for key, mask in self.sel.select(self._timeout()):
                 # A callback earlier in this batch may have closed or replaced this one.
                 if registered.get(key.fd) is key:
@@ -147,13 +104,12 @@ class Holder:
 
     def _timeout(self) -> float | None:
         now = time.monotonic()
-        deadlines = [a.deadline for a in (*self.waiting, *self.dismissed)]
+        deadlines = self.attaches.deadlines()
         if self.idle_since is not None and self.ending is None:
             deadlines.append(self.idle_since + self.settings.idle_seconds)
         for deadline in (
             self.term_at,
             self.kill_at,
-            self.linger_until,
             self.retry_at,
             self._age_deadline(),
         ):
@@ -176,10 +132,7 @@ class Holder:
             self.log.info("stopping", session=self._short, signal=self.stop_signal)
             self.keep_directory = True
             self._begin_end("session holder stopped")
-        for attach in [a for a in self.waiting if a.deadline <= now]:
-            self._close(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "no hello"))
-        for attach in [a for a in self.dismissed if a.deadline <= now]:
-            self._close(attach)
+        self.attaches.tick(now)
         if self.retry_at is not None and now >= self.retry_at:
             self.retry_at = None
             self._unhold()
@@ -191,8 +144,7 @@ class Holder:
             self.kill_at = None
             self.log.warn("agent did not exit; killing it", session=self._short)
             self.agent.signal(signal.SIGKILL)
-        if self.linger_until is not None and now >= self.linger_until:
-            self.finished = True
+        self.attaches.linger_over(now)
         self._trim()
         self._check_idle(now)
 
@@ -200,7 +152,7 @@ class Holder:
         if self.ending is not None:
             return
         if (
-            self.current is None
+            self.attaches.current is None
             and self.agent is None
             and self.exited_seq is not None
             and self.state.confirmed >= self.exited_seq
@@ -209,7 +161,9 @@ class Holder:
             return
         # A query blocked on a full journal cannot reach its end without a client, so it
         # does not keep a session alive that nobody comes back to.
-        idle = self.current is None and not self.waiting and (not self.running or bool(self.held))
+        attaches = self.attaches
+        idle = attaches.current is None and not attaches.waiting
+        idle = idle and (not self.running or bool(self.held))
         if not idle:
             self.idle_since = None
         elif self.idle_since is None:
@@ -275,13 +229,7 @@ class Holder:
         self._take(lines)
 
     def agent_stderr(self, lines: list[bytes]) -> None:
-        """Sent on to agentd as ``log`` lines, unless its attach is behind."""
-        attach = self.current
-        if attach is not None and len(attach.out) < ATTACH_HIGH_WATER:
-            for line in lines:
-                text = line[:LOG_FORWARD_CHARS].decode("utf-8", "replace")
-                attach.out += wire.encode({"type": "log", "line": text})
-            self._flush(attach)
+        self.attaches.forward_log(lines)
 
     def agent_changed(self) -> None:
         """Once the agent has exited and all it wrote is journaled, say so to the client."""
@@ -383,13 +331,7 @@ class Holder:
     def _append(self, data: bytes, first: int, last: int) -> bool:
         """Journal numbered lines and relay them; False (nothing journaled) when the disk
         refused, to be tried again later."""
-        attach = self.current
-        live = (
-            attach is not None
-            and attach.cursor is not None
-            and len(attach.out) < ATTACH_HIGH_WATER
-            and self.journal.at_end(attach.cursor)
-        )
+        caught_up = self.attaches.caught_up()
         try:
             self.journal.append(data, first, last)
         except JournalError as e:
@@ -397,12 +339,7 @@ class Holder:
             self.retry_at = time.monotonic() + RETRY_SECONDS
             self._pause_agent()
             return False
-        if attach is not None and attach.cursor is not None:
-            if live:
-                # The attach had everything before these lines: hand them over as they are.
-                attach.out += data
-                attach.cursor = self.journal.end()
-            self._flush(attach)
+        self.attaches.relay(data, caught_up)
         return True
 
     def _emit(self, message: dict[str, Any], force: bool = False) -> bool:
@@ -423,7 +360,7 @@ class Holder:
 
     def _keep(self) -> Position | None:
         """The journal position the attached client still needs, if any."""
-        attach = self.current
+        attach = self.attaches.current
         return None if attach is None else attach.cursor
 
     def _trim(self) -> None:
@@ -459,73 +396,7 @@ class Holder:
 
     # -- attaches -------------------------------------------------------------------------
 
-    def _accept(self, mask: int) -> None:
-        assert self.listener is not None
-        try:
-            sock, _ = self.listener.accept()
-        except OSError:
-            return
-        sock.setblocking(False)
-        attach = Attach(sock, time.monotonic() + HELLO_SECONDS)
-        self.waiting.append(attach)
-        self.sel.register(sock, selectors.EVENT_READ, lambda mask: self._attach_ready(attach, mask))
-
-    def _attach_ready(self, attach: Attach, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
-            self._flush(attach)
-            if attach.sock.fileno() < 0:
-                return
-        if not mask & selectors.EVENT_READ:
-            return
-        try:
-            data = attach.sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close(attach)
-            return
-        if attach.dismissed:
-            return
-        attach.inbuf += data
-        while attach.sock.fileno() >= 0:
-            newline = attach.inbuf.find(b"\n")
-            if newline < 0:
-                if len(attach.inbuf) > MAX_LINE_BYTES:
-                    self._close(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "line too long"))
-                return
-            line = bytes(attach.inbuf[:newline])
-            del attach.inbuf[: newline + 1]
-            if not attach.greeted:
-                self._hello(attach, line)
-            elif attach is self.current:
-                self._input(attach, line)
-
-    def _hello(self, attach: Attach, line: bytes) -> None:
-        problem = _hello_problem(line)
-        if problem is not None:
-            self._close(attach, wire.refusal(wire.Refusal.BAD_REQUEST, problem))
-            return
-        hello = json.loads(line)
-        claimed = Identity(hello["session"], hello["user"], hello["project"], hello["agent"])
-        if claimed != self.identity:
-            self.log.warn("attach refused: another user, project or agent", session=self._short)
-            self._close(
-                attach,
-                wire.refusal(
-                    wire.Refusal.MISMATCH, "the session belongs to another user, project or agent"
-                ),
-            )
-            return
-        if self.ending is not None:
-            self._close(attach, wire.refusal(wire.Refusal.ENDING, "the session is ending"))
-            return
-        self.waiting.remove(attach)
-        attach.greeted = True
-        previous, self.current = self.current, attach
-        if previous is not None:
-            self._close(previous, wire.encode({"type": "superseded"}))
+    def welcome(self, attach: Attach, hello: dict[str, Any]) -> None:
         after = hello["after"]
         journal = self.journal
         if after > journal.last_seq:
@@ -551,9 +422,9 @@ class Holder:
         for record in self.state.unrecorded.values():
             attach.out += wire.encode({"type": "unrecorded", **record})
         self._confirm(after)
-        self._flush(attach)
+        self.attaches.flush(attach)
 
-    def _input(self, attach: Attach, line: bytes) -> None:
+    def received(self, attach: Attach, line: bytes) -> None:
         if not line.strip():
             return
         try:
@@ -562,7 +433,7 @@ class Holder:
             message = None
         kind = message.get("type") if isinstance(message, dict) else None
         if not isinstance(message, dict) or not isinstance(kind, str):
-            self._control(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "not a typed object"))
+            self.attaches.send(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "not a typed object"))
             return
         if kind == "prompt":
             self._prompt(attach, line, message)
@@ -574,29 +445,33 @@ class Holder:
             if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
                 self._confirm(seq)
             else:
-                self._control(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "seq: an integer"))
+                self.attaches.send(
+                    attach, wire.refusal(wire.Refusal.BAD_REQUEST, "seq: an integer")
+                )
         elif kind == "recorded":
             query = message.get("id")
             if isinstance(query, str):
                 self.state.recorded(query)
             else:
-                self._control(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "id: a string"))
+                self.attaches.send(attach, wire.refusal(wire.Refusal.BAD_REQUEST, "id: a string"))
         elif kind == "emit":
             self._emit_for(attach, message.get("message"))
         elif kind == "end":
             self.log.info("end requested", session=self._short)
             self._begin_end("ended by request")
         else:
-            self._control(attach, wire.refusal(wire.Refusal.BAD_REQUEST, f"unknown type {kind}"))
+            self.attaches.send(
+                attach, wire.refusal(wire.Refusal.BAD_REQUEST, f"unknown type {kind}")
+            )
 
     def _prompt(self, attach: Attach, line: bytes, message: dict[str, Any]) -> None:
         prompt_id = message.get("id")
         if not isinstance(prompt_id, str) or not 0 < len(prompt_id) <= MAX_ID_CHARS:
             problem = f"id: a string of 1 to {MAX_ID_CHARS} characters"
-            self._control(attach, wire.refusal(wire.Refusal.BAD_REQUEST, problem))
+            self.attaches.send(attach, wire.refusal(wire.Refusal.BAD_REQUEST, problem))
             return
         if self.ending is not None:
-            self._control(attach, wire.refusal(wire.Refusal.ENDING, "the session is ending"))
+            self.attaches.send(attach, wire.refusal(wire.Refusal.ENDING, "the session is ending"))
             return
         if prompt_id in self.state.prompts:
             ack = {"type": "ack", "id": prompt_id, "duplicate": True}
@@ -628,20 +503,20 @@ class Holder:
 
     def _journal_full(self, attach: Attach, prompt_id: str) -> None:
         text = f"no room for prompt {prompt_id} until the client confirms what it read"
-        self._control(attach, wire.refusal(wire.Refusal.JOURNAL_FULL, text))
+        self.attaches.send(attach, wire.refusal(wire.Refusal.JOURNAL_FULL, text))
 
     def _emit_for(self, attach: Attach, message: object) -> None:
         if self.finishing:
-            self._control(attach, wire.refusal(wire.Refusal.ENDING, "the session has ended"))
+            self.attaches.send(attach, wire.refusal(wire.Refusal.ENDING, "the session has ended"))
             return
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            self._control(
+            self.attaches.send(
                 attach, wire.refusal(wire.Refusal.BAD_REQUEST, "message: an object with a type")
             )
             return
         message.pop("seq", None)
         if not self._emit(message):
-            self._control(
+            self.attaches.send(
                 attach, wire.refusal(wire.Refusal.JOURNAL_FULL, "no room until the client confirms")
             )
 
@@ -651,82 +526,6 @@ class Holder:
             self.state.confirm(seq)
             self._unhold()
 
-    def _control(self, attach: Attach, line: bytes) -> None:
-        attach.out += line
-        self._flush(attach)
-
-    def _flush(self, attach: Attach) -> None:
-        """Send what the attach has pending, refilling from the journal while it keeps up."""
-        sock = attach.sock
-        if attach.unwritable or sock.fileno() < 0:
-            attach.out.clear()
-            if attach.dismissed:
-                self._close(attach)
-            return
-        while True:
-            if attach.out:
-                try:
-                    sent = sock.send(attach.out)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    # Gone, or only its reading side: lines it sent before going (a
-                    # ``recorded``, a ``confirm``) are still read, up to its end of file.
-                    attach.unwritable = True
-                    attach.out.clear()
-                    break
-                del attach.out[:sent]
-                if attach.out:
-                    break
-            cursor = attach.cursor
-            if cursor is None:
-                break
-            if self.journal.at_end(cursor):
-                if not self.finishing or attach is not self.current:
-                    break
-                # The session is over and this attach has every line: the last word.
-                attach.cursor = None
-                attach.out += wire.encode({"type": "ended", "reason": self.ending})
-                if self.linger_until is not None:
-                    self.linger_until = min(self.linger_until, time.monotonic() + LINGER_SECONDS)
-                continue
-            data, attach.cursor = self.journal.read(cursor, ATTACH_READ_BYTES)
-            attach.out += data
-        if attach.dismissed and (attach.unwritable or not attach.out):
-            self._close(attach)
-            return
-        writing = bool(attach.out)
-        if writing != attach.writing:
-            attach.writing = writing
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
-            self.sel.modify(sock, events, self.sel.get_key(sock).data)
-
-    def _close(self, attach: Attach, last: bytes = b"") -> None:
-        """Close an attach; with ``last``, only once the line in flight and ``last`` are
-        sent (or DISMISS_SECONDS passed), so that it learns why."""
-        sock = attach.sock
-        if sock.fileno() < 0:
-            return
-        if attach is self.current:
-            self.current = None
-            if self.linger_until is not None:
-                self.finished = True
-        if attach in self.waiting:
-            self.waiting.remove(attach)
-        if last and not attach.dismissed:
-            attach.dismissed = True
-            attach.cursor = None
-            del attach.out[attach.out.find(b"\n") + 1 :]
-            attach.out += last
-            attach.deadline = time.monotonic() + DISMISS_SECONDS
-            self.dismissed.append(attach)
-            self._flush(attach)
-            return
-        if attach in self.dismissed:
-            self.dismissed.remove(attach)
-        self.sel.unregister(sock)
-        sock.close()
-
     # -- ending ---------------------------------------------------------------------------
 
     def _begin_end(self, reason: str) -> None:
@@ -735,9 +534,7 @@ class Holder:
         if self.ending is not None:
             return
         self.ending = reason
-        self._stop_listening()
-        for attach in list(self.waiting):
-            self._close(attach, wire.refusal(wire.Refusal.ENDING, "the session is ending"))
+        self.attaches.stop()
         agent = self.agent
         if agent is None:
             self._finish()
@@ -748,38 +545,19 @@ class Holder:
         self.kill_at = now + KILL_SECONDS
         self._unhold()
 
-    def _stop_listening(self) -> None:
-        if self.listener is None:
-            return
-        self.sel.unregister(self.listener)
-        self.listener.close()
-        self.listener = None
-        try:
-            os.unlink(sessions.SOCKET)
-        except FileNotFoundError:
-            pass
-
     def _finish(self) -> None:
         if self.finishing:
             return
         self.finishing = True
-        attach = self.current
-        if attach is None:
+        assert self.ending is not None
+        if not self.attaches.finish(self.ending):
             self.finished = True
-            return
-        # ``ended`` follows the attach's last line (see _flush); agentd answers with the
-        # ``recorded`` lines it owes, then closes. An attach that does not catch up in
-        # FINISH_SECONDS is left behind: the lines stay in the journal only if it is kept.
-        self.linger_until = time.monotonic() + FINISH_SECONDS
-        self._flush(attach)
 
     def close(self) -> None:
         """After the loop: everything on disk, then the directory removed unless it is still
         needed (usage nobody recorded, or a stop that a later attach should learn of)."""
         reason = self.ending or "ended"
-        for attach in [*self.waiting, *self.dismissed, *([self.current] if self.current else [])]:
-            self._close(attach)
-        self._stop_listening()
+        self.attaches.close_all()
         keep = self.keep_directory or bool(self.state.unrecorded)
         if keep:
             self.state.end(reason)
@@ -789,29 +567,3 @@ class Holder:
         if not keep:
             sessions.remove_current()
         self.log.info("ended", session=self._short, reason=reason, kept=keep)
-
-
-def _hello_problem(line: bytes) -> str | None:
-    """What is wrong with a hello line, or None."""
-    try:
-        hello = json.loads(line)
-    except ValueError:
-        return "hello: not JSON"
-    if not isinstance(hello, dict) or hello.get("type") != "hello":
-        return "the first line must be a hello"
-    if hello.get("v") != wire.VERSION:
-        return f"hello: v must be {wire.VERSION}"
-    patterns = {
-        "session": names.SESSION_ID_RE,
-        "user": names.USER_RE,
-        "project": names.PROJECT_RE,
-        "agent": names.AGENT_NAME_RE,
-    }
-    for key, pattern in patterns.items():
-        value = hello.get(key)
-        if not isinstance(value, str) or not pattern.fullmatch(value):
-            return f"hello: {key} is malformed"
-    after = hello.get("after")
-    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= names.MAX_SEQ:
-        return "hello: after must be a seq"
-    return None
