@@ -17,15 +17,15 @@ import selectors
 import signal
 import socket
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 from agentd.agent.holder import sessions, wire
-from agentd.agent.holder.child import READ_BYTES, AgentChild
+from agentd.agent.holder.child import AgentChild
 from agentd.agent.holder.connections import Attach, Attaches
-from agentd.agent.holder.journal import Journal, JournalError, Position, Syncer
+from agentd.agent.holder.journal import Journal, Syncer
+from agentd.agent.holder.ledger import Ledger
 from agentd.agent.holder.state import Identity, State
 from agentd.agent.log import Log
 from agentd.agent.protocol import MAX_ID_CHARS
@@ -35,8 +35,6 @@ from agentd.agent.protocol import MAX_ID_CHARS
 # CLI, already on its way out, no longer handles it and would die of it), then SIGKILL.
 TERM_SECONDS = 2.0
 KILL_SECONDS = 10.0
-# A journal the disk refused is tried again after this long; the agent waits meanwhile.
-RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -76,8 +74,6 @@ class Holder:
         self.sel = selectors.DefaultSelector()
         self.attaches = Attaches(self.sel, listener, journal, self.identity, log, self)
         self.agent: AgentChild | None = None
-        self.running: OrderedDict[str, None] = OrderedDict()  # prompt ids of running queries
-        self.held: list[bytes] = []  # agent lines read but not yet journaled: no room
         self.exited_seq: int | None = None  # the seq of agent_exited while no agent runs
         self.ending: str | None = None
         self.keep_directory = False
@@ -86,9 +82,10 @@ class Holder:
         self.idle_since: float | None = time.monotonic()
         self.term_at: float | None = None
         self.kill_at: float | None = None
-        self.retry_at: float | None = None
         self.stop_signal: int | None = None
-        journal.advance(state.confirmed)
+        self.ledger = Ledger(
+            settings, journal, state, self.attaches, log, self._pause_agent, self._resume_agent
+        )
         self._signals()
 
     # -- the loop -------------------------------------------------------------------------
@@ -107,24 +104,11 @@ class Holder:
         deadlines = self.attaches.deadlines()
         if self.idle_since is not None and self.ending is None:
             deadlines.append(self.idle_since + self.settings.idle_seconds)
-        for deadline in (
-            self.term_at,
-            self.kill_at,
-            self.retry_at,
-            self._age_deadline(),
-        ):
-            if deadline is not None:
-                deadlines.append(deadline)
+        deadlines += self.ledger.deadlines()
+        deadlines += [d for d in (self.term_at, self.kill_at) if d is not None]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
-
-    def _age_deadline(self) -> float | None:
-        """When the journal next has a segment too old to keep (as a monotonic time)."""
-        expiry = self.journal.next_expiry(self.state.confirmed, self._keep())
-        if expiry is None:
-            return None
-        return time.monotonic() + max(0.0, expiry - time.time())
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -133,9 +117,7 @@ class Holder:
             self.keep_directory = True
             self._begin_end("session holder stopped")
         self.attaches.tick(now)
-        if self.retry_at is not None and now >= self.retry_at:
-            self.retry_at = None
-            self._unhold()
+        self.ledger.retry(now)
         if self.term_at is not None and now >= self.term_at and self.agent is not None:
             self.term_at = None
             self.log.warn("agent did not exit at end of input; terminating it", session=self._short)
@@ -145,7 +127,7 @@ class Holder:
             self.log.warn("agent did not exit; killing it", session=self._short)
             self.agent.signal(signal.SIGKILL)
         self.attaches.linger_over(now)
-        self._trim()
+        self.ledger.trim()
         self._check_idle(now)
 
     def _check_idle(self, now: float) -> None:
@@ -163,7 +145,7 @@ class Holder:
         # does not keep a session alive that nobody comes back to.
         attaches = self.attaches
         idle = attaches.current is None and not attaches.waiting
-        idle = idle and (not self.running or bool(self.held))
+        idle = idle and (not self.ledger.running or bool(self.ledger.held))
         if not idle:
             self.idle_since = None
         elif self.idle_since is None:
@@ -205,7 +187,7 @@ class Holder:
         ended, unless the journal already says so."""
         last = self.journal.last_line()
         if last is None or not wire.is_agent_exited(last):
-            self._emit(wire.agent_exited("session holder lost", None), force=True)
+            self.ledger.emit(wire.agent_exited("session holder lost", None), force=True)
         self.log.warn("took over a session whose holder was gone", session=self._short)
 
     def start_agent(self) -> AgentChild:
@@ -226,7 +208,7 @@ class Holder:
         return agent
 
     def agent_lines(self, lines: list[bytes]) -> None:
-        self._take(lines)
+        self.ledger.take(lines)
 
     def agent_stderr(self, lines: list[bytes]) -> None:
         self.attaches.forward_log(lines)
@@ -234,165 +216,28 @@ class Holder:
     def agent_changed(self) -> None:
         """Once the agent has exited and all it wrote is journaled, say so to the client."""
         agent = self.agent
-        if agent is None or not agent.ended or self.held:
+        if agent is None or not agent.ended or self.ledger.held:
             return
         reason, exit_status = agent.release()
         self.agent = None
         self.term_at = self.kill_at = None
-        self.running.clear()
+        self.ledger.running.clear()
         self.log.info("agent ended", session=self._short, reason=reason)
-        self._emit(wire.agent_exited(reason, exit_status), force=True)
+        self.ledger.emit(wire.agent_exited(reason, exit_status), force=True)
         self.exited_seq = self.journal.last_seq
         if self.ending is not None:
             self._finish()
 
-    # -- numbering and the journal --------------------------------------------------------
-
-    def _take(self, lines: list[bytes]) -> None:
-        """Journal the agent's lines, holding back (and pausing the agent) what has no room."""
-        if self.held:
-            self.held += lines
-            return
-        taken = self._journal_agent_lines(lines)
-        if taken < len(lines):
-            self.held = lines[taken:]
-            self._pause_agent()
-
-    def _unhold(self) -> None:
-        if self.held:
-            taken = self._journal_agent_lines(self.held)
-            self.held = self.held[taken:]
-        if not self.held and self.retry_at is None:
-            self._resume_agent()
-            self.agent_changed()
-
     def _pause_agent(self) -> None:
+        """The journal has no room for the agent's lines: stop reading them."""
         if self.agent is not None:
             self.agent.pause()
 
     def _resume_agent(self) -> None:
+        """The journal took all the agent's lines: read on, and see if it ended meanwhile."""
         if self.agent is not None:
             self.agent.resume()
-
-    def _journal_agent_lines(self, lines: list[bytes]) -> int:
-        """Number, journal and relay as many of ``lines`` as fit; how many were used up."""
-        journal = self.journal
-        if self.ending is not None:
-            room = 1 << 62  # the agent's last words (its final ``done``) are always kept
-        else:
-            limit = self.settings.agent_limit
-            if journal.total + 2 * READ_BYTES > limit:
-                journal.trim(self.state.confirmed, self._keep(), 2 * READ_BYTES, limit)
-            room = limit - journal.total
-        seq = first = journal.last_seq + 1
-        out: list[bytes] = []
-        effects: list[dict[str, Any]] = []
-        size = used = 0
-        for line in lines:
-            if line.startswith(wire.DELTA_PREFIX) and line.endswith(wire.DELTA_SUFFIX):
-                numbered = b'{"seq":%d,%s\n' % (seq, line[1:])
-                obj = None
-            else:
-                obj = self._parse_agent_line(line)
-                if obj is None:
-                    used += 1
-                    continue
-                numbered = wire.number(line, seq, obj)
-            size += len(numbered)
-            if size > room:
-                break
-            out.append(numbered)
-            used += 1
-            seq += 1
-            if obj is not None and obj.get("type") in ("done", "error"):
-                effects.append(obj)
-        if out:
-            if not self._append(b"".join(out), first, seq - 1):
-                return 0
-            for obj in effects:
-                self._query_end(obj)
-        return used
-
-    def _parse_agent_line(self, line: bytes) -> dict[str, Any] | None:
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            obj = None
-        if type(obj) is not dict:
-            if line.strip():
-                self.log.warn(
-                    "agent wrote a line that is not a JSON object",
-                    session=self._short,
-                    size=len(line),
-                )
-            return None
-        return obj
-
-    def _append(self, data: bytes, first: int, last: int) -> bool:
-        """Journal numbered lines and relay them; False (nothing journaled) when the disk
-        refused, to be tried again later."""
-        caught_up = self.attaches.caught_up()
-        try:
-            self.journal.append(data, first, last)
-        except JournalError as e:
-            self.log.error("journal write failed", session=self._short, error=e.strerror)
-            self.retry_at = time.monotonic() + RETRY_SECONDS
-            self._pause_agent()
-            return False
-        self.attaches.relay(data, caught_up)
-        return True
-
-    def _emit(self, message: dict[str, Any], force: bool = False) -> bool:
-        """Journal one of the holder's or agentd's own lines with the next seq. Without
-        ``force``, False when even the reserve above the agent's share is full."""
-        seq = self.journal.last_seq + 1
-        line = wire.numbered(message, seq)
-        if not force and not self._has_room(len(line)):
-            return False
-        return self._append(line, seq, seq)
-
-    def _has_room(self, size: int) -> bool:
-        """Whether ``size`` more bytes fit the journal's bound (making room if they can)."""
-        journal = self.journal
-        if journal.total + size > self.settings.journal_max_bytes:
-            journal.trim(self.state.confirmed, self._keep(), size)
-        return journal.total + size <= self.settings.journal_max_bytes
-
-    def _keep(self) -> Position | None:
-        """The journal position the attached client still needs, if any."""
-        attach = self.attaches.current
-        return None if attach is None else attach.cursor
-
-    def _trim(self) -> None:
-        if self._age_deadline() is not None:
-            self.journal.trim(self.state.confirmed, self._keep())
-
-    def _query_end(self, obj: dict[str, Any]) -> None:
-        """A ``done`` or ``error`` line: the end of a query (as agentd judges it), whose usage
-        is kept until agentd says it recorded it."""
-        kind = obj.get("type")
-        line_id = obj.get("id")
-        if isinstance(line_id, str) and line_id in self.running:
-            query = line_id
-        elif self.running:
-            query = next(iter(self.running))  # agents that do not echo ids answer in order
-        else:
-            return
-        if kind == "error" and "usage" not in obj and line_id != query:
-            return  # an error about something else, not this query's end
-        del self.running[query]
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            outcome = "aborted" if obj.get("aborted") else ("done" if kind == "done" else "error")
-            self.state.add_usage(
-                {
-                    "id": query,
-                    "event": wire.usage_event_id(self.identity.session, query),
-                    "outcome": outcome,
-                    "usage": usage,
-                    "timestamp": round(time.time(), 3),
-                }
-            )
+        self.agent_changed()
 
     # -- attaches -------------------------------------------------------------------------
 
@@ -421,7 +266,7 @@ class Holder:
         )
         for record in self.state.unrecorded.values():
             attach.out += wire.encode({"type": "unrecorded", **record})
-        self._confirm(after)
+        self.ledger.confirm(after)
         self.attaches.flush(attach)
 
     def received(self, attach: Attach, line: bytes) -> None:
@@ -443,7 +288,7 @@ class Holder:
         elif kind == "confirm":
             seq = message.get("seq")
             if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
-                self._confirm(seq)
+                self.ledger.confirm(seq)
             else:
                 self.attaches.send(
                     attach, wire.refusal(wire.Refusal.BAD_REQUEST, "seq: an integer")
@@ -475,11 +320,11 @@ class Holder:
             return
         if prompt_id in self.state.prompts:
             ack = {"type": "ack", "id": prompt_id, "duplicate": True}
-            if not self._emit(ack):
+            if not self.ledger.emit(ack):
                 self._journal_full(attach, prompt_id)
             return
         ack = {"type": "ack", "id": prompt_id}
-        if not self._has_room(len(wire.numbered(ack, self.journal.last_seq + 1))):
+        if not self.ledger.has_room(len(wire.numbered(ack, self.journal.last_seq + 1))):
             self._journal_full(attach, prompt_id)
             return
         agent = self.agent
@@ -494,12 +339,12 @@ class Holder:
                     "error": "The project VM is unavailable.",
                     "id": prompt_id,
                 }
-                self._emit(message, force=True)
+                self.ledger.emit(message, force=True)
                 return
         self.state.accept(prompt_id)
         agent.send(line)
-        self.running[prompt_id] = None
-        self._emit(ack, force=True)
+        self.ledger.running[prompt_id] = None
+        self.ledger.emit(ack, force=True)
 
     def _journal_full(self, attach: Attach, prompt_id: str) -> None:
         text = f"no room for prompt {prompt_id} until the client confirms what it read"
@@ -515,16 +360,10 @@ class Holder:
             )
             return
         message.pop("seq", None)
-        if not self._emit(message):
+        if not self.ledger.emit(message):
             self.attaches.send(
                 attach, wire.refusal(wire.Refusal.JOURNAL_FULL, "no room until the client confirms")
             )
-
-    def _confirm(self, seq: int) -> None:
-        seq = min(seq, self.journal.last_seq)
-        if seq > self.state.confirmed:
-            self.state.confirm(seq)
-            self._unhold()
 
     # -- ending ---------------------------------------------------------------------------
 
@@ -534,6 +373,7 @@ class Holder:
         if self.ending is not None:
             return
         self.ending = reason
+        self.ledger.last_words = True
         self.attaches.stop()
         agent = self.agent
         if agent is None:
@@ -543,7 +383,7 @@ class Holder:
         now = time.monotonic()
         self.term_at = now + TERM_SECONDS
         self.kill_at = now + KILL_SECONDS
-        self._unhold()
+        self.ledger.unhold()
 
     def _finish(self) -> None:
         if self.finishing:
