@@ -1,10 +1,11 @@
-"""The session holder: one detached process per session that runs the agent and keeps its lines.
+"""The session holder: one session's loop, its clients' requests, and how the session ends.
 
-``agentd-agent attach`` starts it (see attach.py) in the session directory, in a session and
-process group of its own, with no pipe back to sshd or agentd. It runs the agent CLI as its
-child, exactly as agentd would, numbers every line the agent writes (that number is the
-client's ``seq``), appends it to the journal and relays it to the attach that is connected,
-if any. Attaches come and go; the agent does not notice.
+``agentd-agent attach`` starts it (see attach.py and process.py) in the session directory,
+in a session and process group of its own, with no pipe back to sshd or agentd. It runs the
+agent CLI as its child (child.py), exactly as agentd would, numbers every line the agent
+writes (that number is the client's ``seq``), appends it to the journal (ledger.py) and
+relays it to the attach that is connected, if any (connections.py). Attaches come and go;
+the agent does not notice.
 
 One thread runs everything through a selector; a second only fsyncs (journal.Syncer).
 """
@@ -17,18 +18,20 @@ import selectors
 import signal
 import socket
 import time
-from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentd.agent.holder import sessions, wire
 from agentd.agent.holder.child import AgentChild
 from agentd.agent.holder.connections import Attach, Attaches
 from agentd.agent.holder.journal import Journal, Syncer
 from agentd.agent.holder.ledger import Ledger
-from agentd.agent.holder.state import Identity, State
+from agentd.agent.holder.state import State
 from agentd.agent.log import Log
 from agentd.agent.protocol import MAX_ID_CHARS
+
+if TYPE_CHECKING:
+    from agentd.agent.holder.process import Settings
 
 # Ending, the agent's stdin is closed, which the CLI takes as the end (the running query is
 # aborted with its usage). An agent still there this long after gets SIGTERM (not at once: the
@@ -37,25 +40,10 @@ TERM_SECONDS = 2.0
 KILL_SECONDS = 10.0
 
 
-@dataclass(frozen=True)
-class Settings:
-    identity: Identity
-    agent_argv: tuple[str, ...]
-    cwd: str
-    sessions: str
-    idle_seconds: float
-    journal_max_bytes: int
-    journal_max_age: float
-    max_line: int
-
-    @property
-    def agent_limit(self) -> int:
-        """How far the agent's lines may fill the journal; the rest is kept for acks, agentd's
-        own lines and ``agent_exited``, so those are never refused for the agent's sake."""
-        return self.journal_max_bytes - self.journal_max_bytes // 16
-
-
 class Holder:
+    """Owns the agent, the attaches and the ledger, runs the loop over them, answers what
+    the current attach asks, and ends the session (idle, by request, on a signal)."""
+
     def __init__(
         self,
         settings: Settings,

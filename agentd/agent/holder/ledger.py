@@ -23,7 +23,7 @@ from agentd.agent.holder.state import State
 from agentd.agent.log import Log
 
 if TYPE_CHECKING:
-    from agentd.agent.holder.holder import Settings
+    from agentd.agent.holder.process import Settings
 
 # A journal the disk refused is tried again after this long; the agent waits meanwhile.
 RETRY_SECONDS = 1.0

@@ -14,12 +14,33 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from agentd.agent.holder import sessions
-from agentd.agent.holder.holder import Holder, Settings
+from agentd.agent.holder.holder import Holder
 from agentd.agent.holder.journal import Journal, Syncer
 from agentd.agent.holder.state import STATE_FILE, Identity, State, read_identity
 from agentd.agent.log import Log
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the holder runs with, from its command line (see ``parse``)."""
+
+    identity: Identity
+    agent_argv: tuple[str, ...]
+    cwd: str
+    sessions: str
+    idle_seconds: float
+    journal_max_bytes: int
+    journal_max_age: float
+    max_line: int
+
+    @property
+    def agent_limit(self) -> int:
+        """How far the agent's lines may fill the journal; the rest is kept for acks, agentd's
+        own lines and ``agent_exited``, so those are never refused for the agent's sake."""
+        return self.journal_max_bytes - self.journal_max_bytes // 16
 
 
 def parse(argv: list[str]) -> tuple[Settings, int | None]:
