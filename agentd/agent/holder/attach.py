@@ -13,16 +13,15 @@ the same session at once start one holder: starting happens under the session's 
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import socket
 import sys
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, NamedTuple, NoReturn, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
-from agentd.agent.holder import names, sessions, wire
+from agentd.agent.holder import names, sessions, spawn, wire
 from agentd.agent.holder.state import Identity, read_identity, write_identity
 
 if TYPE_CHECKING:
@@ -39,8 +38,6 @@ DEFAULT_IDLE_SECONDS = 3600.0
 DEFAULT_JOURNAL_BYTES = 64 << 20
 DEFAULT_JOURNAL_AGE = 86400.0
 DEFAULT_MAX_LINE = 1 << 20
-# How long a start may take: the holder loads, recovers its journal and starts the agent.
-READY_SECONDS = 10.0
 LOCK_SECONDS = 15.0
 RELAY_BYTES = 256 * 1024
 
@@ -219,7 +216,7 @@ def _reach_locked(options: Options, base: str, cwd: str) -> Reached:
     argv = _agent_argv(options)
     if stored is None:
         write_identity(".", options.identity)
-    problem = start_holder(_holder_argv(options, base, cwd, argv))
+    problem = spawn.start_holder(spawn.holder_argv(options, base, cwd, argv))
     if problem is not None:
         raise Refused(wire.Refusal.UNAVAILABLE, problem)
     sock = sessions.connect()
@@ -243,83 +240,6 @@ def _agent_argv(options: Options) -> list[str]:
     if found is None:
         raise Refused(wire.Refusal.UNAVAILABLE, f"{argv[0]}: command not found")
     return [os.path.abspath(found), *argv[1:]]
-
-
-def _holder_argv(options: Options, base: str, cwd: str, agent_argv: list[str]) -> list[str]:
-    identity = options.identity
-    return [
-        sys.executable,
-        "-m",
-        "agentd.agent.holder",
-        "--session",
-        identity.session,
-        "--user",
-        identity.user,
-        "--project",
-        identity.project,
-        "--agent",
-        identity.agent,
-        "--sessions-dir",
-        base,
-        "--cwd",
-        cwd,
-        "--agent-argv",
-        json.dumps(agent_argv),
-        "--idle-seconds",
-        repr(options.idle_seconds),
-        "--journal-max-bytes",
-        str(options.journal_max_bytes),
-        "--journal-max-age",
-        repr(options.journal_max_age),
-        "--max-line",
-        str(options.max_line),
-    ]
-
-
-def start_holder(argv: list[str]) -> str | None:
-    """Start the holder fully detached and wait until it listens; None, or why it did not
-    start. The holder is a grandchild in a session of its own (so it never gets a
-    controlling terminal, and sshd closing the channel or a SIGHUP do not reach it), leads
-    its own process group, and has /dev/null for stdin and stdout."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        _become_holder(argv, read_end, write_end)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    try:
-        reply = b""
-        while not reply.endswith(b"\n"):
-            ready, _, _ = select.select([read_end], [], [], READY_SECONDS)
-            if not ready:
-                return "the session holder did not start in time"
-            chunk = os.read(read_end, 4096)
-            if not chunk:
-                break
-            reply += chunk
-    finally:
-        os.close(read_end)
-    word = reply.decode("utf-8", "replace").strip()
-    if word == "ready":
-        return None
-    return word.removeprefix("error: ") or "the session holder did not start"
-
-
-def _become_holder(argv: list[str], read_end: int, write_end: int) -> NoReturn:
-    try:
-        os.close(read_end)
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        os.setpgid(0, 0)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        # Every other descriptor (the lock, sockets) is close-on-exec and stays behind.
-        os.set_inheritable(write_end, True)
-        os.execv(argv[0], [*argv, "--ready-fd", str(write_end)])  # noqa: S606 (no shell wanted)
-    finally:
-        os._exit(127)
 
 
 def open_lost(session: str, after: int) -> LostSession:
