@@ -786,3 +786,22 @@ def test_the_journal_deletes_only_confirmed_segments(tmp_path: Path):
     journal.trim(confirmed=600, keep=Position(journal.first_seq, 0), need=1 << 20)
     assert journal.first_seq <= 301  # an attach still reads from there
     journal.close()
+
+
+def test_the_attach_path_imports_neither_asyncio_nor_the_journal_nor_twisted() -> None:
+    # An attach is started for every connection agentd makes: its start-up is latency.
+    probe = (
+        "import sys\n"
+        "sys.argv = ['agentd-agent', 'attach', '--help']\n"
+        "from agentd.agent import entry\n"
+        "try:\n"
+        "    entry.main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('asyncio', 'twisted', 'agentd.agent.holder.journal')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, env=agent_env()
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
