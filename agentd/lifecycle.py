@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -77,6 +78,14 @@ class AgentdService(MultiService):
         self.draining = False
         self.handle_signals = False
         self._drain_cut: Callable[[], None] | None = None
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        except CannotListenError as e:
+            # One line an operator can act on, not a traceback of the reactor's internals.
+            where = f"{e.interface or '*'}:{e.port}"
+            raise SystemExit(f"agentd: cannot listen on {where}: {e.socketError}") from None
 
     def startService(self) -> None:
         self.usage.start()

@@ -174,4 +174,7 @@ def _listen(reactor: Any, endpoint: str, site: Site, parent: MultiService) -> No
     # Twisted leaves the endpoint service unannotated.
     listening = BackoffEndpoint(serverFromString(reactor, endpoint), reactor)
     listener = StreamServerEndpointService(listening, site)  # type: ignore[no-untyped-call]
+    # An address already in use (or a port it may not bind) stops agentd at startup, as
+    # twistd's own strports services do, instead of leaving it running without a listener.
+    listener._raiseSynchronously = True
     listener.setServiceParent(parent)  # type: ignore[no-untyped-call]

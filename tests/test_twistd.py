@@ -71,6 +71,24 @@ def test_invalid_configuration_exits_nonzero_with_one_line_naming_the_key(tmp_pa
     assert expected in lines[0]
 
 
+def test_an_address_in_use_stops_agentd_at_startup_instead_of_running_deaf(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_twistd(["--listen", f"tcp:{port}:interface=127.0.0.1"], cwd=tmp_path)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("agentd kept running without its listener") from None
+    assert proc.returncode != 0
+    refusal = [line for line in (out + err).splitlines() if "cannot listen" in line]
+    assert len(refusal) == 1 and f"agentd: cannot listen on 127.0.0.1:{port}" in refusal[0]
+    assert "Traceback" not in out + err
+
+
 @pytest_twisted.ensureDeferred
 async def test_dev_mode_prints_a_working_token_and_sigterm_exits_cleanly(tmp_path):
     port = free_port()
