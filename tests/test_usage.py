@@ -23,7 +23,16 @@ from twisted.logger import LogEvent, globalLogPublisher
 from agentd.config import ConfigError, UsageConfig
 from agentd.pricing import PriceTable
 from agentd.usage.budgets import BudgetDecision
-from agentd.usage.layout import month_days, parse_month, user_day_key
+from agentd.usage.layout import (
+    day_expiry,
+    month_days,
+    month_expiry,
+    month_total_expiry,
+    parse_month,
+    project_month_total_key,
+    user_day_key,
+    user_month_total_key,
+)
 from agentd.usage.memory_store import MemoryUsageStore
 from agentd.usage.recorder import UsageRecorder
 from agentd.usage.records import UsageEvent, UsageRecord
@@ -497,6 +506,42 @@ def test_budget_check_allows_when_the_store_cannot_answer(tmp_path: Path) -> Non
     store.down = False
     assert result_of(recorder.check_budget("alice", "p1")).budget_usd == 1.0
     assert store.spend_attempts == 2
+
+
+def test_memory_store_keeps_month_totals_like_redis() -> None:
+    store = MemoryUsageStore(Now())
+    days = month_days("2026-11")
+    totals = [user_month_total_key("alice", "2026-11"), project_month_total_key("p1", "2026-11")]
+
+    def apply(query_id: str, **changes: Any) -> str:
+        record = UsageRecord.from_event(event(query_id, **changes), PRICES)
+        return result_of(
+            store.apply(record, day_expiry(record.day, 90), month_expiry("2026-11", 90))
+        )
+
+    def stored() -> list[bytes | None]:
+        return [store._values.get(key) for key in totals]
+
+    apply("a", reported_cost=1.0)
+    apply("b", reported_cost=2.0, timestamp=NOW - 86400)
+    assert stored() == [None, None]  # an increment alone would miss the earlier days
+    assert result_of(store.spend("alice", "p1", days)) == MonthSpend(
+        3_000_000, 3_000_000, None, None
+    )
+    assert stored() == [b"3000000", b"3000000"]
+    assert store._expiry[totals[0]] == month_total_expiry("2026-11")
+
+    apply("c", reported_cost=0.5)
+    apply("c", reported_cost=0.5)  # a duplicate moves nothing
+    apply("own", reported_cost=7.0, key_source="user")  # not operator-paid
+    apply("other", reported_cost=9.0, user="bob", project="p2")
+    assert stored() == [b"3500000", b"3500000"]
+
+    del store._values[totals[0]]  # deleted: rebuilt by the next check
+    apply("d", reported_cost=0.25)
+    assert stored() == [None, b"3750000"]
+    assert result_of(store.spend("alice", "p1", days)).user == 3_750_000
+    assert stored() == [b"3750000", b"3750000"]
 
 
 def test_unreadable_budget_override_falls_back_to_the_default() -> None:

@@ -6,6 +6,7 @@ import calendar
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,14 @@ from twisted.internet.task import deferLater
 from agentd.config import UsageConfig
 from agentd.pricing import PriceTable
 from agentd.redisstore import RedisStore
-from agentd.usage.layout import day_expiry, month_expiry, month_of
+from agentd.usage.layout import (
+    day_expiry,
+    month_expiry,
+    month_of,
+    month_total_expiry,
+    project_month_total_key,
+    user_month_total_key,
+)
 from agentd.usage.recorder import UsageRecorder
 from agentd.usage.records import UsageEvent
 from agentd.usage.reports import UsageReport
@@ -421,5 +429,123 @@ async def test_agentd_usage_prints_the_report(redis_server: RedisServer, tmp_pat
         assert bad.returncode == 2 and "YYYY-MM" in bad.stderr
         no_redis = run_cli("--user", "alice", env={"AGENTD_REDIS_URL": ""})
         assert no_redis.returncode == 2 and "[redis] url" in no_redis.stderr
+    finally:
+        await recorders.close()
+
+
+async def month_totals_match_days(
+    redis_server: RedisServer, recorder: UsageRecorder, timestamp: float
+) -> None:
+    """The stored month-to-date totals (read directly, not through a budget check) equal the
+    operator-paid sums of the day keys, for the user and for the project."""
+    month = month_of(timestamp)
+    for scope, subject, key in (
+        ("user", "alice", user_month_total_key("alice", month)),
+        ("project", "p1", project_month_total_key("p1", month)),
+    ):
+        days = (await recorder.report(scope, subject, month)).totals.operator_cost
+        assert days > 0
+        assert redis_server.cli("--raw", "GET", key).strip() == str(days), scope
+
+
+@pytest_twisted.ensureDeferred
+async def test_month_total_equals_the_day_totals_after_concurrent_recording(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        first, second, third = recorders.new("a"), recorders.new("b"), recorders.new("c")
+        now = time.time()
+        await first.record(event("early", now, reported_cost=0.5))
+        assert (await first.check_budget("alice", "p1")).spent_usd == 0.5  # built from days
+        events = [event(f"q{i}", now, reported_cost=i / 1e4) for i in range(200)]
+        own_key = [event(f"own{i}", now, key_source="user") for i in range(20)]
+        await gatherResults(
+            [first.record(e) for e in events + own_key]
+            + [second.record(e) for e in reversed(events)]
+            + [third.record(e) for e in events[::2]]
+        )
+        await eventually(
+            lambda: all(r.spool_depth == 0 for r in (first, second, third)), timeout=20
+        )
+        await month_totals_match_days(redis_server, first, now)
+        expected = 500_000 + sum(range(200)) * 100
+        assert (await second.check_budget("alice", "p1")).spent_usd == expected / 1e6
+    finally:
+        await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_month_total_equals_the_day_totals_after_a_spool_replay(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new()
+        redis_server.cli("CONFIG", "SET", "save", "3600 1")  # keep what it has across restarts
+        now = time.time()
+        await recorder.record(event("before", now))
+        await recorder.check_budget("alice", "p1")
+        redis_server.stop()
+        await gatherResults([recorder.record(event(f"q{i}", now)) for i in range(50)])
+        assert recorder.spool_depth == 50
+        redis_server.start()
+        await eventually(lambda: recorder.spool_depth == 0, timeout=20)
+        await month_totals_match_days(redis_server, recorder, now)
+        assert (await month_report(recorder, now)).totals.operator_cost == 51 * 1234
+    finally:
+        await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_month_total_is_rebuilt_by_the_next_budget_check_and_kept_exact(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new()
+        now = time.time()
+        month = month_of(now)
+        for i in range(5):
+            await recorder.record(event(f"q{i}", now))
+        await recorder.check_budget("alice", "p1")
+        key = user_month_total_key("alice", month)
+        redis_server.cli("DEL", key, project_month_total_key("p1", month))
+        await recorder.record(event("while-missing", now))
+        assert redis_server.cli("--raw", "EXISTS", key).strip() == "0"  # not started from 0
+        assert (await recorder.check_budget("alice", "p1")).spent_usd == 0.007404
+        expires = int(redis_server.cli("--raw", "EXPIRETIME", key))
+        assert expires == month_total_expiry(month)
+        for i in range(5):
+            await recorder.record(event(f"after{i}", now))
+        await month_totals_match_days(redis_server, recorder, now)
+    finally:
+        await recorders.close()
+
+
+def command_calls(redis_server: RedisServer) -> dict[str, int]:
+    stats = redis_server.cli("--raw", "INFO", "commandstats")
+    calls = re.findall(r"^cmdstat_(\w+):calls=(\d+)", stats, re.MULTILINE)
+    return {name: int(count) for name, count in calls}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_budget_check_reads_the_month_totals_in_one_script_and_no_day_keys(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new(monthly_budget_usd=1.0)
+        now = time.time()
+        await recorder.record(event("q1", now))
+        await recorder.check_budget("alice", "p1")  # builds the totals
+        redis_server.cli("CONFIG", "RESETSTAT")
+        decision = await recorder.check_budget("alice", "p1")
+        assert decision.spent_usd == 0.001234
+        # One round trip: one script (EVAL until this connection has sent it once), reading
+        # the two totals and the overrides hash.
+        calls = command_calls(redis_server)
+        assert calls.pop("eval", 0) + calls.pop("evalsha", 0) == 1
+        assert calls == {"get": 2, "hmget": 1}
     finally:
         await recorders.close()

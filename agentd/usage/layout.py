@@ -65,6 +65,12 @@ def month_expiry(month: str, retention_days: int) -> int:
     return day_expiry(month_days(month)[-1], retention_days)
 
 
+def month_total_expiry(month: str) -> int:
+    """When a month-to-date total expires: a day after the month ends. Only budget checks of
+    the current month read it; reports sum the day keys."""
+    return calendar.timegm(month_days(month)[-1].timetuple()) + 2 * DAY_SECONDS
+
+
 def utc_day(timestamp: float) -> datetime.date:
     """The UTC date of a UNIX timestamp: usage days and months are UTC."""
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).date()
@@ -91,6 +97,14 @@ def user_projects_key(user: str, month: str) -> str:
 
 def project_users_key(project: str, month: str) -> str:
     return f"{KEY_PREFIX}:users:{project}:{month}"
+
+
+def user_month_total_key(user: str, month: str) -> str:
+    return f"{KEY_PREFIX}:month:user:{user}:{month}"
+
+
+def project_month_total_key(project: str, month: str) -> str:
+    return f"{KEY_PREFIX}:month:project:{project}:{month}"
 
 
 def query_key(query_id: str) -> str:

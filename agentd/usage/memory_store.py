@@ -7,7 +7,15 @@ from collections.abc import Callable, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 
-from agentd.usage.layout import BUDGETS_KEY, budget_field, project_day_key, user_day_key
+from agentd.usage.layout import (
+    BUDGETS_KEY,
+    budget_field,
+    month_total_expiry,
+    project_day_key,
+    project_month_total_key,
+    user_day_key,
+    user_month_total_key,
+)
 from agentd.usage.records import UsageRecord
 from agentd.usage.reports import Totals
 from agentd.usage.store import MonthSpend
@@ -50,7 +58,7 @@ class MemoryUsageStore:
         timeout: float | None = None,
     ) -> Deferred[str]:
         self._sweep()
-        marker, *day_keys, projects, users = record.keys()
+        marker, *day_keys, projects, users, user_total, project_total = record.keys()
         if self._live(marker):
             return succeed("duplicate")
         if expire_at <= self._now():
@@ -64,6 +72,12 @@ class MemoryUsageStore:
             members = self._sets[key] if self._live(key) else self._sets.setdefault(key, set())
             members.add(member)
             self._expiry[key] = month_expire_at
+        counters = record.counters()
+        for key in (user_total, project_total):
+            # As in Redis: a missing total waits for the budget check to rebuild it.
+            if self._live(key):
+                operator = counters["cost"] - counters["cost_user_key"]
+                self._values[key] = str(int(self._values[key]) + operator).encode()
         self._values[marker] = record.to_line()
         self._expiry[marker] = expire_at
         return succeed("recorded")
@@ -72,14 +86,25 @@ class MemoryUsageStore:
         return dict(self._hashes.get(key, {})) if self._live(key) else {}
 
     def spend(self, user: str, project: str, days: Sequence[datetime.date]) -> Deferred[MonthSpend]:
-        def spent(keys: Iterable[str]) -> int:
-            return sum(Totals.from_hash(self._hash(key)).operator_cost for key in keys)
+        month = days[0].strftime("%Y-%m")
+
+        def spent(key: str, day_keys: Iterable[str]) -> int:
+            if not self._live(key):
+                total = sum(Totals.from_hash(self._hash(k)).operator_cost for k in day_keys)
+                self._values[key] = str(total).encode()
+                self._expiry[key] = month_total_expiry(month)
+            return int(self._values[key])
 
         budgets = self._hashes.get(BUDGETS_KEY, {})
         return succeed(
             MonthSpend(
-                user=spent(user_day_key(user, day) for day in days),
-                project=spent(project_day_key(project, day) for day in days),
+                user=spent(
+                    user_month_total_key(user, month), (user_day_key(user, day) for day in days)
+                ),
+                project=spent(
+                    project_month_total_key(project, month),
+                    (project_day_key(project, day) for day in days),
+                ),
                 user_budget=budgets.get(budget_field("user", user)),
                 project_budget=budgets.get(budget_field("project", project)),
             )

@@ -21,9 +21,11 @@ from agentd.config import AGENT_NAME_RE, PROJECT_RE, USER_RE
 from agentd.pricing import PriceTable
 from agentd.usage.layout import (
     project_day_key,
+    project_month_total_key,
     project_users_key,
     query_key,
     user_day_key,
+    user_month_total_key,
     user_project_day_key,
     user_projects_key,
     utc_day,
@@ -283,6 +285,8 @@ class UsageRecord:
             user_project_day_key(self.user, self.project, day),
             user_projects_key(self.user, month),
             project_users_key(self.project, month),
+            user_month_total_key(self.user, month),
+            project_month_total_key(self.project, month),
         ]
 
 

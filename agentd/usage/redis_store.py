@@ -15,8 +15,11 @@ from agentd.usage.layout import (
     BUDGETS_KEY,
     COUNTER_FIELDS,
     budget_field,
+    month_total_expiry,
     project_day_key,
+    project_month_total_key,
     user_day_key,
+    user_month_total_key,
 )
 from agentd.usage.records import UsageRecord
 from agentd.usage.store import MonthSpend
@@ -27,11 +30,14 @@ _READ_TIMEOUT = 2.0
 # KEYS[1]   the query's record: the "already recorded" marker
 # KEYS[2-4] the user's, the project's and the user-in-project day hashes
 # KEYS[5-6] the month's index sets: the user's projects, the project's users
+# KEYS[7-8] the user's and the project's month-to-date operator-paid totals
 # ARGV      day expiry, month expiry (UNIX seconds), user, project, the record (a JSON line),
 #           the increments of the counters in the table below, in its order, comma-separated
 # Returns   0: duplicate (nothing written), 2: older than retention (nothing written), or
 #           1: recorded. The marker is written here with the increments, never before. Integer
 #           replies, because txredisapi parses those in bulk and bulk strings one per turn.
+# A missing month total stays missing: only the budget check can rebuild it from the whole
+# month's day hashes, and until then an increment alone would undercount.
 APPLY_SCRIPT = """
 local counters = {COUNTERS}
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -54,6 +60,12 @@ redis.call('SADD', KEYS[5], ARGV[4])
 redis.call('EXPIREAT', KEYS[5], ARGV[2])
 redis.call('SADD', KEYS[6], ARGV[3])
 redis.call('EXPIREAT', KEYS[6], ARGV[2])
+local operator = string.format('%d', increments[1] - increments[2])
+for i = 7, 8 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('INCRBY', KEYS[i], operator)
+  end
+end
 redis.call('SET', KEYS[1], ARGV[5])
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
 return 1
@@ -61,22 +73,40 @@ return 1
 _APPLY_RESULTS = {0: "duplicate", 1: "recorded", 2: "expired"}
 
 # KEYS[1]   the budget overrides hash
-# KEYS[2..] N user day hashes, then N project day hashes
-# ARGV      N, the user's and the project's override fields
+# KEYS[2-3] the user's and the project's month-to-date totals
+# ARGV      the user's and the project's override fields
 # Returns   {user spend, project spend, user override, project override}: spend is what the
-#           operator paid, in micro-dollars (exact: Lua numbers are doubles, sums stay < 2^53).
+#           operator paid, in micro-dollars, or -1 when that total is missing.
 SPEND_SCRIPT = """
+local user = redis.call('GET', KEYS[2])
+local project = redis.call('GET', KEYS[3])
+local budgets = redis.call('HMGET', KEYS[1], ARGV[1], ARGV[2])
+return {tonumber(user) or -1, tonumber(project) or -1, budgets[1], budgets[2]}
+"""
+
+# KEYS[1-2] the user's and the project's month-to-date totals
+# KEYS[3..] N user day hashes, then N project day hashes
+# ARGV      N, the totals' expiry (UNIX seconds)
+# Returns   {user spend, project spend}. A total still missing is set to the sum of its day
+#           hashes; atomic with recording, so no record lands between the sum and the SET.
+#           Sums are exact: Lua numbers are doubles, and they stay below 2^53.
+REBUILD_SCRIPT = """
 local n = tonumber(ARGV[1])
-local function spent(first)
-  local total = 0
+local function total(key, first)
+  local value = redis.call('GET', key)
+  if value then
+    return tonumber(value)
+  end
+  local sum = 0
   for i = first, first + n - 1 do
     local v = redis.call('HMGET', KEYS[i], 'cost', 'cost_user_key')
-    total = total + (tonumber(v[1]) or 0) - (tonumber(v[2]) or 0)
+    sum = sum + (tonumber(v[1]) or 0) - (tonumber(v[2]) or 0)
   end
-  return total
+  redis.call('SET', key, string.format('%d', sum))
+  redis.call('EXPIREAT', key, ARGV[2])
+  return sum
 end
-local budgets = redis.call('HMGET', KEYS[1], ARGV[2], ARGV[3])
-return {spent(2), spent(n + 2), budgets[1], budgets[2]}
+return {total(KEYS[1], 3), total(KEYS[2], n + 3)}
 """
 
 
@@ -100,7 +130,8 @@ def _text(value: Any) -> str | None:
 
 
 class RedisUsageStore:
-    """The usage keys in Redis: one script per record, one per budget check, pipelined reads."""
+    """The usage keys in Redis: one script per record, one per budget check (two when a
+    month total is rebuilt), pipelined reads."""
 
     def __init__(self, redis: RedisStore) -> None:
         self._redis = redis
@@ -117,14 +148,24 @@ class RedisUsageStore:
         return d.addCallback(lambda reply: _APPLY_RESULTS[int(reply)])
 
     def spend(self, user: str, project: str, days: Sequence[datetime.date]) -> Deferred[MonthSpend]:
-        keys = [BUDGETS_KEY]
-        keys += [user_day_key(user, day) for day in days]
-        keys += [project_day_key(project, day) for day in days]
-        args = [len(days), budget_field("user", user), budget_field("project", project)]
+        month = days[0].strftime("%Y-%m")
+        totals = [user_month_total_key(user, month), project_month_total_key(project, month)]
+        keys = [BUDGETS_KEY, *totals]
+        args = [budget_field("user", user), budget_field("project", project)]
         d = self._redis.eval("usage_budget", SPEND_SCRIPT, keys, args)
 
-        def parsed(reply: list[Any]) -> MonthSpend:
-            return MonthSpend(int(reply[0]), int(reply[1]), _text(reply[2]), _text(reply[3]))
+        def parsed(reply: list[Any]) -> MonthSpend | Deferred[MonthSpend]:
+            user_budget, project_budget = _text(reply[2]), _text(reply[3])
+            if int(reply[0]) >= 0 and int(reply[1]) >= 0:
+                return MonthSpend(int(reply[0]), int(reply[1]), user_budget, project_budget)
+            keys = [*totals]
+            keys += [user_day_key(user, day) for day in days]
+            keys += [project_day_key(project, day) for day in days]
+            args = [len(days), month_total_expiry(month)]
+            rebuilt = self._redis.eval("usage_budget_rebuild", REBUILD_SCRIPT, keys, args)
+            return rebuilt.addCallback(
+                lambda spent: MonthSpend(int(spent[0]), int(spent[1]), user_budget, project_budget)
+            )
 
         d.addCallback(parsed)
         return d
