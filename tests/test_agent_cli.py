@@ -456,17 +456,32 @@ def test_unhandled_exception_writes_one_internal_error_and_exits_1(tmp_path: Pat
     assert any(r["message"] == "internal error" for r in agent.log_records())
 
 
-def test_logs_are_json_lines_on_stderr_with_agent_and_query(echo: AgentProcess) -> None:
-    echo.send({"type": "prompt", "id": "q1", "text": "x"})
-    echo.read_query("q1")
-    echo.close_stdin()
-    echo.wait()
-    records = echo.log_records()
+def test_logs_are_json_lines_on_stderr_with_agent_and_query() -> None:
+    agent = AgentProcess("echo", agent_env(AGENTD_AGENT_LOG_LEVEL="debug"), command=TEST_CLI)
+    try:
+        agent.send({"type": "prompt", "id": "q1", "text": "x"})
+        agent.read_query("q1")
+        agent.close_stdin()
+        agent.wait()
+        records = agent.log_records()
+    finally:
+        agent.stop()
     assert records
     for record in records:
         assert {"time", "level", "message", "agent"} <= set(record)
         assert record["agent"] == "echo"
-    assert any(r.get("query") == "q1" and r["message"] == "query done" for r in records)
+    per_query = [(r["level"], r["message"]) for r in records if r.get("query") == "q1"]
+    assert per_query == [("debug", "query started"), ("debug", "query done")]
+
+
+def test_at_the_default_level_a_prompt_writes_no_log_line(echo: AgentProcess) -> None:
+    for n in range(3):
+        echo.send({"type": "prompt", "id": f"q{n}", "text": "hello world"})
+        echo.read_query(f"q{n}")
+    echo.close_stdin()
+    echo.wait()
+    # What remains is once per process, not per prompt.
+    assert [r["message"] for r in echo.log_records()] == ["agent ready", "stopping"]
 
 
 def test_the_echo_path_loads_no_provider_sdk(tmp_path: Path) -> None:
