@@ -35,6 +35,8 @@ setup(
             "mypy-zope>=1.0",
             "anthropic>=0.40",
             "openai>=1.50",
+            "openapi-spec-validator>=0.7",
+            "schemathesis>=4",
         ],
     },
     entry_points={

@@ -200,6 +200,8 @@ def build_site(
     api_root = _Root()
     for name, resource in api.items():
         api_root.putChild(name, resource)
+    # Public, like agent-client.js: it describes the API, and grants nothing.
+    api_root.putChild(b"openapi.json", _static("openapi.json", "application/json"))
     root.putChild(b"api", api_root)
     root.putChild(b"agent-client.js", _static("agent-client.js", "text/javascript"))
     if demo_page:
