@@ -135,7 +135,10 @@ async def test_admins_read_any_user_and_any_project() -> None:
     assert body.splitlines()[0].startswith("row,date,user,cost_usd")
 
 
-@pytest.mark.parametrize("month", ["2026-13", "2026-1", "nov", "1969-12", "2026-11-01"])
+# The last is 2026-11 in Arabic-Indic digits, which a str pattern's \d matches.
+@pytest.mark.parametrize(
+    "month", ["2026-13", "2026-1", "nov", "1969-12", "2026-11-01", "%D9%A2%D9%A0%D9%A2%D9%A6-11"]
+)
 @pytest_twisted.ensureDeferred
 async def test_bad_months_are_refused(month: str) -> None:
     code, body, _ = await Client().get(f"/api/usage?month={month}")

@@ -31,7 +31,8 @@ COUNTER_FIELDS = (
 SCOPES = ("user", "project")
 
 DAY_SECONDS = 86_400
-_MONTH_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+# ASCII digits: a str pattern's \d also matches the digits of other scripts.
+_MONTH_RE = re.compile(r"^([0-9]{4})-(0[1-9]|1[0-2])$")
 
 
 # --- Months, days and expiry (all UTC) ---------------------------------------------------
