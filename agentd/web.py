@@ -10,6 +10,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.web import http
+from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
@@ -88,9 +89,38 @@ class BoundedRequest(Request):
             channel.persistent = False
             answer: WebRequest = self
             answer.setHeader(b"connection", b"close")
-            self.render(_TOO_MANY_CONNECTIONS)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+            self.render(_TOO_MANY_CONNECTIONS)
             return
         super().process()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+
+    def render(self, resrc: IResource) -> None:
+        super().render(_MethodsRefusedAsJSON(resrc))  # type: ignore[no-untyped-call]  # unannotated in Twisted
+
+
+class _MethodsRefusedAsJSON:
+    """A resource whose unsupported methods are refused with 405 in the one shape.
+
+    Twisted would answer with an HTML page, and with 501 for a method other than GET, HEAD
+    and POST.
+    """
+
+    def __init__(self, resource: IResource) -> None:
+        self._resource = resource
+
+    def render(self, request: Request) -> bytes | int:
+        try:
+            rendered: bytes | int = self._resource.render(request)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        except UnsupportedMethod as e:
+            allowed: list[bytes] = list(e.allowedMethods)
+            if b"GET" in allowed:
+                if request.method == b"HEAD":
+                    raise  # Twisted answers HEAD with the headers of a GET.
+                allowed.append(b"HEAD")
+            methods = b", ".join(dict.fromkeys(allowed))
+            refused = Refused(405, f"use {methods.decode('ascii')}", (b"allow", methods))
+            answer: WebRequest = request
+            return refused.answer(answer)
+        return rendered
 
 
 _TOO_LARGE = Refused(413, f"request bodies are at most {MAX_REQUEST_BODY} bytes")

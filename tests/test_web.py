@@ -46,6 +46,19 @@ async def test_unknown_paths_are_404_without_details(tmp_path, agentd):
         assert "Traceback" not in await response.text()
 
 
+@pytest_twisted.ensureDeferred
+async def test_other_methods_are_refused_with_405_in_the_one_json_shape(tmp_path, agentd):
+    gateway = agentd(base_config(tmp_path))
+    paths = ("/health", "/health/live", "/health/ready", "/api/openapi.json", "/agent-client.js")
+    for path in paths:
+        response = await treq.request("DELETE", gateway.http + path)
+        assert response.code == 405, path
+        assert response.headers.getRawHeaders(b"content-type") == [b"application/json"], path
+        assert b"GET" in response.headers.getRawHeaders(b"allow")[0], path
+        assert set(await response.json()) == {"error"}, path
+        assert (await treq.head(gateway.http + path)).code == 200, path
+
+
 def _raw_post(port: int, length: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(
