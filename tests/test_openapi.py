@@ -85,8 +85,12 @@ CASES = [
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
     if mode == GenerationMode.POSITIVE or _takes_input(operation)
 ]
-# Alice, who may read only her own usage, and an admin, who may read anyone's.
-TOKENS = {"user": token("alice", ttl=3600), "admin": token("root", ttl=3600, role="admin")}
+# Alice, who may read only her own usage, an admin, who may read anyone's, and nobody.
+TOKENS = {
+    "user": token("alice", ttl=3600),
+    "admin": token("root", ttl=3600, role="admin"),
+    "none": None,
+}
 EXAMPLES_PER_OPERATION = 8
 
 
@@ -110,9 +114,9 @@ def test_every_answer_matches_the_document_and_none_is_a_5xx(
     answer_conforms()
 
 
-def _auth(case: Any, value: str) -> dict[str, str]:
+def _auth(case: Any, value: str | None) -> dict[str, str]:
     """The token in a header, unless the case already names a token some other way."""
     headers = case.headers or {}
-    if "authorization" in {name.lower() for name in headers}:
+    if value is None or "authorization" in {name.lower() for name in headers}:
         return {}
     return {"Authorization": f"Bearer {value}"}
