@@ -37,6 +37,7 @@ def test_plugin_is_found_after_installing_the_wheel(tmp_path):
     # (or in twisted/) would shadow Twisted itself.
     assert "twisted/plugins/__init__.py" not in names and "twisted/__init__.py" not in names
     assert "agentd/static/agent-client.js" in names
+    assert "agentd/static/openapi.json" in names
     # The VM image installs from the wheel: a package left out is missing on every VM.
     for init in (REPO / "agentd").rglob("__init__.py"):
         assert str(init.relative_to(REPO)) in names
