@@ -246,6 +246,16 @@ class RateLimiter:
         return self._check(self._connections, user)
 
     @property
+    def prompts(self) -> Policy:
+        """The prompt policy, for a caller that runs ``SCRIPT`` inside a script of its own."""
+        return self._prompts
+
+    def decide_prompt(self, reply: Any, user: str) -> Decision:
+        """The decision on a prompt from ``SCRIPT``'s reply, run by the caller with the
+        prompt policy's keys and arguments; a reply that is not one falls back."""
+        return self._decide_from_reply(reply, self._prompts, user)
+
+    @property
     def degraded(self) -> bool:
         """True while Redis is configured but failing and in-process limits apply."""
         return self._health is not None and not self._health.up

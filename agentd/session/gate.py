@@ -43,28 +43,37 @@ class PromptLimits:
     async def admit(self, user: str, project: str) -> Refusal | None:
         decision = await self._limiter.check_prompt(user)
         if not decision.allowed:
-            return Refusal(
-                ErrorCode.RATE_LIMIT,
-                "Rate limited. Please wait before sending another message.",
-                {
-                    "retryAfter": decision.retry_after_ms,
-                    "policy": decision.policy,
-                    "limit": decision.limit,
-                    "window": decision.window_ms,
-                },
-                metrics.RATELIMIT_DECISIONS.labels("prompts", "rejected"),
-            )
+            return rate_limit_refusal(decision)
         metrics.RATELIMIT_DECISIONS.labels("prompts", "allowed").inc()
-        budget = await self._budgets.check(user, project)
-        if not budget.allowed:
-            return Refusal(
-                ErrorCode.QUOTA_EXCEEDED,
-                f"Monthly budget reached for this {budget.scope}.",
-                {
-                    "scope": budget.scope,
-                    "budget": budget.budget_usd,
-                    "spent": round(budget.spent_usd, 6),
-                },
-                metrics.BUDGET_REJECTIONS.labels(budget.scope or "user"),
-            )
+        return budget_refusal(await self._budgets.check(user, project))
+
+
+def rate_limit_refusal(decision: Decision) -> Refusal:
+    """The client's answer to a prompt the rate limit refused."""
+    return Refusal(
+        ErrorCode.RATE_LIMIT,
+        "Rate limited. Please wait before sending another message.",
+        {
+            "retryAfter": decision.retry_after_ms,
+            "policy": decision.policy,
+            "limit": decision.limit,
+            "window": decision.window_ms,
+        },
+        metrics.RATELIMIT_DECISIONS.labels("prompts", "rejected"),
+    )
+
+
+def budget_refusal(budget: BudgetDecision) -> Refusal | None:
+    """The client's answer to a prompt a budget refused; None when the budgets allow it."""
+    if budget.allowed:
         return None
+    return Refusal(
+        ErrorCode.QUOTA_EXCEEDED,
+        f"Monthly budget reached for this {budget.scope}.",
+        {
+            "scope": budget.scope,
+            "budget": budget.budget_usd,
+            "spent": round(budget.spent_usd, 6),
+        },
+        metrics.BUDGET_REJECTIONS.labels(budget.scope or "user"),
+    )

@@ -79,13 +79,22 @@ class Budgets:
         if self._health is not None and not self._health.up:
             # Known to fail: no prompt waits for its timeout; the health probes it.
             return _UNKNOWN
-        month = month_of(self._now())
+        month = self.month()
         try:
             spend = await maybeDeferred(self._store.spend, user, project, month_days(month))
         except Exception:
             if self._health is not None:
                 self._health.failed(Failure())
             return _UNKNOWN
+        return self.decide(spend, user, project, month)
+
+    def month(self) -> str:
+        """The month whose spend counts now, as ``YYYY-MM``."""
+        return month_of(self._now())
+
+    def decide(self, spend: MonthSpend, user: str, project: str, month: str) -> BudgetDecision:
+        """The decision on ``month``'s spend as read from the store (warning once at the soft
+        ratio); allow when it cannot be made."""
         try:
             return self._decide(spend, user, project, month)
         except Exception:
