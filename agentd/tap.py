@@ -27,12 +27,13 @@ from agentd.lifecycle import AgentdService
 from agentd.listen import BackoffEndpoint
 from agentd.pricing import PriceTable
 from agentd.ratelimit import RateLimiter
+from agentd.redisgate import RedisPromptLimits
 from agentd.redishealth import RedisHealth
 from agentd.redisstore import RedisStore
 from agentd.route import Admission, AgentRoute
 from agentd.session.gate import PromptLimits
 from agentd.session.registry import SessionRegistry
-from agentd.session.services import SessionServices
+from agentd.session.services import PromptGate, SessionServices
 from agentd.transport import AgentTransport
 from agentd.transport.local import LocalTransport
 from agentd.transport.ssh.transport import SSHTransport
@@ -104,6 +105,11 @@ def build(config: Config, reactor: Any) -> AgentdService:
     )
     keystore = KeyStore.from_config(config.keys, store, reactor)
     transport = _transport(config, reactor)
+    budgets = usage_recorder.budgets
+    gate: PromptGate = PromptLimits(limiter, budgets)
+    if store is not None and redis_health is not None:
+        # The limiter and the budgets share this Redis: one round trip decides a prompt.
+        gate = RedisPromptLimits(store, redis_health, limiter, budgets)
 
     services = SessionServices(
         transport=transport,
@@ -111,7 +117,7 @@ def build(config: Config, reactor: Any) -> AgentdService:
         grace_seconds=config.sessions.grace_seconds,
         replay_messages=config.sessions.replay_messages,
         replay_bytes=config.sessions.replay_bytes,
-        gate=PromptLimits(limiter, usage_recorder.budgets),
+        gate=gate,
         usage=usage_recorder,
         keys=keystore,
         usage_event=UsageEvent.from_agent_usage,

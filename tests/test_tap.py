@@ -17,6 +17,8 @@ from twisted.web.server import Site
 from agentd import config as config_module
 from agentd.health import HealthResource
 from agentd.lifecycle import AgentdService
+from agentd.redisgate import RedisPromptLimits
+from agentd.session.gate import PromptLimits
 from agentd.tap import build
 from tests.harness import SECRET, merge
 from tests.servers import keygen
@@ -110,3 +112,16 @@ def test_metrics_listen_gets_its_own_site_and_leaves_the_main_one(tmp_path: Path
     finally:
         service.stopService()
         reactor.advance(60)
+
+
+@pytest.mark.parametrize(
+    ("redis", "gate"), [("", PromptLimits), ("redis://127.0.0.1:1/0", RedisPromptLimits)]
+)
+def test_build_decides_prompts_in_one_redis_trip_only_when_redis_is_configured(
+    tmp_path: Path, redis: str, gate: type
+) -> None:
+    config = local_config(tmp_path)
+    if redis:
+        config = merge(config, redis={"url": redis})
+    service, _ = built(config)
+    assert type(service.registry.services.gate) is gate
