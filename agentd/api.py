@@ -136,22 +136,23 @@ class JSONTooDeep(ValueError):
         super().__init__(f"nests deeper than {MAX_JSON_DEPTH} levels")
 
 
+# orjson builds exactly these types, so an identity check suffices.
+_CONTAINERS = (dict, list)
+
+
 def parse_json(data: bytes | str) -> Any:
     """The JSON value in ``data``; ValueError if it is not JSON, JSONTooDeep if it nests
     arrays and objects deeper than ``MAX_JSON_DEPTH``."""
     value = orjson.loads(data)
-    pending = [(value, 1)]
+    # Only containers are walked: a prompt (one object of strings) costs one step.
+    pending = [(value, 1)] if type(value) in _CONTAINERS else []
     while pending:
         item, depth = pending.pop()
-        if isinstance(item, dict):
-            children = list(item.values())
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
         if depth > MAX_JSON_DEPTH:
             raise JSONTooDeep
-        pending.extend((child, depth + 1) for child in children)
+        for child in item.values() if type(item) is dict else item:
+            if type(child) in _CONTAINERS:
+                pending.append((child, depth + 1))
     return value
 
 
