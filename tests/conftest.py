@@ -6,11 +6,21 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_twisted
+from twisted.logger import LogEvent, globalLogPublisher
 
 from tests.servers import RedisServer, SshServer
 
 if TYPE_CHECKING:
     from tests.harness import RunningAgentd
+
+
+@pytest.fixture
+def logged() -> Iterator[list[LogEvent]]:
+    """Every log event while the test runs."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest.fixture

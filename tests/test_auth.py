@@ -18,8 +18,7 @@ import pytest_twisted
 import treq
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
-from zope.interface import implementer
+from twisted.logger import LogEvent, LogLevel
 
 from agentd.auth import Authenticator, AuthError
 from agentd.config import AuthConfig, ConfigError
@@ -217,23 +216,6 @@ def test_max_token_lifetime_refuses_tokens_that_live_longer() -> None:
 
 
 # Over real HTTP: the WebSocket route and /api/keys of a running agentd.
-
-
-@implementer(ILogObserver)
-class Captured:
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    captured = Captured()
-    globalLogPublisher.addObserver(captured)
-    yield captured.events
-    globalLogPublisher.removeObserver(captured)
 
 
 def failures(events: list[LogEvent]) -> list[LogEvent]:

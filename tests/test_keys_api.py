@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -119,23 +118,6 @@ def keystore() -> KeyStore:
 @pytest.fixture
 def client(keystore: KeyStore) -> Client:
     return Client(keystore)
-
-
-@implementer(ILogObserver)
-class Captured:
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    captured = Captured()
-    globalLogPublisher.addObserver(captured)
-    yield captured.events
-    globalLogPublisher.removeObserver(captured)
 
 
 @pytest.mark.parametrize(

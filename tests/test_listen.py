@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 
 from agentd import metrics
 from agentd.listen import (
@@ -58,14 +58,6 @@ class FailingSocket:
             raise BlockingIOError(errno.EAGAIN, "no connection waiting")
         self.waiting -= 1
         return object(), ("127.0.0.1", 1)
-
-
-@pytest.fixture
-def logged() -> Any:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def messages(events: list[LogEvent]) -> list[str]:
