@@ -43,8 +43,8 @@ class LiveAgentd:
 
 @pytest.fixture(scope="module")
 def live_agentd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAgentd]:
-    """A twistd agentd with Redis and user keys: Schemathesis sends blocking requests, so
-    agentd cannot share the test's reactor."""
+    """A twistd agentd with Redis, user keys and a monthly budget: Schemathesis sends blocking
+    requests, so agentd cannot share the test's reactor."""
     directory = tmp_path_factory.mktemp("openapi")
     redis = RedisServer(directory / "redis")
     redis.start()
@@ -54,7 +54,7 @@ def live_agentd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAgentd
         f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
         f'[auth]\njwt_secret = "{SECRET}"\n'
         f'[redis]\nurl = "{redis.url}"\ntimeout_ms = 500\n'
-        f'[usage]\nspool_dir = "{config["usage"]["spool_dir"]}"\n'
+        f'[usage]\nspool_dir = "{config["usage"]["spool_dir"]}"\nmonthly_budget_usd = 5.0\n'
         f'[keys]\nencryption_keys = ["{generate_kek()}"]\n'
         f'[log]\nfile = "{directory / "agentd.log"}"\n'
     )

@@ -37,10 +37,10 @@ def token(user: str, admin: bool = False) -> str:
     return AUTH.mint(user, ["*"], role="admin" if admin else None)
 
 
-def recorder_with_usage() -> UsageRecorder:
+def recorder_with_usage(*extra: UsageEvent, **config: Any) -> UsageRecorder:
     clock = Clock()
     recorder = UsageRecorder.from_config(
-        UsageConfig(), None, clock, PriceTable.empty(), now=lambda: NOW
+        UsageConfig(**config), None, clock, PriceTable.empty(), now=lambda: NOW
     )
     for i, (user, project, cost) in enumerate(
         [("alice", "p1", 1.0), ("alice", "p2", 0.5), ("bob", "p1", 2.0)]
@@ -48,6 +48,8 @@ def recorder_with_usage() -> UsageRecorder:
         recorder.record(
             UsageEvent(f"q{i}", user, project, "echo", "m", 100, 10, 5, 1, cost, NOW - 86400)
         )
+    for more in extra:
+        recorder.record(more)
     clock.advance(0)
     return recorder
 
@@ -92,6 +94,40 @@ async def test_month_defaults_to_the_current_one() -> None:
     assert (code, body["month"], body["totals"]["queries"]) == (200, "2026-11", 2)
     code, body, _ = await Client().get("/api/usage?month=2026-10")
     assert (code, body["totals"]["queries"], body["days"]) == (200, 0, [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_current_month_carries_the_budget_in_force_and_what_counts_against_it() -> None:
+    # Paid with alice's own provider key: shown in the totals, not counted against a budget.
+    own = UsageEvent("own", "alice", "p1", "echo", "m", 1, 1, 0, 0, 5.0, NOW, key_source="user")
+    recorder = recorder_with_usage(own, monthly_budget_usd=1.8)
+    client = Client(recorder)
+
+    code, body, _ = await client.get("/api/usage")
+    assert (code, body["totals"]["cost_usd"]) == (200, 6.5)
+    assert body["budget"] == {
+        "monthly_usd": 1.8,
+        "spent_usd": 1.5,
+        "soft_ratio": 0.8,
+        "soft_warning": True,
+        "reached": False,
+    }
+    await recorder.set_budget("user", "alice", 1.5)
+    budget = (await client.get("/api/usage"))[1]["budget"]
+    assert (budget["monthly_usd"], budget["soft_warning"], budget["reached"]) == (1.5, True, True)
+    await recorder.set_budget("user", "alice", 10)
+    budget = (await client.get("/api/usage"))[1]["budget"]
+    assert (budget["monthly_usd"], budget["soft_warning"], budget["reached"]) == (10, False, False)
+    await recorder.set_budget("user", "alice", 0)
+    assert (await client.get("/api/usage"))[1]["budget"] is None
+
+    assert (await client.get("/api/usage/projects/p1", admin=True))[1]["budget"] is None
+    await recorder.set_budget("project", "p1", 4)
+    budget = (await client.get("/api/usage/projects/p1", admin=True))[1]["budget"]
+    assert (budget["monthly_usd"], budget["spent_usd"], budget["reached"]) == (4, 3.0, False)
+    # Budgets keep no history: another month's report has none.
+    code, body, _ = await client.get("/api/usage/projects/p1?month=2026-10", admin=True)
+    assert (code, body["budget"]) == (200, None)
 
 
 @pytest_twisted.ensureDeferred

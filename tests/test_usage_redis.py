@@ -416,6 +416,7 @@ async def test_agentd_usage_prints_the_report(redis_server: RedisServer, tmp_pat
         now = time.time()
         await recorder.record(event("q1", now))
         await recorder.record(event("q2", now, project="p2"))
+        redis_server.cli("HSET", "{usage}:budgets", "user:alice", "0.002")
         month = month_of(now)
         env = {"AGENTD_REDIS_URL": redis_server.url}
         out = run_cli("--user", "alice", "--month", month, env=env)
@@ -423,6 +424,13 @@ async def test_agentd_usage_prints_the_report(redis_server: RedisServer, tmp_pat
         report = json.loads(out.stdout)
         assert report == (await recorder.report("user", "alice", month)).as_json()
         assert report["totals"]["queries"] == 2
+        assert report["budget"] == {
+            "monthly_usd": 0.002,
+            "spent_usd": 0.002468,
+            "soft_ratio": 0.8,
+            "soft_warning": True,
+            "reached": True,
+        }
         csv = run_cli("--project", "p2", "--month", month, "--format", "csv", env=env)
         assert csv.stdout.splitlines()[1].startswith(f"total,{month},,0.001234,")
         bad = run_cli("--user", "alice", "--month", "2026-13", env=env)

@@ -13,6 +13,7 @@ import calendar
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
@@ -48,6 +49,25 @@ class BudgetDecision:
 
 
 _UNKNOWN = BudgetDecision(True, None, None, 0.0)
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """A monthly budget and the operator-paid spend that counts against it, in micro-dollars,
+    as reports show it."""
+
+    budget: int
+    spent: int
+    soft_ratio: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "monthly_usd": usd(self.budget),
+            "spent_usd": usd(self.spent),
+            "soft_ratio": self.soft_ratio,
+            "soft_warning": self.spent >= self.budget * self.soft_ratio,
+            "reached": self.spent >= self.budget,
+        }
 
 
 class Budgets:
@@ -156,6 +176,16 @@ class Budgets:
                 budget=usd_text(budget),
                 month=month,
             )
+
+    def status(self, scope: str, subject: str, spent: int) -> Deferred[BudgetStatus | None]:
+        """The budget in force now for one user or project, with ``spent`` (operator-paid
+        micro-dollars) against it; None when there is none."""
+        return Deferred.fromCoroutine(self._status(scope, subject, spent))
+
+    async def _status(self, scope: str, subject: str, spent: int) -> BudgetStatus | None:
+        override = await self._store.budget(budget_field(scope, subject))
+        budget = self._budget(override, self._default_budget if scope == "user" else 0)
+        return BudgetStatus(budget, spent, self._soft_ratio) if budget else None
 
     def set(self, scope: str, subject: str, usd: float | None) -> Deferred[None]:
         """Override the monthly budget of one user or project (0: none; None: the default)."""

@@ -12,8 +12,9 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import react
 
-from agentd.config import PROJECT_RE, USER_RE, ConfigError, RedisConfig, load
+from agentd.config import PROJECT_RE, USER_RE, Config, ConfigError, load
 from agentd.redisstore import RedisStore, RedisURLError
+from agentd.usage.budgets import Budgets
 from agentd.usage.layout import month_of, parse_month
 from agentd.usage.redis_store import RedisUsageStore
 from agentd.usage.reports import UsageReport, read_report
@@ -48,21 +49,29 @@ def usage_report_main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"agentd usage: {e}", file=sys.stderr)
         return 2
-    react(_print_usage, (config.redis, scope, subject, month, args.format))
+    react(_print_usage, (config, scope, subject, month, args.format))
 
 
 async def _print_usage(
-    reactor: IReactorTime, redis: RedisConfig, scope: str, subject: str, month: str, fmt: str
+    reactor: IReactorTime, config: Config, scope: str, subject: str, month: str, fmt: str
 ) -> None:
     """Read the report and print it; the exit status says why when Redis cannot tell."""
-    timeout = max(redis.timeout_ms / 1000, 5.0)
+    timeout = max(config.redis.timeout_ms / 1000, 5.0)
     try:
-        store = RedisStore(redis.url, reactor, timeout=timeout)
+        store = RedisStore(config.redis.url, reactor, timeout=timeout)
     except RedisURLError as e:
         print(f"agentd usage: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    usage_store = RedisUsageStore(store)
+    budgets = Budgets(
+        usage_store,
+        None,
+        monthly_budget_usd=config.usage.monthly_budget_usd,
+        soft_budget_ratio=config.usage.soft_budget_ratio,
+        now=time.time,
+    )
     try:
-        report = await read_report(RedisUsageStore(store), scope, subject, month)
+        report = await read_report(usage_store, scope, subject, month, budgets)
     except defer.TimeoutError:
         print(f"agentd usage: Redis did not answer within {timeout:g} s", file=sys.stderr)
         raise SystemExit(1) from None

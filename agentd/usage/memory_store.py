@@ -116,6 +116,9 @@ class MemoryUsageStore:
         sets = [set(self._sets.get(k, ())) if self._live(k) else set() for k in set_keys]
         return succeed(([self._hash(key) for key in hash_keys], sets))
 
+    def budget(self, field: str) -> Deferred[str | None]:
+        return succeed(self._hashes.get(BUDGETS_KEY, {}).get(field))
+
     def set_budget(self, field: str, value: str | None) -> Deferred[None]:
         budgets = self._hashes.setdefault(BUDGETS_KEY, {})
         if value is None:

@@ -433,5 +433,8 @@ class UsageRecorder:
         return month_of(self._now())
 
     def report(self, scope: str, subject: str, month: str) -> Deferred[UsageReport]:
-        """The month's report; fails when the store cannot be read."""
-        return Deferred.fromCoroutine(read_report(self._store, scope, subject, month))
+        """The month's report, with the budget in force for the current month; fails when the
+        store cannot be read."""
+        return Deferred.fromCoroutine(
+            read_report(self._store, scope, subject, month, self._budgets)
+        )

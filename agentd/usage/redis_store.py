@@ -192,6 +192,10 @@ class RedisUsageStore:
 
         return d.addCallback(split)
 
+    def budget(self, field: str) -> Deferred[str | None]:
+        d = self._redis.call("usage_read", lambda c: c.hget(BUDGETS_KEY, field))
+        return d.addCallback(_text)
+
     def set_budget(self, field: str, value: str | None) -> Deferred[None]:
         if value is None:
             d = self._redis.call("usage_budget_set", lambda c: c.hdel(BUDGETS_KEY, field))

@@ -1,4 +1,5 @@
-"""Monthly reports: a user's or a project's month summed from its day keys, as JSON or CSV."""
+"""Monthly reports: a user's or a project's month summed from its day keys, with the budget in
+force, as JSON or CSV."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agentd.usage.budgets import Budgets, BudgetStatus
 from agentd.usage.layout import (
     COUNTER_FIELDS,
     month_days,
@@ -85,8 +87,9 @@ CSV_COLUMNS = (
 
 @dataclass(frozen=True)
 class UsageReport:
-    """One user's or project's month: totals, the days with usage, and the breakdown by
-    project (for a user) or by user (for a project)."""
+    """One user's or project's month: totals, the days with usage, the breakdown by project
+    (for a user) or by user (for a project), and for the current month the budget in force
+    (None: none, or another month; budgets keep no history)."""
 
     scope: str
     subject: str
@@ -94,6 +97,7 @@ class UsageReport:
     totals: Totals
     days: tuple[tuple[datetime.date, Totals], ...]
     breakdown: tuple[tuple[str, Totals], ...]
+    budget: BudgetStatus | None = None
 
     @property
     def breakdown_name(self) -> str:
@@ -108,10 +112,12 @@ class UsageReport:
             "totals": self.totals.as_dict(),
             "days": [{"date": day.isoformat(), **t.as_dict()} for day, t in self.days],
             f"{name}s": [{name: key, **t.as_dict()} for key, t in self.breakdown],
+            "budget": None if self.budget is None else self.budget.as_dict(),
         }
 
     def as_csv(self) -> str:
-        """One ``total`` row, one ``day`` row per day with usage, one row per project (or user)."""
+        """One ``total`` row, one ``day`` row per day with usage, one row per project (or user);
+        the budget is in the JSON only."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\r\n")
         writer.writerow(["row", "date", self.breakdown_name, *CSV_COLUMNS])
@@ -123,8 +129,11 @@ class UsageReport:
         return out.getvalue()
 
 
-async def read_report(store: UsageStore, scope: str, subject: str, month: str) -> UsageReport:
-    """Sum the month's day keys, read by name (two pipelined round trips, no KEYS/SCAN)."""
+async def read_report(
+    store: UsageStore, scope: str, subject: str, month: str, budgets: Budgets | None = None
+) -> UsageReport:
+    """Sum the month's day keys, read by name (two pipelined round trips, no KEYS/SCAN); with
+    ``budgets``, a third reads the budget in force when ``month`` is the current one."""
     days = month_days(month)
     if scope == "user":
         day_keys = [user_day_key(subject, day) for day in days]
@@ -148,11 +157,16 @@ async def read_report(store: UsageStore, scope: str, subject: str, month: str) -
         for i, name in enumerate(names):
             rows = per_day[i * len(days) : (i + 1) * len(days)]
             split.append((name, sum((Totals.from_hash(h) for h in rows), Totals())))
+    totals = sum((t for _, t in daily), Totals())
+    budget = None
+    if budgets is not None and month == budgets.month():
+        budget = await budgets.status(scope, subject, totals.operator_cost)
     return UsageReport(
         scope=scope,
         subject=subject,
         month=month,
-        totals=sum((t for _, t in daily), Totals()),
+        totals=totals,
         days=tuple((day, t) for day, t in daily if t.queries),
         breakdown=tuple((name, t) for name, t in split if t.queries),
+        budget=budget,
     )

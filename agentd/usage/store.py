@@ -49,6 +49,10 @@ class UsageStore(Protocol):
         self, hash_keys: Sequence[str], set_keys: Sequence[str]
     ) -> Deferred[tuple[list[dict[str, str]], list[set[str]]]]: ...
 
+    def budget(self, field: str) -> Deferred[str | None]:
+        """One runtime budget override as stored (``user:{id}`` or ``project:{id}``)."""
+        ...
+
     def set_budget(self, field: str, value: str | None) -> Deferred[None]: ...
 
     def claim(self, key: str, ttl: int) -> Deferred[bool]:
