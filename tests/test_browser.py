@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -124,17 +125,19 @@ class Agentd:
         return f"http://127.0.0.1:{self.proxy.port}/?token={jwt}&project={project}&agent={agent}"
 
 
-@pytest.fixture
-def agentd(tmp_path: Path) -> Iterator[Agentd]:
-    """agentd on its defaults (local transport, echo agent), behind a proxy; only the agent
-    command differs, so the console can ask the echo agent for a slow answer."""
+@contextmanager
+def running_agentd(
+    tmp_path: Path, config: str, env: dict[str, str] | None = None
+) -> Iterator[Agentd]:
+    """twistd agentd with ``config`` (TOML) on a loopback port, behind a proxy."""
     port = free_port()
-    config = tmp_path / "agentd.toml"
-    config.write_text(f"[agents]\ncommand = {json.dumps(agent_command())}\n")
+    path = tmp_path / "agentd.toml"
+    path.write_text(config)
     env = {
         **os.environ,
         "AGENTD_JWT_SECRET": SECRET,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **(env or {}),
     }
     log = tmp_path / "agentd.log"
     process = subprocess.Popen(
@@ -145,7 +148,7 @@ def agentd(tmp_path: Path) -> Iterator[Agentd]:
             f"--logfile={log}",
             "agentd",
             "--config",
-            str(config),
+            str(path),
             "--listen",
             f"tcp:{port}:interface=127.0.0.1",
         ],
@@ -167,6 +170,16 @@ def agentd(tmp_path: Path) -> Iterator[Agentd]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def agentd(tmp_path: Path) -> Iterator[Agentd]:
+    """agentd on its defaults (local transport, echo agent), behind a proxy; only the agent
+    command differs, so the console can ask the echo agent for a slow answer."""
+    with running_agentd(
+        tmp_path, f"[agents]\ncommand = {json.dumps(agent_command())}\n"
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
