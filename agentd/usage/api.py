@@ -7,8 +7,9 @@ Mounted at ``/api/usage`` and authenticated with the same JWTs as the WebSocket:
     GET /api/usage/projects/{id}?month=YYYY-MM[&format=csv]   admins only
 
 ``month`` defaults to the current month (UTC). JSON answers carry the totals, the days with
-usage and the breakdown by project (for a user) or by user (for a project); ``format=csv``
-answers the same report as CSV (see docs/usage.md). Failures answer ``{"error": "..."}``:
+usage, the breakdown by project (for a user) or by user (for a project) and, for the current
+month, the budget in force; ``format=csv`` answers the report without the budget as CSV (see
+docs/usage.md). Failures answer ``{"error": "..."}``:
 401 without a valid token, 403 for someone else's usage, 400 for a bad month, id or format,
 503 when the usage store cannot be read.
 """
