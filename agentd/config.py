@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agentd.keys.source import PROVIDER_ENV
 from agentd.secrets import SecretError, check_reference
@@ -88,6 +89,23 @@ class SessionsConfig:
 class RedisConfig:
     url: str = field(default="", repr=False)
     timeout_ms: int = 100
+    # Sentinel mode: both set. The url then names no host (Sentinel does), only the scheme,
+    # credentials and database of the primary.
+    sentinels: tuple[str, ...] = ()
+    master_name: str = ""
+    sentinel_password: str = field(default="", repr=False)
+    # rediss:// only: the CA that signs the servers' certificates (empty: the system's), and
+    # the client certificate and key the servers may ask for.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    confirm_timeout_ms: int = 100
+    replica_grace_seconds: float = 300.0
+
+    @property
+    def configured(self) -> bool:
+        """Whether agentd uses Redis at all (otherwise: in-memory stores)."""
+        return bool(self.url or self.sentinels)
 
 
 @dataclass(frozen=True)
@@ -233,10 +251,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("[sessions] grace_seconds", "must not be negative")
     if config.sessions.replay_messages < 1 or config.sessions.replay_bytes < 1024:
         raise ConfigError("[sessions]", "replay_messages >= 1 and replay_bytes >= 1024")
-    if config.redis.url and not re.match(r"^(redis|unix)://", config.redis.url):
-        raise ConfigError("[redis] url", "must start with redis:// or unix://")
-    if config.redis.timeout_ms < 1:
-        raise ConfigError("[redis] timeout_ms", "must be at least 1")
+    _validate_redis(config.redis)
     r = config.ratelimit
     if r.prompts_per_minute < 1 or r.connections_per_minute < 1 or r.max_sessions_per_user < 1:
         raise ConfigError("[ratelimit]", "limits must be at least 1")
@@ -262,6 +277,65 @@ def _validate(config: Config) -> None:
         raise ConfigError("[log] level", "must be debug, info, warn or error")
 
 
+def _validate_redis(r: RedisConfig) -> None:
+    scheme = urlsplit(r.url).scheme if r.url else ""
+    if r.url and scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("[redis] url", "must start with redis://, rediss:// or unix://")
+    if r.timeout_ms < 1:
+        raise ConfigError("[redis] timeout_ms", "must be at least 1")
+    if r.confirm_timeout_ms < 0:
+        raise ConfigError("[redis] confirm_timeout_ms", "must not be negative")
+    if r.replica_grace_seconds < 0:
+        raise ConfigError("[redis] replica_grace_seconds", "must not be negative")
+    if bool(r.sentinels) != bool(r.master_name):
+        raise ConfigError(
+            "[redis] master_name" if r.sentinels else "[redis] sentinels",
+            "sentinels and master_name go together",
+        )
+    for sentinel in r.sentinels:
+        if parse_host_port(sentinel) is None:
+            raise ConfigError("[redis] sentinels", f"{sentinel!r} is not host:port")
+    if r.sentinels and r.url:
+        if scheme == "unix" or urlsplit(r.url).netloc.rpartition("@")[2]:
+            raise ConfigError(
+                "[redis] url",
+                "with sentinels, name no host: Sentinel finds the primary "
+                "(redis[s]://[user:password@]/db)",
+            )
+    if r.sentinel_password:
+        if not r.sentinels:
+            raise ConfigError("[redis] sentinel_password", "needs [redis] sentinels")
+        try:
+            check_reference(r.sentinel_password)
+        except SecretError as e:
+            raise ConfigError("[redis] sentinel_password", str(e)) from None
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(r, key)
+        if not path:
+            continue
+        if scheme != "rediss":
+            raise ConfigError(f"[redis] {key}", "needs a rediss:// url")
+        if not Path(path).is_file():
+            raise ConfigError(f"[redis] {key}", f"{path}: no such file")
+    if bool(r.tls_cert) != bool(r.tls_key):
+        raise ConfigError(
+            "[redis] tls_key" if r.tls_cert else "[redis] tls_cert",
+            "tls_cert and tls_key go together",
+        )
+
+
+def parse_host_port(text: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[ipv6]:port`` as (host, port), or None when it is neither."""
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    if any(c.isspace() or c in "/[]" for c in host):
+        return None
+    return host, int(port)
+
+
 def _key_references(k: KeysConfig) -> list[tuple[str, str]]:
     references = [("anthropic", k.anthropic), ("openai", k.openai)]
     return references + [(f"encryption_keys[{i}]", r) for i, r in enumerate(k.encryption_keys)]
@@ -272,10 +346,12 @@ def _secret_variables(config: Config) -> dict[str, str]:
     them could mint tokens, read the key store or spend the operator's provider account."""
     found = {name: f"[{section}] {key}" for name, (section, key) in ENV_OVERRIDES.items()}
     found.update({name: "a provider key, set per session" for name in PROVIDER_ENV.values()})
-    for name, reference in _key_references(config.keys):
+    references = [(f"[keys] {name}", r) for name, r in _key_references(config.keys)]
+    references.append(("[redis] sentinel_password", config.redis.sentinel_password))
+    for name, reference in references:
         kind, _, target = reference.partition(":")
         if kind == "env":
-            found[target] = f"[keys] {name}"
+            found[target] = name
     return found
 
 

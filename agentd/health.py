@@ -90,11 +90,23 @@ class Pinger(Protocol):
     def ping(self) -> Deferred[Any]: ...
 
 
-def redis_check(redis: Pinger, critical: bool = False) -> HealthCheck:
-    """Ask Redis now, under the store's own, shorter, timeout."""
+def redis_check(
+    redis: Pinger,
+    critical: bool = False,
+    detail: Callable[[], Mapping[str, Any]] | None = None,
+) -> HealthCheck:
+    """Ask Redis now, under the store's own, shorter, timeout; ``detail`` (which primary
+    agentd uses, since when) is shown whether or not Redis answers."""
 
     def probe() -> Deferred[CheckResult]:
-        return redis.ping().addCallback(lambda _: CheckResult("ok"))
+        def answered(_: object) -> CheckResult:
+            return CheckResult("ok", detail() if detail else {})
+
+        def failed(failure: Failure) -> CheckResult:
+            error = {"error": type(failure.value).__name__}
+            return CheckResult("failed", {**(detail() if detail else {}), **error})
+
+        return redis.ping().addCallbacks(answered, failed)
 
     return HealthCheck("redis", probe, critical=critical)
 

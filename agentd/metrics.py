@@ -182,11 +182,30 @@ REDIS_LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
     registry=REGISTRY,
 )
+# The address is one of the few servers that are ever primary: a low, bounded cardinality.
+REDIS_PRIMARY = Gauge(
+    "agentd_redis_primary",
+    "1 for the Redis primary agentd writes to, by address (host:port)",
+    ["address"],
+    registry=REGISTRY,
+)
+REDIS_PRIMARY_CHANGED = Gauge(
+    "agentd_redis_primary_changed_timestamp_seconds",
+    "When agentd first reached its current Redis primary (UNIX time)",
+    registry=REGISTRY,
+)
+REPLICA_CONFIRMATIONS = Counter(
+    "agentd_redis_replica_confirmations_total",
+    "Writes (usage, stored keys) a replica confirmed, did not confirm in time, or that had "
+    "no replica to wait for (confirmed, unconfirmed, no_replica)",
+    ["result"],
+    registry=REGISTRY,
+)
 
 # Usage and billing.
 USAGE_EVENTS = Counter(
     "agentd_usage_events_total",
-    "Usage events by result (recorded, duplicate, spooled, replayed, failed)",
+    "Usage events by result (recorded, duplicate, spooled, unconfirmed, replayed, failed)",
     ["result"],
     registry=REGISTRY,
 )
@@ -259,8 +278,10 @@ def initialize(agents: tuple[str, ...], error_codes: tuple[str, ...]) -> None:
     for policy in ("prompts", "connections", "sessions"):
         for result in ("allowed", "rejected"):
             RATELIMIT_DECISIONS.labels(policy, result)
-    for result in ("recorded", "duplicate", "spooled", "replayed", "failed"):
+    for result in ("recorded", "duplicate", "spooled", "unconfirmed", "replayed", "failed"):
         USAGE_EVENTS.labels(result)
+    for result in ("confirmed", "unconfirmed", "no_replica"):
+        REPLICA_CONFIRMATIONS.labels(result)
     for scope in ("user", "project"):
         BUDGET_REJECTIONS.labels(scope)
         BUDGET_SOFT_WARNINGS.labels(scope)

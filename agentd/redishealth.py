@@ -115,6 +115,12 @@ class RedisHealth:
         """A user's write to Redis succeeded: Redis is up, if it was down."""
         self._back()
 
+    def reconnected(self) -> None:
+        """A connection to Redis became usable (after an outage, perhaps to a new primary):
+        if Redis is down, probe now rather than at the next step of the backoff."""
+        if not self._up and not self._stopped:
+            self.ping().addErrback(lambda _: None)
+
     def ping(self) -> Deferred[Any]:
         """Probe Redis now (the /health check): fires with the probe's answer or fails with
         its failure, which change the state as a scheduled probe's would."""

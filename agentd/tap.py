@@ -89,11 +89,15 @@ def build(config: Config, reactor: Any) -> AgentdService:
     authenticator = Authenticator.from_config(config.auth, dev_secret=secret)
 
     store, redis_health = None, None
-    if config.redis.url:
-        store = RedisStore(config.redis.url, reactor, timeout=config.redis.timeout_ms / 1000)
+    if config.redis.configured:
+        store = RedisStore.from_config(config.redis, reactor)
         # One state for every user of this Redis; jittered, so that instances sharing it do
         # not all return (and replay their spools) at the same moment.
-        redis_health = RedisHealth.of_store(store, reactor, rand=random.random)
+        shared = RedisHealth.of_store(store, reactor, rand=random.random)
+        # A connection made again, to the primary after a failover perhaps: no need to wait
+        # for the probe's backoff to find it.
+        store.primary.observe(lambda _: shared.reconnected())
+        redis_health = shared
     prices = (
         PriceTable.load(config.usage.prices_file)
         if config.usage.prices_file
@@ -140,7 +144,9 @@ def build(config: Config, reactor: Any) -> AgentdService:
     )
     # Redis, the usage spool, the limiter and the way to the agents: none alone makes agentd
     # unhealthy, as each has a fallback, so its failure degrades service rather than stops it.
-    checks = [redis_check(redis_health)] if redis_health is not None else []
+    checks = []
+    if store is not None and redis_health is not None:
+        checks.append(redis_check(redis_health, detail=store.primary.health_detail))
     parts: tuple[HealthReporter, ...] = (usage_recorder, limiter, transport)
     for part in parts:
         checks.extend(part.health_checks())

@@ -1,4 +1,4 @@
-"""Real servers for the test suite: redis-server and OpenSSH sshd on loopback ports."""
+"""Real servers for the test suite: redis-server (and Sentinel) and OpenSSH sshd on loopback."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,26 +41,89 @@ def require_binary(name: str, *extra_dirs: str) -> str:
     return path
 
 
-class RedisServer:
-    """A private redis-server on a free loopback port that tests can stop, kill and restart."""
+@dataclass(frozen=True)
+class ServerTLS:
+    """A Redis server's (or Sentinel's) certificate, key and the CA it trusts for clients and
+    for the servers it connects to itself."""
 
-    def __init__(self, directory: Path) -> None:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def server_args(self, port: int) -> list[str]:
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            str(self.cert_file),
+            "--tls-key-file",
+            str(self.key_file),
+            "--tls-ca-cert-file",
+            str(self.ca_file),
+            "--tls-replication",
+            "yes",
+        ]
+
+    def cli_args(self) -> list[str]:
+        return [
+            "--tls",
+            "--cacert",
+            str(self.ca_file),
+            "--cert",
+            str(self.cert_file),
+            "--key",
+            str(self.key_file),
+        ]
+
+
+def redis_command(port: int, *args: str, tls: ServerTLS | None = None) -> list[str]:
+    """The redis-cli command line that runs ``args`` against 127.0.0.1:``port``."""
+    cli = require_binary("redis-cli", "/usr/sbin")
+    return [cli, "-p", str(port), *(tls.cli_args() if tls else []), "--no-raw", *args]
+
+
+def redis_cli(port: int, *args: str, tls: ServerTLS | None = None) -> str:
+    """Run redis-cli against 127.0.0.1:``port`` and return its output."""
+    out = subprocess.run(
+        redis_command(port, *args, tls=tls),
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    return out.stdout
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port that tests can stop, kill and restart.
+
+    ``args`` are more command-line options (``--replicaof``, ``--enable-debug-command``);
+    with ``tls`` it takes only TLS connections.
+    """
+
+    def __init__(
+        self, directory: Path, args: Sequence[str] = (), tls: ServerTLS | None = None
+    ) -> None:
         self.directory = directory
         self.port = free_port()
         self.binary = require_binary("redis-server", "/usr/sbin")
+        self.args = list(args)
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        listen = self.tls.server_args(self.port) if self.tls else ["--port", str(self.port)]
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port",
-                str(self.port),
+                *listen,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -69,6 +134,7 @@ class RedisServer:
                 str(self.directory),
                 "--logfile",
                 str(self.directory / "redis.log"),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -93,15 +159,77 @@ class RedisServer:
 
     def cli(self, *args: str) -> str:
         """Run redis-cli against this server and return its output."""
-        cli = require_binary("redis-cli", "/usr/sbin")
-        out = subprocess.run(
-            [cli, "-p", str(self.port), "--no-raw", *args],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=10,
+        return redis_cli(self.port, *args, tls=self.tls)
+
+
+class RedisSentinel:
+    """A Redis Sentinel on a free loopback port, watching one master with short timeouts so
+    that a failover takes seconds: down after ``down_after_ms``, a quorum of ``quorum``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        master_port: int,
+        master_name: str = "mymaster",
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 2000,
+        tls: ServerTLS | None = None,
+    ) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.binary = require_binary("redis-server", "/usr/sbin")
+        self.tls = tls
+        self.process: subprocess.Popen[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+        self.log = directory / "sentinel.log"
+        self.config = directory / "sentinel.conf"
+        # Sentinel rewrites its configuration file as it learns: it must be its own.
+        self.config.write_text(
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"dir {directory}",
+                    f"logfile {self.log}",
+                    f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}",
+                    f"sentinel down-after-milliseconds {master_name} {down_after_ms}",
+                    f"sentinel failover-timeout {master_name} {failover_timeout_ms}",
+                    "",
+                ]
+            )
         )
-        return out.stdout
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        listen = self.tls.server_args(self.port) if self.tls else ["--port", str(self.port)]
+        self.process = subprocess.Popen(
+            [self.binary, str(self.config), "--sentinel", *listen],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def cli(self, *args: str) -> str:
+        return redis_cli(self.port, *args, tls=self.tls)
+
+    def switch_times(self) -> list[float]:
+        """When this Sentinel announced ``+switch-master`` (UNIX time, from its log)."""
+        times = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if "+switch-master" in line:
+                stamp = " ".join(line.split()[1:5])  # "30 Nov 2026 17:47:43.740"
+                moment = time.strptime(stamp.rsplit(".", 1)[0], "%d %b %Y %H:%M:%S")
+                times.append(time.mktime(moment) + int(stamp.rsplit(".", 1)[1]) / 1000)
+        return times
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ from agentd.config import ConfigError, load
 from agentd.keys.records import KeyStoreUnavailable
 from agentd.keys.sealing import generate_kek
 from agentd.keys.store import KeyStore, RotationIncomplete
-from agentd.redisstore import RedisStore, RedisURLError
+from agentd.redisstore import RedisStore
 
 
 def keys_main(argv: list[str]) -> int:
@@ -41,15 +41,15 @@ def keys_main(argv: list[str]) -> int:
 async def _rotate(reactor: IReactorTime, path: str) -> None:
     try:
         config = load(path)
-        if not config.redis.url:
+        if not config.redis.configured:
             raise ConfigError("[redis] url", "rotation needs the Redis store user keys live in")
         if not config.keys.encryption_keys:
             raise ConfigError("[keys] encryption_keys", "no key-encryption key to rotate to")
-        store = RedisStore(
-            config.redis.url, reactor, timeout=max(config.redis.timeout_ms, 5000) / 1000
+        store = RedisStore.from_config(
+            config.redis, reactor, timeout=max(config.redis.timeout_ms, 5000) / 1000
         )
         keystore = KeyStore.from_config(config.keys, store, reactor)
-    except (ConfigError, RedisURLError) as e:
+    except ConfigError as e:
         print(f"agentd keys rotate: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     try:

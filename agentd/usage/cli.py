@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import react
 
 from agentd.config import PROJECT_RE, USER_RE, Config, ConfigError, load
-from agentd.redisstore import RedisStore, RedisURLError
+from agentd.redisstore import RedisStore
 from agentd.usage.budgets import Budgets
 from agentd.usage.layout import month_of, parse_month
 from agentd.usage.redis_store import RedisUsageStore
@@ -42,7 +42,7 @@ def usage_report_main(argv: list[str]) -> int:
 
     try:
         config = load(args.config)
-        if not config.redis.url:
+        if not config.redis.configured:
             raise ConfigError(
                 "[redis] url", "usage lives in Redis; without it only agentd's memory has it"
             )
@@ -58,8 +58,8 @@ async def _print_usage(
     """Read the report and print it; the exit status says why when Redis cannot tell."""
     timeout = max(config.redis.timeout_ms / 1000, 5.0)
     try:
-        store = RedisStore(config.redis.url, reactor, timeout=timeout)
-    except RedisURLError as e:
+        store = RedisStore.from_config(config.redis, reactor, timeout=timeout)
+    except ConfigError as e:
         print(f"agentd usage: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     usage_store = RedisUsageStore(store)
