@@ -4,7 +4,10 @@
 round. When Redis fails or is slow, records go to the spool (agentd.usage.spool), fsynced
 before the record counts as handled, and are replayed in order, through the same idempotent
 step, once Redis answers again or when agentd next starts. While the Redis's ``RedisHealth``
-knows it to fail, whoever saw the failure, new records go straight to the spool. The recorder
+knows it to fail, whoever saw the failure, new records go straight to the spool. A record
+Redis applied is released only once a replica confirms it (``UsageStore.confirm``): until
+then it waits in the spool too, and its replays, duplicates unless a failover lost it,
+confirm it again. The recorder
 also holds the budgets (agentd.usage.budgets) that the prompt gate checks, and reads reports.
 docs/usage.md describes the whole of usage metering.
 """
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from prometheus_client import Counter
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,7 +46,7 @@ _log = Logger()
 _TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
 _EVENTS = {
     result: metrics.USAGE_EVENTS.labels(result)
-    for result in ("recorded", "duplicate", "spooled", "replayed", "failed")
+    for result in ("recorded", "duplicate", "spooled", "unconfirmed", "replayed", "failed")
 }
 # Records handled per reactor round, so that a burst never holds the reactor (and the replies
 # that would beat the timeout) for long.
@@ -52,6 +55,8 @@ _DRAIN_BATCH = 50
 # Replays are on nobody's path: they wait longer before calling Redis slow.
 _REPLAY_TIMEOUT = 1.0
 _STOP_FLUSH_SECONDS = 5.0
+# A replica that did not confirm in time is behind or away: ask again after this.
+_CONFIRM_RETRY_SECONDS = 1.0
 
 
 class UsageRecorder:
@@ -99,6 +104,9 @@ class UsageRecorder:
         self._draining = False
         self._drain_call: IDelayedCall | None = None
         self._queue: list[tuple[UsageEvent, Deferred[None]]] = []
+        # Queries whose tokens and cost this process counted, waiting in the spool for a
+        # replica: a replay after a failover that lost them writes them again, not counts.
+        self._counted: set[str] = set()
         self._agent_metrics: dict[str, tuple[tuple[Counter, ...], Counter]] = {}
 
     @classmethod
@@ -174,8 +182,8 @@ class UsageRecorder:
             return
         deadline = self._clock.seconds() + _STOP_FLUSH_SECONDS
         while self._spool.depth and self._redis_up() and self._clock.seconds() < deadline:
-            applied, attempted = await self._drain_batch()
-            if applied < attempted:
+            released, attempted, _ = await self._drain_batch()
+            if released < attempted:
                 break
         if self._spool.depth:
             _log.warn(
@@ -237,7 +245,8 @@ class UsageRecorder:
         return Deferred.fromCoroutine(self._record_in_redis(record))
 
     async def _record_in_redis(self, record: UsageRecord) -> None:
-        """Apply ``record``, spooling it when Redis fails; never fails: a bug is logged."""
+        """Apply ``record``, spooling it when Redis fails or no replica confirms it; never
+        fails: a bug is logged."""
         try:
             try:
                 result = await self._apply(record)
@@ -246,10 +255,28 @@ class UsageRecorder:
                     raise  # the in-memory store failing is a bug: logged, never retried
                 self._health.failed(Failure())
                 await self._to_spool(record)
-            else:
-                self._applied(result, record, False)
+                return
+            self._applied(result, record, False)
+            if self._spool is not None and not await self._confirmed(result, record):
+                await self._keep_unconfirmed(record)
         except Exception:
             self._unexpected(Failure(), record)
+
+    def _confirmed(self, result: str, record: UsageRecord) -> Deferred[bool]:
+        if result == "expired":
+            return succeed(True)  # nothing was written
+        return maybeDeferred(self._store.confirm, record)
+
+    def _keep_unconfirmed(self, record: UsageRecord) -> Deferred[None]:
+        """Applied, but no replica confirmed it in time: a failover now could lose it, so it
+        waits in the spool, to be replayed until a replica confirms it."""
+        assert self._spool is not None
+        _EVENTS["unconfirmed"].inc()
+        self._counted.add(record.query_id)
+        written = self._spool.append(record)
+        metrics.USAGE_SPOOL_DEPTH.set(self._spool.depth)
+        self._schedule_drain(_CONFIRM_RETRY_SECONDS)
+        return written
 
     def _apply(self, record: UsageRecord, replay: bool = False) -> Deferred[str]:
         return maybeDeferred(
@@ -261,10 +288,13 @@ class UsageRecorder:
         )
 
     def _applied(self, result: str, record: UsageRecord, replayed: bool) -> None:
+        counted = record.query_id in self._counted
         if result == "recorded":
             if self._health is not None:
                 self._health.wrote()
             _EVENTS["replayed" if replayed else "recorded"].inc()
+            if counted:
+                return
             tokens, cost = self._metrics_for(record.agent)
             counts = (
                 record.input_tokens,
@@ -278,7 +308,8 @@ class UsageRecorder:
             if record.cost:
                 cost.inc(usd(record.cost))
         elif result == "duplicate":
-            _EVENTS["duplicate"].inc()
+            if not counted:  # for a record waiting for its replica, the expected answer
+                _EVENTS["duplicate"].inc()
         else:
             _EVENTS["failed"].inc()
             _log.warn(
@@ -361,29 +392,39 @@ class UsageRecorder:
         d.addErrback(lambda f: _log.failure("replaying the usage spool failed", f))
         d.addBoth(self._drain_settled)
 
-    async def _drain_batch(self) -> tuple[int, int]:
-        """Apply the oldest spooled records in order; how many were applied, of how many."""
+    async def _drain_batch(self) -> tuple[int, int, bool]:
+        """Apply the oldest spooled records in order and release those a replica confirmed:
+        how many were released, of how many, and whether a call failed."""
         assert self._spool is not None
         batch = self._spool.pending(_DRAIN_BATCH)
         results = await DeferredList([self._apply(r, True) for r in batch], consumeErrors=True)
-        applied = 0
+        applied: list[tuple[str, UsageRecord]] = []
+        failed = False
         for (ok, value), record in zip(results, batch, strict=True):
             if not ok:
                 if self._health is not None:
                     self._health.failed(cast(Failure, value))
+                failed = True
                 break
             self._applied(value, record, True)
-            applied += 1
-        self._spool.acknowledge(applied)
+            applied.append((value, record))
+        confirmed = await gatherResults([self._confirmed(v, r) for v, r in applied])
+        released = next((i for i, ok in enumerate(confirmed) if not ok), len(confirmed))
+        for _, record in applied[:released]:
+            self._counted.discard(record.query_id)
+        self._spool.acknowledge(released)
         metrics.USAGE_SPOOL_DEPTH.set(self._spool.depth)
-        return applied, len(batch)
+        return released, len(batch), failed
 
-    def _drained(self, outcome: tuple[int, int]) -> None:
+    def _drained(self, outcome: tuple[int, int, bool]) -> None:
         assert self._spool is not None
-        applied, attempted = outcome
-        # Short of the whole batch, a call failed and told the health; redis_back goes on.
-        if applied == attempted and self._spool.depth:
-            self._schedule_drain(0)
+        released, attempted, failed = outcome
+        if released == attempted:
+            if self._spool.depth:
+                self._schedule_drain(0)
+        elif not failed:
+            self._schedule_drain(_CONFIRM_RETRY_SECONDS)
+        # A call failed and told the health: redis_back goes on.
 
     def _drain_settled(self, result: object) -> None:
         self._draining = False

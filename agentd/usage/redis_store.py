@@ -9,6 +9,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList, FirstError
 from twisted.python.failure import Failure
 
+from agentd.redisconfirm import Witness
 from agentd.redishealth import write_probe
 from agentd.redisstore import RedisStore
 from agentd.usage.layout import (
@@ -18,6 +19,7 @@ from agentd.usage.layout import (
     month_total_expiry,
     project_day_key,
     project_month_total_key,
+    query_key,
     user_day_key,
     user_month_total_key,
 )
@@ -146,6 +148,10 @@ class RedisUsageStore:
         args = _apply_arguments(record, expire_at, month_expire_at)
         d = self._redis.eval("usage_record", APPLY_SCRIPT, record.keys(), args, timeout)
         return d.addCallback(lambda reply: _APPLY_RESULTS[int(reply)])
+
+    def confirm(self, record: UsageRecord) -> Deferred[bool]:
+        """Wait for a replica to have the record: its marker stands for the whole script."""
+        return self._redis.confirm(Witness.key_exists(query_key(record.query_id)))
 
     def spend(self, user: str, project: str, days: Sequence[datetime.date]) -> Deferred[MonthSpend]:
         month = days[0].strftime("%Y-%m")

@@ -41,6 +41,11 @@ class UsageStore(Protocol):
         ``timeout`` overrides the store's own."""
         ...
 
+    def confirm(self, record: UsageRecord) -> Deferred[bool]:
+        """Whether the applied ``record`` would survive a failover (is on a replica, or there
+        is none to wait for); False leaves it for a replay. Never fails."""
+        ...
+
     def spend(
         self, user: str, project: str, days: Sequence[datetime.date]
     ) -> Deferred[MonthSpend]: ...
