@@ -1,7 +1,9 @@
 """Where sealed user keys live: one Redis hash per user, or process memory without Redis.
 
 A record is an opaque string (see ``agentd.keys.sealing``) stored per (user, provider). In Redis
-each user has the hash ``agentd:userkeys:<user>`` with one field per provider.
+each user has the hash ``agentd:userkeys:<user>`` with one field per provider. A key stored or
+deleted there counts as done only once a replica has it too (``RedisStore.confirm``): a
+failover must not bring back a key the user deleted, nor lose one the API said it stored.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 
+from agentd.redisconfirm import Witness
 from agentd.redisstore import RedisStore
 
 REDIS_PREFIX = "agentd:userkeys:"
@@ -102,10 +105,14 @@ class RedisKeyRecords:
         return record
 
     async def set(self, user: str, provider: str, record: str) -> None:
-        await self._call("keys_write", lambda c: c.hset(REDIS_PREFIX + user, provider, record))
+        key = REDIS_PREFIX + user
+        await self._call("keys_write", lambda c: c.hset(key, provider, record))
+        await self._confirm(Witness.hash_value(key, provider, record))
 
     async def delete(self, user: str, provider: str) -> bool:
-        deleted = await self._call("keys_delete", lambda c: c.hdel(REDIS_PREFIX + user, provider))
+        key = REDIS_PREFIX + user
+        deleted = await self._call("keys_delete", lambda c: c.hdel(key, provider))
+        await self._confirm(Witness.hash_absent(key, provider))
         return int(deleted) > 0
 
     async def replace(self, user: str, provider: str, old: str, new: str) -> bool:
@@ -121,6 +128,10 @@ class RedisKeyRecords:
             lambda c: c.scan(cursor, pattern=REDIS_PREFIX + "*", count=self._scan_count),
         )
         return str(reply[0]), [name[len(REDIS_PREFIX) :] for name in reply[1]]
+
+    async def _confirm(self, witness: Witness) -> None:
+        if not await self._store.confirm(witness):
+            raise KeyStoreUnavailable("no Redis replica confirmed the change in time")
 
     async def _call(self, operation: str, command: Callable[[Any], Deferred[Any]]) -> Any:
         try:
