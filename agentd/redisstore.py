@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from weakref import WeakKeyDictionary
 
 import txredisapi
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -235,7 +236,7 @@ class RedisStore:
             addresses = [parse_host_port(s) for s in config.sentinels]
             sentinels = [address for address in addresses if address is not None]
             if tls is not None:
-                _check_first_reachable(tls, sentinels, connect_timeout, "[redis] sentinels")
+                tls.check_first(sentinels, connect_timeout, "[redis] sentinels")
             sentinel = SentinelPrimary(
                 sentinels,
                 config.master_name,
@@ -245,9 +246,7 @@ class RedisStore:
                 timeout=connect_timeout,
             )
         elif tls is not None:
-            _check_first_reachable(
-                tls, [(target.host, target.port)], connect_timeout, "[redis] url"
-            )
+            tls.check_first([(target.host, target.port)], connect_timeout, "[redis] url")
         return cls(
             config.url,
             clock,
@@ -354,8 +353,6 @@ class RedisStore:
 
     def _endpoint(self, address: Address) -> IStreamClientEndpoint:
         if not address.port:
-            from twisted.internet import reactor
-
             endpoint: IStreamClientEndpoint = UNIXClientEndpoint(
                 reactor, address.host, timeout=self._connect_timeout
             )
@@ -410,23 +407,7 @@ class RedisStore:
 def _tcp_endpoint(
     host: str, port: int, tls: RedisTLS | None, timeout: float
 ) -> IStreamClientEndpoint:
-    from twisted.internet import reactor
-
     if tls is not None:
         return tls.endpoint(reactor, host, port, timeout)
     endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     return endpoint
-
-
-def _check_first_reachable(
-    tls: RedisTLS, servers: Sequence[tuple[str, int]], timeout: float, key: str
-) -> None:
-    """Check TLS with the first of ``servers`` that answers; none answering is not an error
-    (Redis may come later), but is said."""
-    for host, port in servers:
-        if tls.check_server(host, port, timeout, key):
-            return
-    _log.warn(
-        "{key}: no server answered to check TLS with; checked when they answer",
-        key=key,
-    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,11 @@ from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, PrivateCertificate
+from twisted.logger import Logger
 
 from agentd.config import ConfigError, RedisConfig
+
+_log = Logger()
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
@@ -92,6 +96,14 @@ class RedisTLS:
             self.options_for(host), HostnameEndpoint(reactor, host, port, timeout=timeout)
         )
         return endpoint
+
+    def check_first(self, servers: Sequence[tuple[str, int]], timeout: float, key: str) -> None:
+        """``check_server`` with the first of ``servers`` that answers; none answering is not
+        an error (Redis may come later), but is said."""
+        for host, port in servers:
+            if self.check_server(host, port, timeout, key):
+                return
+        _log.warn("{key}: no server answered to check TLS with; checked when they do", key=key)
 
     def check_server(self, host: str, port: int, timeout: float, key: str) -> bool:
         """A handshake and a PING with ``host:port``: True when both pass, False when it cannot
