@@ -16,7 +16,8 @@ agentd waits while the primary has a replica connected, and for ``grace`` second
 last had one, since a replica that lost its link for a moment can still be promoted. A primary
 without replicas for longer is not waited on. With ``verify`` (Sentinel mode, where the
 primary can change between a write and its round) the witnesses are still checked then;
-without it (a standalone Redis) such a round sends nothing, as before replicas existed.
+without it (a standalone Redis) such a round sends nothing but that once-a-second INFO, and
+needs no connection in between, as before replicas existed.
 """
 
 from __future__ import annotations
@@ -170,19 +171,20 @@ class ReplicaConfirmer:
 
     async def _round(self, witnesses: list[Witness]) -> tuple[list[bool], bool]:
         """Each witness confirmed or not, and whether there was a replica to wait for."""
+        if not self._verify and self._checked_recently() and not self._replica():
+            return [True] * len(witnesses), False  # not even a connection needed
         connection, address = await self._connection()
         if address != self._primary:
             self._primary, self._replicas, self._seen_at, self._checked_at = address, 0, None, None
-        now = self._clock.seconds()
-        if self._checked_at is None or now - self._checked_at >= REPLICA_CHECK_SECONDS:
+        if not self._checked_recently():
+            now = self._clock.seconds()
             self._replicas = connected_replicas(
                 str(await connection.execute_command("INFO", "replication"))
             )
             self._checked_at = now
             if self._replicas:
                 self._seen_at = now
-        recent = self._seen_at is not None and now - self._seen_at <= self._grace
-        replica = bool(self._replicas) or recent
+        replica = self._replica()
         if not replica and not self._verify:
             return [True] * len(witnesses), False
         keys = [ROUND_KEY, *(w.key for w in witnesses)]
@@ -196,6 +198,16 @@ class ReplicaConfirmer:
         held, acknowledged = await both.addErrback(_first_failure)
         confirmed = int(acknowledged) >= 1
         return [confirmed and bool(int(flag)) for flag in held], True
+
+    def _checked_recently(self) -> bool:
+        checked = self._checked_at
+        return checked is not None and self._clock.seconds() - checked < REPLICA_CHECK_SECONDS
+
+    def _replica(self) -> bool:
+        """Whether the primary has a replica, or had one within the grace."""
+        seen = self._seen_at
+        recent = seen is not None and self._clock.seconds() - seen <= self._grace
+        return bool(self._replicas) or recent
 
     def _finished(
         self,
