@@ -13,7 +13,7 @@ setup(
     install_requires=[
         "twisted[conch,tls]>=24.3",
         "autobahn>=24.4",
-        "txredisapi>=1.4.10",
+        "txredisapi>=1.6",  # RedisFactory.startConnecting: agentd supplies the endpoints
         "hiredis>=2",  # txredisapi parses replies with it when installed
         "prometheus-client>=0.20",
         "pyopenssl>=24",
