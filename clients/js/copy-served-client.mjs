@@ -1,0 +1,10 @@
+// The package's main module is the file agentd serves at /agent-client.js. It lives in
+// agentd/static (the Python package ships it from there); npm packs only files under this
+// directory and skips symlinks, so it is copied here before packing and testing. The copy
+// is ignored by git: the served file stays the only source.
+import { copyFileSync } from "node:fs";
+
+copyFileSync(
+  new URL("../../agentd/static/agent-client.js", import.meta.url),
+  new URL("agent-client.js", import.meta.url),
+);
