@@ -5,6 +5,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+NPM_STAMP := clients/js/node_modules/.installed
 
 .PHONY: run test lint bench system-deps
 
@@ -14,17 +15,23 @@ $(STAMP): setup.py
 	$(VENV)/bin/pip install -q --config-settings editable_mode=compat -e '.[test,agent]'
 	rm -f $(VENV)/.installed-* && touch $@
 
+# The npm package's development dependencies, exactly as the lock file says.
+$(NPM_STAMP): clients/js/package.json clients/js/package-lock.json
+	cd clients/js && npm ci --no-audit --no-fund
+	touch $@
+
 run: $(STAMP)
 	$(VENV)/bin/twistd --nodaemon --pidfile= agentd
 
 system-deps:
 	scripts/system-deps
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps $(NPM_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy agentd
 	$(VENV)/bin/pytest
 	node --test tests/js/
+	cd clients/js && AGENTD_PYTHON=$(abspath $(VENV))/bin/python npm test
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
