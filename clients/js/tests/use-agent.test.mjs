@@ -297,3 +297,37 @@ test("changing the project closes the conversation and starts a new one", async 
   assert.equal(proxy.accepted - acceptedBefore, 1);
   await until(() => assert.equal(proxy.clients.size, 1), 3000);
 });
+
+test("an agent that exits ends the turn it was running with agent_exited", async () => {
+  const options = route(newUser());
+  const { result } = renderHook(() => useAgent(options));
+  await open(result);
+  act(() => {
+    result.current.send("goodbye", { exit: 3 });
+  });
+  await until(() => assert.equal(result.current.transcript[0].status, "error"));
+  const { error, transcript } = result.current;
+  assert.equal(error.code, "agent_exited");
+  assert.equal(error.exitStatus, 3);
+  assert.equal(transcript[0].error, error);
+});
+
+test("a prompt over agentd's message limit is dropped, not resent, and the client reconnects", async () => {
+  // The client's own limit is raised past agentd's 1 MiB so that the server refuses it (1009).
+  const options = route(newUser(), { maxMessageBytes: 4 * 1024 * 1024, delays: [50] });
+  const { result } = renderHook(() => useAgent(options));
+  await open(result);
+  const session = result.current.connection.session;
+  act(() => {
+    result.current.send("x".repeat(1024 * 1024 + 1));
+  });
+  await until(() => assert.equal(result.current.transcript[0].status, "dropped"));
+  assert.equal(result.current.connection.lastClose.code, 1009);
+  await open(result);
+  assert.equal(result.current.connection.session, session);
+  act(() => {
+    result.current.send("small again");
+  });
+  await until(() => assert.equal(result.current.transcript[1].status, "done"));
+  assert.equal(result.current.transcript[0].status, "dropped");
+});
