@@ -83,16 +83,21 @@ export async function startAgentd(config = "") {
     ],
     { cwd: dir, env: { ...process.env, AGENTD_JWT_SECRET: SECRET, PYTHONPATH: REPO }, stdio: "ignore" },
   );
+  let spawnError = null;
+  child.once("error", (error) => {
+    spawnError = error;
+  });
   const exited = new Promise((resolve) => child.once("exit", resolve));
   const http = `http://127.0.0.1:${port}`;
   const deadline = Date.now() + 30_000;
   for (;;) {
-    if (child.exitCode !== null || Date.now() > deadline) {
+    if (spawnError || child.exitCode !== null || Date.now() > deadline) {
       child.kill("SIGKILL");
-      let detail = "";
+      let detail = spawnError ? String(spawnError) : "";
       try {
-        detail = readFileSync(log, "utf8").slice(-3000);
+        detail += readFileSync(log, "utf8").slice(-3000);
       } catch {}
+      rmSync(dir, { recursive: true, force: true });
       throw new Error(`agentd (${PYTHON}) did not start:\n${detail}`);
     }
     try {
