@@ -37,7 +37,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     max_message_bytes: int = 1_048_576
     auto_ping_seconds: float = 20.0
-    drain_seconds: float = 30.0
+    drain_seconds: float = 5.0
     demo_page: bool = True
     request_head_timeout_seconds: float = 10.0
     request_body_timeout_seconds: float = 30.0
@@ -59,6 +59,8 @@ class AuthConfig:
 class AgentsConfig:
     names: tuple[str, ...] = ("echo",)
     command: str = "agentd-agent {agent}"
+    # What agentd runs (on the VM, or here) to reach a session's holder; see agent-cli.md.
+    attach_command: str = "agentd-agent attach"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class VmsConfig:
 @dataclass(frozen=True)
 class SessionsConfig:
     grace_seconds: float = 120.0
+    idle_seconds: float = 3600.0
     replay_messages: int = 10_000
     replay_bytes: int = 8 * 1024 * 1024
 
@@ -217,6 +220,8 @@ def _validate(config: Config) -> None:
         config.agents.command.format(agent="x")
     except (KeyError, IndexError, ValueError):
         raise ConfigError("[agents] command", "may only use the {agent} placeholder") from None
+    if not config.agents.attach_command.strip():
+        raise ConfigError("[agents] attach_command", "must not be empty")
     if v.transport not in ("local", "ssh"):
         raise ConfigError("[vms] transport", 'must be "local" or "ssh"')
     if not 1 <= v.port <= 65535:
@@ -249,6 +254,8 @@ def _validate(config: Config) -> None:
                 raise ConfigError(f"[vms] {key}", f"{path}: no such file")
     if config.sessions.grace_seconds < 0:
         raise ConfigError("[sessions] grace_seconds", "must not be negative")
+    if config.sessions.idle_seconds < 1:
+        raise ConfigError("[sessions] idle_seconds", "must be at least 1")
     if config.sessions.replay_messages < 1 or config.sessions.replay_bytes < 1024:
         raise ConfigError("[sessions]", "replay_messages >= 1 and replay_bytes >= 1024")
     _validate_redis(config.redis)

@@ -18,6 +18,7 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMIT = "rate_limit"
     QUOTA_EXCEEDED = "quota_exceeded"
     TIMEOUT = "timeout"
+    BACKLOG_FULL = "backlog_full"
 
 
 def error_message(code: ErrorCode, text: str, **extra: Any) -> dict[str, Any]:

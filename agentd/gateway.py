@@ -78,6 +78,7 @@ class AgentWebSocket(WebSocketServerProtocol):
     # True while PROMPTS_WAITING_MAX prompts wait: the client's input waits with them.
     input_held = False
     _reading_stopped = False
+    _counted = False
 
     def onOpen(self) -> None:
         ctx = self.context
@@ -87,14 +88,29 @@ class AgentWebSocket(WebSocketServerProtocol):
         transport.registerProducer(_Backpressure(self), True)
         key = SessionKey(ctx.project, ctx.principal.user, ctx.agent)
         metrics.ACTIVE_CONNECTIONS.labels(ctx.agent).inc()
-        try:
-            self.session = self.factory.registry.open(key, self, ctx.session_id, ctx.last_seq)
-        except Exception:
-            _log.failure("cannot open session", project=ctx.project, agent=ctx.agent)
-            self.close(1011, "internal error")
+        self._counted = True
+        # A resume may first attach to the session's holder: the client's messages wait
+        # for the hello, which is always the first message it gets.
+        opened = self.factory.registry.open(key, self, ctx.session_id, ctx.last_seq)
+        opened.addCallbacks(self._opened, self._not_opened)
+        if not opened.called:
+            settled: Deferred[None] = Deferred()
+            opened.addBoth(lambda _: settled.callback(None))
+            self._hold_input(settled)
+
+    def _opened(self, session: Session | None) -> None:
+        if session is None:
+            return  # the registry closed this connection instead
+        if self.state != _OPEN:
+            session.detach(self)  # the client left while its session was found
             return
+        self.session = session
         if self.held:  # the hello and the replay filled the queue already
-            self.session.pause_output()
+            session.pause_output()
+
+    def _not_opened(self, failure: Failure) -> None:
+        _log.failure("cannot open session", failure, project=self.context.project)
+        self.close(1011, "internal error")
 
     def hold(self) -> None:
         """Stop adding to the client's queue: pause the agent, answer the client no more."""
@@ -210,17 +226,28 @@ class AgentWebSocket(WebSocketServerProtocol):
                     )
                     return
                 pong["id"] = ping_id
-            session.emit(pong)
+            session.notify(pong)
+        elif kind == "confirm":
+            seq = message.get("seq")
+            if type(seq) is not int or not 0 <= seq <= session.sent:
+                session.error(ErrorCode.BAD_REQUEST, "confirm needs the seq of a message it got")
+            else:
+                session.confirm(seq)
         elif isinstance(kind, str):
             session.error(ErrorCode.BAD_REQUEST, "unknown message type")
         else:
             session.error(ErrorCode.BAD_REQUEST, "message needs a string type")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._uncount()
         session, self.session = self.session, None
         if session is not None:
-            metrics.ACTIVE_CONNECTIONS.labels(self.context.agent).dec()
             session.detach(self)
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            metrics.ACTIVE_CONNECTIONS.labels(self.context.agent).dec()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
@@ -255,9 +282,9 @@ class AgentWebSocket(WebSocketServerProtocol):
             transport.write(b"\x81\x7f" + size.to_bytes(8, "big") + frame)
 
     def close(self, code: int, reason: str) -> None:
+        self._uncount()
         session, self.session = self.session, None
         if session is not None:
-            metrics.ACTIVE_CONNECTIONS.labels(self.context.agent).dec()
             session.detach(self)
         # sendClose only allows 1000 and 3000-4999; 1001 (going away) and 1011 (server
         # error) are the standard codes for what agentd means.

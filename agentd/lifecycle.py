@@ -1,10 +1,11 @@
-"""agentd's lifetime: start the listeners, and on stop or SIGTERM drain before ending.
+"""agentd's lifetime: start the listeners, and on stop or SIGTERM let go within seconds.
 
 Stopping drains: /health/ready answers 503 and new WebSocket upgrades are refused with 503
-while the listeners stay open, clients are closed with 1001 so they reconnect elsewhere, and
-running queries get up to ``[server] drain_seconds`` to finish. Only then do the agents, the
-usage recorder, the limiter, the transport and the listeners stop. A second SIGTERM during
-the drain cuts it short.
+while the listeners stay open, and clients are closed with 1012 ("restarting") so they
+resume at once on another instance. Sessions live in their holders on the VMs, so nothing
+has to finish here: agentd lets go of every attach (waiting at most ``[server]
+drain_seconds`` for them to exit), then the usage recorder, the limiter, the transport and
+the listeners stop. The agents run on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from agentd import __version__, metrics
@@ -33,10 +34,8 @@ from agentd.usage.recorder import UsageRecorder
 
 _log = Logger()
 
-# How often the drain looks whether queries are still running.
-DRAIN_POLL_SECONDS = 0.1
-# How long ending the agents may take once the drain is over.
-END_AGENTS_SECONDS = 10.0
+# The close code that tells a client to resume at once, elsewhere (RFC 6455's registry).
+RESTARTING = 1012
 
 
 class SignalReactor(Protocol):
@@ -77,7 +76,6 @@ class AgentdService(MultiService):
         self.redis_health = redis_health
         self.draining = False
         self.handle_signals = False
-        self._drain_cut: Callable[[], None] | None = None
 
     def privilegedStartService(self) -> None:
         try:
@@ -114,16 +112,16 @@ class AgentdService(MultiService):
     @defer.inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
         # Draining: /health/ready answers 503 and new WebSocket upgrades are refused with 503
-        # while the listeners stay open, so load balancers see why; clients reconnect
-        # elsewhere on 1001 while running queries finish.
+        # while the listeners stay open, so load balancers see why. Clients are closed with
+        # 1012 and resume at once on another instance; sessions and their agents live on in
+        # their holders, so there is nothing to wait for but the attaches letting go.
         self.draining = True
         metrics.DRAINING.set(1)
-        _log.info("draining: refusing new connections; closing clients with 1001")
-        self.registry.close_all(1001, "server going away")
-        yield self.drain(self.config.server.drain_seconds)
+        _log.info("draining: refusing new connections; closing clients with 1012")
+        self.registry.close_all(RESTARTING, "server restarting")
         yield (
-            self.registry.end_all()
-            .addTimeout(END_AGENTS_SECONDS, self.clock)
+            self.registry.leave_all()
+            .addTimeout(self.config.server.drain_seconds, self.clock)
             .addErrback(lambda _: None)
         )
         yield self.usage.stop()
@@ -136,38 +134,10 @@ class AgentdService(MultiService):
             yield self.store.disconnect().addErrback(lambda _: None)
         _log.info("agentd stopped")
 
-    def drain(self, seconds: float) -> Deferred[None]:
-        """Wait until no query is in flight, ``seconds`` have passed, or a second SIGTERM."""
-        done: Deferred[None] = Deferred()
-        deadline = self.clock.seconds() + seconds
-        poll: list[IDelayedCall] = []
-
-        def finish() -> None:
-            self._drain_cut = None
-            if poll and poll[0].active():
-                poll[0].cancel()
-            if not done.called:
-                done.callback(None)
-
-        def check() -> None:
-            poll.clear()
-            if self.registry.busy() == 0 or self.clock.seconds() >= deadline:
-                finish()
-            else:
-                poll.append(self.clock.callLater(DRAIN_POLL_SECONDS, check))
-
-        self._drain_cut = finish
-        check()
-        return done
-
     def sigterm(self, signum: int, frame: FrameType | None) -> None:
-        """The SIGTERM handler: the first stops the reactor, which stops this service and
-        drains; one during the drain ends the drain now."""
+        """The SIGTERM handler: the first stops the reactor, which stops this service."""
         if not self.draining:
             self.reactor.callFromThread(self.reactor.stop)
-        elif self._drain_cut is not None:
-            _log.info("second SIGTERM: ending the drain now")
-            self.reactor.callFromThread(self._drain_cut)
 
     def ready(self) -> bool:
         return bool(self.running) and not self.draining

@@ -8,10 +8,18 @@ import pytest
 import pytest_twisted
 from twisted.logger import LogEvent, globalLogPublisher
 
-from tests.servers import RedisServer, SshServer
+from tests.servers import RedisServer, SshServer, kill_holders
 
 if TYPE_CHECKING:
     from tests.harness import RunningAgentd
+
+
+@pytest.fixture(autouse=True)
+def _no_holder_outlives_its_test(tmp_path: Path) -> Iterator[None]:
+    """Session holders outlive agentd by design: every one a test started under its
+    temporary directory is ended when the test ends."""
+    yield
+    kill_holders(tmp_path / "sessions")
 
 
 @pytest.fixture

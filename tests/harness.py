@@ -13,7 +13,7 @@ from twisted.internet import reactor
 from agentd import config as config_module
 from agentd.lifecycle import AgentdService
 from agentd.tap import build
-from tests.servers import SshServer, agent_command, free_port
+from tests.servers import SshServer, agent_command, attach_command, free_port
 
 SECRET = "test-secret-0123456789abcdef-0123456789abcdef"
 
@@ -55,7 +55,11 @@ def base_config(tmp_path: Path) -> dict[str, Any]:
     return {
         "server": {"listen": [f"tcp:{free_port()}:interface=127.0.0.1"], "drain_seconds": 0.0},
         "auth": {"jwt_secret": SECRET},
-        "agents": {"names": ["echo"], "command": agent_command()},
+        "agents": {
+            "names": ["echo"],
+            "command": agent_command(),
+            "attach_command": attach_command(tmp_path / "sessions"),
+        },
         "sessions": {"grace_seconds": 0.0},
         "usage": {"spool_dir": str(tmp_path / "spool")},
         "log": {"level": "debug"},

@@ -245,6 +245,53 @@ def agent_command(test_options: bool = True) -> str:
     return f"env PYTHONPATH={shlex.quote(str(REPO))} {script}{flag} {{agent}}"
 
 
+def attach_command(sessions_dir: Path) -> str:
+    """How agentd attaches to a session in tests: ``agentd-agent attach`` of this checkout,
+    with the test's own sessions directory."""
+    script = Path(sys.executable).parent / "agentd-agent"
+    return (
+        f"env PYTHONPATH={shlex.quote(str(REPO))} {script} attach"
+        f" --sessions-dir {shlex.quote(str(sessions_dir))}"
+    )
+
+
+def is_holder(pid: int) -> bool:
+    """Whether ``pid`` is a live session holder (not a zombie, not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return b"agentd.agent.holder" in cmdline and state != "Z"
+
+
+def holder_pids(sessions_dir: Path) -> set[int]:
+    """The live holders of the sessions under ``sessions_dir``."""
+    pids = set()
+    for pid_file in sessions_dir.glob("*/holder.pid"):
+        try:
+            pid = int(pid_file.read_text())
+        except (FileNotFoundError, ValueError):
+            continue
+        if is_holder(pid):
+            pids.add(pid)
+    return pids
+
+
+def kill_holders(sessions_dir: Path) -> None:
+    """End every holder under ``sessions_dir`` and its agent (by process group): holders
+    outlive agentd by design, and a test leaves none running."""
+    pids = holder_pids(sessions_dir)
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while any(is_holder(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def keygen(path: Path, comment: str = "agentd-test") -> Path:
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],

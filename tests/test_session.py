@@ -1,4 +1,9 @@
-"""Sessions with a fake clock and a fake agent: replay, grace, takeover, exactly-once prompts."""
+"""Sessions with a fake clock and a fake holder: replay, grace, takeover, re-attach, usage.
+
+The fake holder speaks the attach protocol of docs/agent-cli.md the way the real one does
+(numbered lines, ``attached``, acks, superseded); tests/test_holder.py runs the real one, and
+tests/test_durable.py runs both together with real processes.
+"""
 
 from __future__ import annotations
 
@@ -14,24 +19,94 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 
 from agentd import agentlog
+from agentd.agent.holder.wire import usage_event_id
 from agentd.errors import ErrorCode
 from agentd.session.registry import SessionRegistry
 from agentd.session.replay import ReplayLog, splice_seq
 from agentd.session.services import SessionServices
-from agentd.session.session import SessionKey
+from agentd.session.session import Session, SessionKey
 from agentd.transport import AgentSink, AgentTarget, TransportError
+from agentd.usage.records import UsageEvent
 from tests.samples import sample
 
 
-class FakeProcess:
-    def __init__(self, sink: AgentSink) -> None:
+class FakeHolder:
+    """One session on the fake VM: its journal, accepted prompts and current attach."""
+
+    def __init__(self, target: AgentTarget) -> None:
+        self.identity = (target.user, target.project, target.agent)
+        self.journal: list[bytes] = []
+        self.prompts: set[str] = set()
+        self.attach: FakeAttach | None = None
+        self.confirmed = 0
+        self.recorded: list[str] = []
+        self.unrecorded: list[dict[str, Any]] = []
+        self.ended: str | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return len(self.journal)
+
+    def say(self, **message: Any) -> None:
+        """The agent (or the holder) writes a numbered line."""
+        line = orjson.dumps({"seq": self.last_seq + 1, **message})
+        self.journal.append(line)
+        if self.attach is not None:
+            self.attach.sink.agent_line(line)
+
+    def received(self, attach: FakeAttach, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "prompt":
+            if message["id"] in self.prompts:
+                self.say(type="ack", id=message["id"], duplicate=True)
+            else:
+                self.prompts.add(message["id"])
+                attach.forwarded.append(message)
+                self.say(type="ack", id=message["id"])
+        elif kind == "confirm":
+            self.confirmed = max(self.confirmed, message["seq"])
+        elif kind == "recorded":
+            self.recorded.append(message["id"])
+        elif kind == "abort":
+            attach.forwarded.append(message)
+        elif kind == "end":
+            self.end("ended by request")
+
+    def end(self, reason: str) -> None:
+        self.ended = reason
+        if self.attach is not None:
+            attach, self.attach = self.attach, None
+            attach.control(type="ended", reason=reason)
+            attach.exit()
+
+
+class FakeAttach:
+    """``agentd-agent attach`` as the session sees it: an AgentProcess on a sink."""
+
+    def __init__(self, sink: AgentSink, target: AgentTarget, holder: FakeHolder | None) -> None:
         self.sink = sink
-        self.lines: list[dict[str, Any]] = []
+        self.target = target
+        self.holder = holder
+        self.written: list[dict[str, Any]] = []
+        self.forwarded: list[dict[str, Any]] = []
         self.paused = False
         self.terminated = False
+        self.exited = False
 
+    def control(self, **message: Any) -> None:
+        self.sink.agent_line(orjson.dumps(message))
+
+    def exit(self, reason: str = "exited with 0") -> None:
+        if not self.exited:
+            self.exited = True
+            self.sink.agent_ended(0, reason)
+
+    # AgentProcess
     def write_line(self, line: bytes) -> None:
-        self.lines.append(orjson.loads(line))
+        message = orjson.loads(line)
+        self.written.append(message)
+        if self.holder is not None and self.holder.attach is self:
+            self.holder.received(self, message)
 
     def pause(self) -> None:
         self.paused = True
@@ -41,27 +116,82 @@ class FakeProcess:
 
     def terminate(self) -> None:
         self.terminated = True
+        if self.holder is not None and self.holder.attach is self:
+            self.holder.attach = None
+        self.exit()
 
-    def say(self, **message: Any) -> None:
-        self.sink.agent_line(orjson.dumps(message))
+    # what the tests look at
+    @property
+    def prompts(self) -> list[dict[str, Any]]:
+        return [m for m in self.forwarded if m["type"] == "prompt"]
 
 
 class FakeTransport:
+    """Holders by session id, attached to as the real attach does."""
+
     def __init__(self) -> None:
-        self.processes: list[FakeProcess] = []
-        self.targets: list[AgentTarget] = []
+        self.attaches: list[FakeAttach] = []
+        self.holders: dict[str, FakeHolder] = {}
         self.fail_with: Exception | None = None
+        # Attaches answer when the test says so (the real one answers after a round trip).
+        self.hold_answers = False
+        self.unanswered: list[FakeAttach] = []
 
     def spawn(self, target: AgentTarget, sink: AgentSink) -> Deferred[Any]:
         if self.fail_with is not None:
             raise self.fail_with
-        self.targets.append(target)
-        process = FakeProcess(sink)
-        self.processes.append(process)
-        return succeed(process)
+        holder = self.holders.get(target.session)
+        attach = FakeAttach(sink, target, holder)
+        self.attaches.append(attach)
+        if self.hold_answers:
+            self.unanswered.append(attach)
+        else:
+            self.answer(attach)
+        return succeed(attach)
+
+    def answer(self, attach: FakeAttach) -> None:
+        target = attach.target
+        holder = self.holders.get(target.session)
+        if holder is None or holder.ended is not None:
+            if not target.start:
+                attach.control(type="error", code="no_session", error="no such session")
+                attach.exit("exited with 1")
+                return
+            holder = self.holders[target.session] = FakeHolder(target)
+            holder.journal = [b""] * target.after  # a new holder numbers on after --after
+        if holder.identity != (target.user, target.project, target.agent):
+            attach.control(type="error", code="mismatch", error="not your session")
+            attach.exit("exited with 1")
+            return
+        attach.holder = holder
+        previous, holder.attach = holder.attach, attach
+        if previous is not None:
+            previous.control(type="superseded")
+            previous.exit()
+        holder.confirmed = max(holder.confirmed, target.after)
+        attach.control(
+            type="attached",
+            v=1,
+            session=target.session,
+            lastSeq=holder.last_seq,
+            complete=True,
+            started=target.start,
+            live=True,
+        )
+        for record in holder.unrecorded:
+            attach.control(type="unrecorded", **record)
+        for line in holder.journal[target.after :]:
+            attach.sink.agent_line(line)
 
     def stop(self) -> Deferred[None]:
         return succeed(None)
+
+    def health_checks(self) -> list[Any]:
+        return []
+
+    @property
+    def current(self) -> FakeAttach:
+        return self.attaches[-1]
 
 
 class FakeClient:
@@ -79,8 +209,35 @@ class FakeClient:
         return [f["seq"] for f in self.frames if "seq" in f]
 
 
+class FakeUsage:
+    def __init__(self) -> None:
+        self.events: list[UsageEvent] = []
+        self.pending: list[Deferred[None]] = []
+
+    def record(self, event: UsageEvent) -> Deferred[None]:
+        self.events.append(event)
+        done: Deferred[None] = Deferred()
+        self.pending.append(done)
+        return done
+
+    def settle(self) -> None:
+        pending, self.pending = self.pending, []
+        for done in pending:
+            done.callback(None)
+
+
+class CountingGate:
+    def __init__(self) -> None:
+        self.admitted = 0
+
+    async def admit(self, user: str, project: str) -> None:
+        self.admitted += 1
+        return None
+
+
 KEY = SessionKey("demo", "alice", "echo")
 SAMPLED_IDS = 400
+USAGE = {"inputTokens": 3, "outputTokens": 5, "cost": 0.25}
 
 
 def make(grace: float = 120.0, messages: int = 100, size: int = 1 << 20, **extra: Any):
@@ -97,10 +254,19 @@ def make(grace: float = 120.0, messages: int = 100, size: int = 1 << 20, **extra
     return clock, transport, SessionRegistry(services)
 
 
-def test_first_message_is_session_and_seq_counts_from_one():
+def opened(registry: SessionRegistry, key: SessionKey, client: FakeClient, *resume: Any) -> Any:
+    """The session ``registry.open`` gave the client (every fake answers at once)."""
+    session_id, last_seq = resume or (None, 0)
+    result: list[Session | None] = []
+    registry.open(key, client, session_id, last_seq).addCallback(result.append)
+    assert result, "the session was not opened at once"
+    return result[0]
+
+
+def test_first_message_is_session_and_seq_comes_from_the_holder():
     _, transport, registry = make()
     client = FakeClient()
-    session = registry.open(KEY, client, None, 0)
+    session = opened(registry, KEY, client)
     assert client.frames[0] == {
         "type": "session",
         "session": session.id,
@@ -110,13 +276,15 @@ def test_first_message_is_session_and_seq_counts_from_one():
         "project": "demo",
         "agent": "echo",
     }
+    assert transport.attaches == []  # no holder (and no agent) before the first prompt
     session.prompt("a", "hi")
-    agent = transport.processes[0]
-    assert agent.lines == [{"type": "prompt", "id": "a", "text": "hi"}]
-    agent.say(type="delta", id="a", text="hi")
-    agent.say(
-        type="done", id="a", agent="echo", usage={"inputTokens": 1, "outputTokens": 1, "cost": 0}
-    )
+    attach = transport.current
+    assert attach.target.start and attach.target.after == 0
+    assert attach.target.session == session.id and attach.target.user == "alice"
+    assert attach.prompts == [{"type": "prompt", "id": "a", "text": "hi"}]
+    holder = transport.holders[session.id]
+    holder.say(type="delta", id="a", text="hi")
+    holder.say(type="done", id="a", agent="echo", usage=USAGE)
     assert [f["type"] for f in client.frames[1:]] == ["ack", "delta", "done"]
     assert client.seqs() == [1, 2, 3]
 
@@ -124,7 +292,7 @@ def test_first_message_is_session_and_seq_counts_from_one():
 def test_session_ids_are_192_random_bits():
     # The same key in fresh registries: an id derived from the key, or from a counter that
     # starts with the registry, repeats.
-    ids = [make()[2].open(KEY, FakeClient(), None, 0).id for _ in range(SAMPLED_IDS)]
+    ids = [opened(make()[2], KEY, FakeClient()).id for _ in range(SAMPLED_IDS)]
     assert len(set(ids)) == SAMPLED_IDS
     raw = [base64.urlsafe_b64decode(i + "=" * (-len(i) % 4)) for i in ids]
     assert {len(r) for r in raw} == {24}
@@ -137,40 +305,48 @@ def test_session_ids_are_192_random_bits():
         assert abs(ones - SAMPLED_IDS / 2) <= 8 * (SAMPLED_IDS / 4) ** 0.5, f"bit {bit}: {ones}"
 
 
-def test_resume_replays_exactly_what_was_missed():
+def test_resume_from_memory_replays_exactly_what_was_missed_and_confirms_it():
     _, transport, registry = make()
     first = FakeClient()
-    session = registry.open(KEY, first, None, 0)
+    session = opened(registry, KEY, first)
     session.prompt("a", "x")
-    agent = transport.processes[0]
+    holder = transport.holders[session.id]
     for i in range(5):
-        agent.say(type="delta", id="a", text=str(i))
+        holder.say(type="delta", id="a", text=str(i))
     session.detach(first)
     for i in range(5, 8):
-        agent.say(type="delta", id="a", text=str(i))
+        holder.say(type="delta", id="a", text=str(i))
     second = FakeClient()
-    again = registry.open(KEY, second, session.id, 4)
+    again = opened(registry, KEY, second, session.id, 4)
     assert again is session
+    assert len(transport.attaches) == 1  # served from memory, on the same attach
     assert second.frames[0]["resumed"] is True and second.frames[0]["complete"] is True
     assert second.frames[0]["lastSeq"] == 9
     assert second.seqs() == [5, 6, 7, 8, 9]
-    agent.say(type="delta", id="a", text="live")
+    assert holder.confirmed == 4
+    holder.say(type="delta", id="a", text="live")
     assert second.seqs()[-1] == 10
 
 
-def test_replay_overflow_says_incomplete_and_replays_what_is_left():
+def test_a_resume_memory_does_not_reach_is_replayed_by_the_holder_without_duplicates():
     _, transport, registry = make(messages=3)
     first = FakeClient()
-    session = registry.open(KEY, first, None, 0)
+    session = opened(registry, KEY, first)
     session.prompt("a", "x")
-    agent = transport.processes[0]
+    holder = transport.holders[session.id]
     session.detach(first)
     for i in range(10):
-        agent.say(type="delta", id="a", text=str(i))
+        holder.say(type="delta", id="a", text=str(i))
     second = FakeClient()
-    registry.open(KEY, second, session.id, 1)
-    assert second.frames[0]["complete"] is False
-    assert second.seqs() == [9, 10, 11]
+    opened(registry, KEY, second, session.id, 1)
+    reattach = transport.current
+    assert reattach is not transport.attaches[0] and not reattach.target.start
+    assert reattach.target.after == 1
+    assert transport.attaches[0].terminated  # the older attach let go
+    assert second.frames[0]["resumed"] is True and second.frames[0]["complete"] is True
+    assert second.seqs() == list(range(2, 12))
+    holder.say(type="delta", id="a", text="live")
+    assert second.seqs()[-1] == 12
 
 
 def test_replay_log_is_bounded_by_bytes():
@@ -182,129 +358,294 @@ def test_replay_log_is_bounded_by_bytes():
     assert not complete and len(frames) == 10
 
 
-def test_grace_expiry_ends_the_agent_and_forgets_the_session():
+def test_after_the_grace_period_agentd_lets_go_and_the_agent_runs_on():
     clock, transport, registry = make(grace=120)
     client = FakeClient()
-    session = registry.open(KEY, client, None, 0)
+    session = opened(registry, KEY, client)
     session.prompt("a", "x")
+    holder = transport.holders[session.id]
+    holder.say(type="done", id="a", agent="echo", usage=USAGE)
     session.detach(client)
     clock.advance(119)
-    assert not transport.processes[0].terminated and session.id in registry.by_id
+    assert not transport.current.terminated and session.id in registry.by_id
     clock.advance(2)
-    assert transport.processes[0].terminated
-    assert session.id not in registry.by_id
+    assert transport.current.terminated and session.id not in registry.by_id
+    assert holder.ended is None  # let go of, not ended: no "end" was sent
+    assert {"type": "end"} not in transport.attaches[0].written
+    holder.say(type="delta", id="b", text="meanwhile")
     late = FakeClient()
-    fresh = registry.open(KEY, late, session.id, 3)
-    assert fresh is not session and late.frames[0]["resumed"] is False
+    resumed = opened(registry, KEY, late, session.id, 2)
+    assert resumed.id == session.id and late.frames[0]["resumed"] is True
+    assert not transport.current.target.start  # a resume never starts an agent
+    assert late.seqs() == [3]
 
 
-def test_reattaching_within_grace_cancels_expiry():
+def test_letting_go_waits_for_the_running_query_so_its_usage_is_recorded_now():
+    clock, transport, registry = make(grace=10, usage=FakeUsage())
+    usage = registry.services.usage
+    registry.services.usage_event = UsageEvent.from_agent_usage
+    client = FakeClient()
+    session = opened(registry, KEY, client)
+    session.prompt("a", "x")
+    holder = transport.holders[session.id]
+    holder.say(type="start", id="a")
+    session.detach(client)
+    clock.advance(60)
+    assert session.id in registry.by_id and not transport.current.terminated
+    holder.say(type="done", id="a", agent="echo", usage=USAGE)
+    usage.settle()
+    clock.advance(0)
+    assert [e.query_id for e in usage.events] == [usage_event_id(session.id, "a")]
+    assert holder.recorded == ["a"]
+    assert transport.current.terminated and session.id not in registry.by_id
+
+
+def test_reattaching_within_grace_cancels_letting_go():
     clock, transport, registry = make(grace=10)
     client = FakeClient()
-    session = registry.open(KEY, client, None, 0)
+    session = opened(registry, KEY, client)
     session.prompt("a", "x")
     session.detach(client)
     clock.advance(5)
-    registry.open(KEY, FakeClient(), session.id, 1)
+    opened(registry, KEY, FakeClient(), session.id, 1)
     clock.advance(60)
-    assert not transport.processes[0].terminated
+    assert not transport.attaches[0].terminated
 
 
 def test_takeover_closes_the_older_connection_with_4001():
     _, _, registry = make()
     older, newer = FakeClient(), FakeClient()
-    session = registry.open(KEY, older, None, 0)
-    registry.open(KEY, newer, session.id, 0)
+    session = opened(registry, KEY, older)
+    opened(registry, KEY, newer, session.id, 0)
     assert older.closed is not None and older.closed[0] == 4001
     assert session.client is newer
-    session.emit({"type": "pong"})
+    session.notify({"type": "pong"})
     assert older.frames[-1]["type"] == "session"  # nothing more went to the old one
+    assert newer.frames[-1] == {"type": "pong"}  # agentd's own answers carry no seq
 
 
-def test_duplicate_prompt_ids_are_acked_but_forwarded_once():
-    _, transport, registry = make()
+def test_a_resent_prompt_is_forwarded_by_the_holder_once_and_skips_the_rate_limit():
+    gate = CountingGate()
+    _, transport, registry = make(gate=gate)
     client = FakeClient()
-    session = registry.open(KEY, client, None, 0)
+    session = opened(registry, KEY, client)
     session.prompt("a", "x")
     session.prompt("a", "x")
-    assert len(transport.processes[0].lines) == 1
+    assert len(transport.current.prompts) == 1
     acks = [f for f in client.frames if f.get("type") == "ack"]
     assert [a["id"] for a in acks] == ["a", "a"] and acks[1]["duplicate"] is True
+    assert gate.admitted == 1
 
 
 def test_resume_by_another_user_starts_a_fresh_session_and_reveals_nothing():
     _, transport, registry = make()
     alice = FakeClient()
-    session = registry.open(KEY, alice, None, 0)
+    session = opened(registry, KEY, alice)
     session.prompt("secret", "alice's prompt")
-    transport.processes[0].say(type="delta", id="secret", text="alice's answer")
+    transport.holders[session.id].say(type="delta", id="secret", text="alice's answer")
     mallory = FakeClient()
-    other = registry.open(SessionKey("demo", "mallory", "echo"), mallory, session.id, 0)
+    other = opened(registry, SessionKey("demo", "mallory", "echo"), mallory, session.id, 0)
     assert other is not session
     assert mallory.frames == [mallory.frames[0]]
     assert mallory.frames[0]["resumed"] is False and mallory.frames[0]["session"] != session.id
     assert session.client is alice and alice.closed is None
 
 
+def test_another_instance_resuming_someone_elses_session_is_refused_by_the_holder():
+    # The id is unknown to this registry (another agentd started it): the holder checks.
+    _, transport, started_by = make()
+    alice = FakeClient()
+    session = opened(started_by, KEY, alice)
+    session.prompt("secret", "alice's prompt")
+    _, other_transport, elsewhere = make()
+    other_transport.holders = transport.holders  # the same VM
+    mallory = FakeClient()
+    other = opened(elsewhere, SessionKey("demo", "mallory", "echo"), mallory, session.id, 0)
+    assert other.id != session.id and mallory.frames[0]["resumed"] is False
+    assert [f["type"] for f in mallory.frames] == ["session"]
+    assert other_transport.attaches[0].target.user == "mallory"
+    assert transport.holders[session.id].attach is transport.current  # alice's, untouched
+    assert list(elsewhere.by_id) == [other.id]
+
+
 def test_a_fresh_connection_replaces_the_earlier_session_of_the_same_key():
     _, transport, registry = make()
     first = FakeClient()
-    old = registry.open(KEY, first, None, 0)
+    old = opened(registry, KEY, first)
     old.prompt("a", "x")
-    new = registry.open(KEY, FakeClient(), None, 0)
+    new = opened(registry, KEY, FakeClient())
     assert new is not old and first.closed[0] == 4001
-    assert transport.processes[0].terminated
+    assert {"type": "end"} in transport.attaches[0].written
+    assert transport.holders[old.id].ended == "ended by request"
     assert registry.sessions_of("alice") == 1
 
 
-def test_agent_exit_reports_agent_exited_and_the_next_prompt_respawns():
+def test_the_agent_exiting_is_relayed_and_the_next_prompt_goes_to_the_same_holder():
     _, transport, registry = make()
     client = FakeClient()
-    session = registry.open(KEY, client, None, 0)
+    session = opened(registry, KEY, client)
     session.prompt("a", "x")
-    transport.processes[0].sink.agent_ended(3, "exited with 3")
-    error = client.frames[-1]
-    assert error["code"] == "agent_exited" and error["exitStatus"] == 3
+    holder = transport.holders[session.id]
+    holder.say(type="error", code="agent_exited", error="The agent process ended", exitStatus=3)
+    assert client.frames[-1]["code"] == "agent_exited" and client.frames[-1]["seq"] == 2
     session.prompt("b", "y")
-    assert len(transport.processes) == 2
+    assert len(transport.attaches) == 1
+    assert [p["id"] for p in transport.current.prompts] == ["a", "b"]
+
+
+def test_after_the_holder_ended_a_prompt_starts_a_new_one_numbering_on():
+    _, transport, registry = make()
+    client = FakeClient()
+    session = opened(registry, KEY, client)
+    session.prompt("a", "x")
+    holder = transport.holders[session.id]
+    holder.say(type="done", id="a", agent="echo", usage=USAGE)
+    holder.end("idle")
+    session.prompt("b", "y")
+    restart = transport.current
+    assert restart.target.start and restart.target.after == 2
+    assert client.seqs() == [1, 2, 3]  # the new holder's ack numbers on
+    assert client.frames[-1] == {"seq": 3, "type": "ack", "id": "b"}
+
+
+def test_a_lost_attach_is_replaced_with_backoff_and_the_client_sees_no_gap_or_repeat():
+    clock, transport, registry = make()
+    client = FakeClient()
+    session = opened(registry, KEY, client)
+    session.prompt("a", "x")
+    holder = transport.holders[session.id]
+    holder.say(type="delta", id="a", text="0")
+    session.confirm(2)
+    transport.hold_answers = True
+    transport.current.exit("connection to the VM lost")  # the SSH connection broke
+    holder.attach = None
+    holder.say(type="delta", id="a", text="1")  # journaled while nobody is attached
+    clock.advance(0.1)
+    [reattach] = transport.unanswered
+    assert not reattach.target.start and reattach.target.after == 2
+    transport.answer(reattach)
+    holder.say(type="delta", id="a", text="2")
+    assert client.seqs() == [1, 2, 3, 4]
+    assert [f.get("text") for f in client.frames[2:]] == ["0", "1", "2"]
+    assert client.closed is None
 
 
 def test_unreachable_vm_gives_vm_unavailable_for_that_prompt():
     _, transport, registry = make()
     transport.fail_with = TransportError("refused", "connection refused", transient=True)
     client = FakeClient()
-    session = registry.open(KEY, client, None, 0)
+    session = opened(registry, KEY, client)
     session.prompt("a", "x")
-    assert client.frames[-1]["code"] == "vm_unavailable" and client.frames[-1]["id"] == "a"
+    assert client.frames[-1] == {
+        "type": "error",
+        "code": "vm_unavailable",
+        "error": "The project VM is unavailable.",
+        "id": "a",
+    }
 
 
-def test_backpressure_pauses_the_agent_and_detach_lets_it_run_on():
+def test_a_resume_elsewhere_with_the_vm_unreachable_asks_the_client_to_try_again():
+    _, transport, registry = make()
+    transport.fail_with = TransportError("refused", "connection refused", transient=True)
+    client = FakeClient()
+    assert opened(registry, KEY, client, "s" * 32, 7) is None
+    assert client.closed is not None and client.closed[0] == 1013
+    assert client.frames == [] and registry.by_id == {}
+
+
+def test_a_full_journal_refuses_the_prompt_with_its_id_until_the_client_confirms():
     _, transport, registry = make()
     client = FakeClient()
-    session = registry.open(KEY, client, None, 0)
+    session = opened(registry, KEY, client)
+    session.prompt("a", "x")
+    transport.current.control(type="error", code="journal_full", error="no room", id="b")
+    assert client.frames[-1]["code"] == "backlog_full" and client.frames[-1]["id"] == "b"
+    assert "seq" not in client.frames[-1]
+
+
+def test_usage_is_recorded_under_the_derived_id_then_the_holder_is_told():
+    usage = FakeUsage()
+    _, transport, registry = make(usage=usage, usage_event=UsageEvent.from_agent_usage)
+    client = FakeClient()
+    session = opened(registry, KEY, client)
+    session.prompt("a", "x")
+    holder = transport.holders[session.id]
+    holder.say(type="done", id="a", agent="echo", usage=USAGE)
+    assert [e.query_id for e in usage.events] == [usage_event_id(session.id, "a")]
+    assert holder.recorded == []  # not before the store has it
+    usage.settle()
+    assert holder.recorded == ["a"]
+
+
+def test_usage_a_departed_agentd_did_not_record_is_recorded_by_the_next_attach():
+    usage = FakeUsage()
+    _, transport, registry = make(usage=usage, usage_event=UsageEvent.from_agent_usage)
+    session = opened(registry, KEY, FakeClient())
+    session.prompt("a", "x")
+    holder = transport.holders[session.id]
+    event = usage_event_id(session.id, "a")
+    holder.unrecorded = [
+        {"id": "a", "event": event, "outcome": "done", "usage": USAGE, "timestamp": 1.7e9}
+    ]
+    _, elsewhere_transport, elsewhere = make(usage=usage, usage_event=UsageEvent.from_agent_usage)
+    elsewhere_transport.holders = transport.holders
+    opened(elsewhere, KEY, FakeClient(), session.id, 1)
+    assert [e.query_id for e in usage.events] == [event]
+    assert usage.events[0].timestamp == 1.7e9
+    usage.settle()
+    assert holder.recorded == ["a"]
+
+
+def test_a_client_resuming_on_another_instance_closes_this_ones_with_4001():
+    _, transport, registry = make()
+    client = FakeClient()
+    session = opened(registry, KEY, client)
+    session.prompt("a", "x")
+    transport.current.control(type="superseded")
+    assert client.closed is not None and client.closed[0] == 4001
+    assert session.id not in registry.by_id
+    assert transport.holders[session.id].ended is None
+
+
+def test_leave_all_lets_go_of_every_attach_without_ending_a_session():
+    _, transport, registry = make()
+    client = FakeClient()
+    session = opened(registry, KEY, client)
+    session.prompt("a", "x")
+    registry.close_all(1012, "server restarting")
+    assert client.closed == (1012, "server restarting")
+    gone: list[object] = []
+    registry.leave_all().addCallback(gone.append)
+    assert gone and transport.current.terminated and registry.by_id == {}
+    assert {"type": "end"} not in transport.current.written
+
+
+def test_backpressure_pauses_the_attach_and_detach_lets_it_run_on():
+    _, transport, registry = make()
+    client = FakeClient()
+    session = opened(registry, KEY, client)
     session.prompt("a", "x")
     session.pause_output()
-    assert transport.processes[0].paused
+    assert transport.current.paused
     session.detach(client)
-    assert not transport.processes[0].paused
+    assert not transport.current.paused
 
 
-def test_a_new_connection_resumes_an_agent_the_one_before_paused():
+def test_a_new_connection_resumes_an_attach_the_one_before_paused():
     _, transport, registry = make()
     first = FakeClient()
-    session = registry.open(KEY, first, None, 0)
+    session = opened(registry, KEY, first)
     session.prompt("a", "x")
     session.pause_output()  # the first connection's queue was full
-    registry.open(KEY, FakeClient(), session.id, 0)
+    opened(registry, KEY, FakeClient(), session.id, 0)
     assert first.closed is not None and first.closed[0] == 4001
-    assert not transport.processes[0].paused
+    assert not transport.current.paused
 
 
-def test_agentd_messages_in_the_replay_log_cost_about_their_size():
+def test_agentd_answers_cost_nothing_in_the_replay_log():
     _, _, registry = make(messages=1000)
     client = FakeClient()
-    session = registry.open(KEY, client, None, 0)
-    session.detach(client)  # within the grace period: the messages go to the replay log only
+    session = opened(registry, KEY, client)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -313,8 +654,8 @@ def test_agentd_messages_in_the_replay_log_cost_about_their_size():
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert session.replay.size < 1000 * 100
-    assert grown < 1000 * 1024, f"{grown // 1000} bytes for each message of under 100"
+    assert session.replay.size == 0 and session.seq == 0
+    assert grown < 1000 * 1024, f"{grown // 1000} bytes kept for each message of under 100"
 
 
 @pytest.mark.parametrize(
@@ -346,15 +687,15 @@ def agent_log_events() -> Iterator[list[LogEvent]]:
 
 def test_a_flood_of_agent_warnings_is_held_back_and_summarised_once(agent_log_events):
     clock, transport, registry = make()
-    session = registry.open(KEY, FakeClient(), None, 0)
+    session = opened(registry, KEY, FakeClient())
     session.prompt("a", "x")
-    sink = transport.processes[0].sink
+    attach = transport.current
     bad_lines = sample("agentd_agent_bad_lines_total", agent="echo")
     for _ in range(1000):
-        sink.agent_log(b'{"level":"warn","message":"disk full"}')
+        attach.control(type="log", line='{"level":"warn","message":"disk full"}')
     for _ in range(1000):
-        sink.agent_line(b"not json")
-        sink.agent_overlong("stdout", 2_000_000)
+        attach.sink.agent_line(b'{"seq":not json')
+        attach.sink.agent_overlong("stdout", 2_000_000)
     written = [e for e in agent_log_events if "held back" not in e["log_format"]]
     assert len(written) == agentlog.BURST_LINES
     assert not any("held back" in e["log_format"] for e in agent_log_events)
@@ -368,18 +709,17 @@ def test_a_flood_of_agent_warnings_is_held_back_and_summarised_once(agent_log_ev
     # The bucket refilled meanwhile: a few lines a second get through again.
     agent_log_events.clear()
     for _ in range(5):
-        sink.agent_log(b'{"level":"warn","message":"disk full"}')
+        attach.control(type="log", line='{"level":"warn","message":"disk full"}')
     assert len(agent_log_events) == 5
 
 
-def test_lines_held_back_are_reported_when_the_agent_ends(agent_log_events):
+def test_lines_held_back_are_reported_when_the_holder_ends(agent_log_events):
     clock, transport, registry = make()
-    session = registry.open(KEY, FakeClient(), None, 0)
+    session = opened(registry, KEY, FakeClient())
     session.prompt("a", "x")
-    sink = transport.processes[0].sink
     for _ in range(agentlog.BURST_LINES + 7):
-        sink.agent_log(b"plain text on stderr")
-    sink.agent_ended(0, "exited with 0")
+        transport.current.control(type="log", line="plain text on stderr")
+    transport.holders[session.id].end("agent exited")
     [summary] = [e for e in agent_log_events if "held back" in e["log_format"]]
     assert summary["count"] == 7
     assert clock.getDelayedCalls() == []

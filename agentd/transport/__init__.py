@@ -1,8 +1,10 @@
-"""How a session reaches an agent process: the interface every transport implements.
+"""How a session reaches its agent: the interface every transport implements.
 
-A transport starts ``agentd-agent <agent>`` (or the configured command) for one session and
-hands back an ``AgentProcess``; the process reports to an ``AgentSink``. Output is read line
-by line, and a sink that cannot keep up pauses the process instead of buffering it.
+A transport runs ``agentd-agent attach`` (the configured ``attach_command``) for one session,
+on the project's VM or locally, and hands back an ``AgentProcess``: the attach, which
+connects to the session's holder and relays its lines (docs/agent-cli.md). The holder runs
+the agent and outlives the attach. The attach reports to an ``AgentSink``; output is read
+line by line, and a sink that cannot keep up pauses the attach instead of buffering it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from twisted.internet.defer import Deferred
 
 if TYPE_CHECKING:
+    from agentd.config import Config
     from agentd.health import HealthCheck
 
 # What a local agent inherits from agentd's own environment: where programs, its home and
@@ -42,13 +45,73 @@ def forwarded_env(names: Iterable[str], environ: Mapping[str, str]) -> dict[str,
 
 @dataclass(frozen=True)
 class AgentTarget:
-    """Which agent to start, for whom, with which environment (values never in repr)."""
+    """Which session to attach to, for whom, with which environment (values never in repr).
+
+    ``after`` is the last seq the client has; ``start`` asks for a holder (and so an agent)
+    when the session has none live.
+    """
 
     project: str
     agent: str
     user: str
     session: str
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    after: int = 0
+    start: bool = False
+
+
+@dataclass(frozen=True)
+class AttachCommand:
+    """How to run the attach: its command, and what a holder it starts is told."""
+
+    command: str = "agentd-agent attach"
+    agent_command: str = "agentd-agent {agent}"
+    idle_seconds: float = 3600.0
+    max_line: int = 1_048_576
+
+    @classmethod
+    def from_config(cls, config: Config) -> AttachCommand:
+        return cls(
+            command=config.agents.attach_command,
+            agent_command=config.agents.command,
+            idle_seconds=config.sessions.idle_seconds,
+            max_line=config.server.max_message_bytes,
+        )
+
+    def arguments(self, target: AgentTarget) -> list[str]:
+        """The attach's argv: ``command`` split like a shell would, then the options.
+
+        Names reach this point validated (route.py), and every value is a separate argument:
+        the SSH transport quotes each one for the remote shell.
+        """
+        argv = [
+            *shlex.split(self.command),
+            "--session",
+            target.session,
+            "--user",
+            target.user,
+            "--project",
+            target.project,
+            "--agent",
+            target.agent,
+            "--after",
+            str(target.after),
+        ]
+        if target.start:
+            argv += [
+                "--start",
+                "--agent-command",
+                self.agent_command,
+                "--idle-seconds",
+                f"{self.idle_seconds:g}",
+                "--max-line",
+                str(self.max_line),
+            ]
+        return argv
+
+    def remote(self, target: AgentTarget) -> str:
+        """The command line for an SSH exec: every argument quoted for the remote shell."""
+        return shlex.join(self.arguments(target))
 
 
 class AgentSink(Protocol):
@@ -71,20 +134,22 @@ class AgentSink(Protocol):
 
 class AgentProcess(Protocol):
     def write_line(self, line: bytes) -> None:
-        """Send one line (newline added) to the agent's stdin."""
+        """Send one line (newline added) to the attach's stdin, for the holder."""
 
     def pause(self) -> None:
-        """Stop reading the agent's output until ``resume``; the agent blocks on writing."""
+        """Stop reading the attach's output until ``resume``; the holder keeps the lines in
+        its journal, and pauses the agent when that is full."""
 
     def resume(self) -> None: ...
 
     def terminate(self) -> None:
-        """End the agent: EOF on its stdin and a TERM signal; ``agent_ended`` follows."""
+        """Let go of the session: EOF on the attach's stdin, so it exits (the holder and its
+        agent live on); ``agent_ended`` follows."""
 
 
 class AgentTransport(Protocol):
     def spawn(self, target: AgentTarget, sink: AgentSink) -> Deferred[AgentProcess]:
-        """Start the agent; errbacks with ``TransportError`` when it cannot be reached."""
+        """Run the attach; errbacks with ``TransportError`` when it cannot be started."""
 
     def stop(self) -> Deferred[None]:
         """Close every connection this transport holds."""
@@ -102,20 +167,6 @@ class TransportError(Exception):
         self.reason = reason
         self.detail = detail
         self.transient = transient
-
-
-def command_argv(template: str, agent: str) -> list[str]:
-    """The command for a local spawn: split into argv first, so nothing reaches a shell."""
-    return [part.replace("{agent}", agent) for part in shlex.split(template)]
-
-
-def remote_command(template: str, agent: str) -> str:
-    """The command line for an SSH exec: the agent name shell-quoted into the template.
-
-    The remote user's shell parses this string, so every substituted value is quoted even
-    though agent names are already limited to configured, validated names.
-    """
-    return template.replace("{agent}", shlex.quote(agent))
 
 
 class LineSplitter:

@@ -1,4 +1,4 @@
-"""The local transport: the agent command spawned on this host (development, embedded default)."""
+"""The local transport: sessions attached on this host (development, the embedded default)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from agentd.transport import (
     AgentProcess,
     AgentSink,
     AgentTarget,
+    AttachCommand,
     TransportError,
-    command_argv,
     forwarded_env,
     output_splitters,
 )
@@ -98,24 +98,24 @@ class _AgentProcessProtocol(ProcessProtocol):
 
 
 class LocalTransport:
-    """Runs the agent command as a child process of agentd, without a shell.
+    """Runs the attach as a child process of agentd, without a shell; a holder it starts is
+    detached from agentd, so sessions outlive agentd here as on a VM.
 
-    The agent's environment is built, never inherited: ``INHERITED_ENV`` and ``forward_env``
-    as agentd's environment (``environ``) had them when the transport was made, then the
-    session's provider keys.
+    The environment is built, never inherited: ``INHERITED_ENV`` and ``forward_env`` as
+    agentd's environment (``environ``) had them when the transport was made, then the
+    session's provider keys. A holder started by the attach, and its agent, get the same.
     """
 
     def __init__(
         self,
         reactor: IReactorProcess,
-        command: str,
+        attach: AttachCommand,
         forward_env: tuple[str, ...] = (),
-        max_line: int = 1_048_576,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self._reactor = reactor
-        self._command = command
-        self._max_line = max_line
+        self._attach = attach
+        self._max_line = attach.max_line
         self._env = forwarded_env(
             (*INHERITED_ENV, *forward_env), os.environ if environ is None else environ
         )
@@ -125,15 +125,10 @@ class LocalTransport:
     @classmethod
     def from_config(cls, config: Config, reactor: IReactorProcess) -> LocalTransport:
         v = config.vms
-        return cls(
-            reactor,
-            config.agents.command,
-            forward_env=v.forward_env,
-            max_line=config.server.max_message_bytes,
-        )
+        return cls(reactor, AttachCommand.from_config(config), forward_env=v.forward_env)
 
-    def _argv(self, agent: str) -> list[str]:
-        argv = command_argv(self._command, agent)
+    def _argv(self, target: AgentTarget) -> list[str]:
+        argv = self._attach.arguments(target)
         # An installed agentd-agent sits next to the interpreter running agentd, which may
         # not be on PATH (a virtualenv that was never activated).
         found = shutil.which(argv[0]) or shutil.which(argv[0], path=os.path.dirname(sys.executable))
@@ -142,13 +137,13 @@ class LocalTransport:
         return [found, *argv[1:]]
 
     def spawn(self, target: AgentTarget, sink: AgentSink) -> Deferred[AgentProcess]:
-        argv = self._argv(target.agent)
+        argv = self._argv(target)
         env = {**self._env, **target.env}
         protocol = _AgentProcessProtocol(sink, self._max_line)
         try:
             _AgentProcess(self._reactor, argv[0], argv, env, None, protocol)
         except OSError as e:
-            raise TransportError("spawn", e.strerror or "cannot start the agent") from None
+            raise TransportError("spawn", e.strerror or "cannot start the attach") from None
         return succeed(protocol)
 
     def stop(self) -> Deferred[None]:

@@ -304,7 +304,8 @@ class Holder:
             self.attaches.send(attach, wire.refusal(wire.Refusal.BAD_REQUEST, problem))
             return
         if self.ending is not None:
-            self.attaches.send(attach, wire.refusal(wire.Refusal.ENDING, "the session is ending"))
+            refused = wire.refusal(wire.Refusal.ENDING, "the session is ending", prompt_id)
+            self.attaches.send(attach, refused)
             return
         if prompt_id in self.state.prompts:
             ack = {"type": "ack", "id": prompt_id, "duplicate": True}
@@ -336,7 +337,7 @@ class Holder:
 
     def _journal_full(self, attach: Attach, prompt_id: str) -> None:
         text = f"no room for prompt {prompt_id} until the client confirms what it read"
-        self.attaches.send(attach, wire.refusal(wire.Refusal.JOURNAL_FULL, text))
+        self.attaches.send(attach, wire.refusal(wire.Refusal.JOURNAL_FULL, text, prompt_id))
 
     def _emit_for(self, attach: Attach, message: object) -> None:
         if self.finishing:

@@ -36,8 +36,12 @@ def encode(message: dict[str, Any]) -> bytes:
     return (json.dumps(message, separators=(",", ":")) + "\n").encode("ascii")
 
 
-def refusal(code: Refusal, text: str) -> bytes:
-    return encode({"type": "error", "code": code.value, "error": text})
+def refusal(code: Refusal, text: str, prompt_id: str | None = None) -> bytes:
+    """A control ``error`` line; ``prompt_id`` when it refuses a prompt."""
+    message = {"type": "error", "code": code.value, "error": text}
+    if prompt_id is not None:
+        message["id"] = prompt_id
+    return encode(message)
 
 
 def number(line: bytes, seq: int, obj: dict[str, Any]) -> bytes:

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from agentd import metrics
 from agentd.retry import retry
-from agentd.transport import AgentSink, AgentTarget, TransportError, remote_command
+from agentd.transport import AgentSink, AgentTarget, TransportError
 from agentd.transport.ssh.channel import AgentChannel, ChannelRefused
 from agentd.transport.ssh.connection import ClientTransport, VMConnection
 from agentd.transport.ssh.settings import SSHSettings
@@ -185,7 +185,7 @@ class VMPool:
 
     async def open(self, target: AgentTarget, sink: AgentSink) -> AgentChannel:
         s = self._settings
-        command = remote_command(s.command, target.agent)
+        command = s.attach.remote(target)
         env = {**s.forward_env, **target.env}
         refusals = 0
         while refusals < MAX_REFUSALS:

@@ -1,4 +1,4 @@
-"""What reaching VMs over SSH needs: the user, key, host keys, agent command and limits."""
+"""What reaching VMs over SSH needs: the user, key, host keys, attach command and limits."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from twisted.conch.ssh.keys import Key
 
+from agentd.transport import AttachCommand
 from agentd.transport.ssh.known_hosts import KnownHosts
 
 
@@ -15,7 +16,7 @@ class SSHSettings:
     user: str
     private_key: Key = field(repr=False)
     known_hosts: KnownHosts
-    command: str
+    attach: AttachCommand = field(default_factory=AttachCommand)
     forward_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     connect_timeout: float = 10.0
     connect_attempts: int = 3

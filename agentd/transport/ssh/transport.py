@@ -1,4 +1,4 @@
-"""The SSH transport: agents started on project VMs, one pool of connections per VM."""
+"""The SSH transport: sessions attached on project VMs, one pool of connections per VM."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from agentd.transport import (
     AgentProcess,
     AgentSink,
     AgentTarget,
+    AttachCommand,
     TransportError,
     forwarded_env,
 )
@@ -50,7 +51,7 @@ class SSHTransport:
             user=v.user,
             private_key=load_private_key(v.private_key),
             known_hosts=KnownHosts(v.known_hosts),
-            command=config.agents.command,
+            attach=AttachCommand.from_config(config),
             forward_env=forwarded_env(v.forward_env, os.environ),
             connect_timeout=v.connect_timeout_seconds,
             connect_attempts=v.connect_attempts,
