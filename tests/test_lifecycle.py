@@ -1,4 +1,4 @@
-"""Stopping and SIGTERM: the drain, its poll and deadline, and a second SIGTERM, on a Clock.
+"""Stopping and SIGTERM: clients told to resume elsewhere, attaches let go, on a Clock.
 
 The signal handler is driven directly with an injected reactor; no signal is sent.
 """
@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from agentd import config as config_module
-from agentd.lifecycle import DRAIN_POLL_SECONDS, AgentdService
+from agentd.lifecycle import RESTARTING, AgentdService
 
 
 class Reactor(MemoryReactorClock):
@@ -34,17 +34,16 @@ class Reactor(MemoryReactorClock):
 
 class Registry:
     def __init__(self) -> None:
-        self.queries = 1
         self.closed: list[int] = []
-
-    def busy(self) -> int:
-        return self.queries
+        self.left: Deferred[None] = Deferred()
+        self.leaving = 0
 
     def close_all(self, code: int, reason: str) -> None:
         self.closed.append(code)
 
-    def end_all(self) -> Deferred[None]:
-        return succeed(None)
+    def leave_all(self) -> Deferred[None]:
+        self.leaving += 1
+        return self.left
 
 
 class Part:
@@ -80,44 +79,33 @@ def test_sigterm_handler_is_installed_through_the_injected_reactor() -> None:
     assert (signal.signal, (signal.SIGTERM, agentd.sigterm), {}) in reactor.whenRunningHooks
 
 
-def test_first_sigterm_starts_the_drain_and_a_second_cuts_it_short() -> None:
+def test_sigterm_closes_clients_with_1012_and_stops_once_the_attaches_let_go() -> None:
     agentd, reactor, registry = service(drain_seconds=30.0)
     assert agentd.ready()
     agentd.sigterm(signal.SIGTERM, None)
     assert agentd.draining and not agentd.ready()
-    assert registry.closed == [1001]
-    reactor.advance(10)
-    assert not stopped(reactor), "the drain ended while a query was still running"
-    agentd.sigterm(signal.SIGTERM, None)
+    assert registry.closed == [RESTARTING] and registry.leaving == 1
+    reactor.advance(1)
+    assert not stopped(reactor)
+    registry.left.callback(None)
     assert stopped(reactor)
     assert not agentd.running
-
-
-def test_the_drain_ends_at_the_first_poll_after_the_last_query() -> None:
-    agentd, reactor, registry = service(drain_seconds=30.0)
-    agentd.sigterm(signal.SIGTERM, None)
-    reactor.advance(3 * DRAIN_POLL_SECONDS)
-    assert not stopped(reactor)
-    registry.queries = 0
-    assert not stopped(reactor)
-    reactor.advance(DRAIN_POLL_SECONDS)
-    assert stopped(reactor)
     assert reactor.getDelayedCalls() == []
 
 
-def test_the_drain_ends_at_its_deadline_when_queries_still_run() -> None:
-    agentd, reactor, _ = service(drain_seconds=5.0)
+def test_an_attach_that_does_not_exit_delays_the_stop_by_drain_seconds_at_most() -> None:
+    agentd, reactor, registry = service(drain_seconds=5.0)
     agentd.sigterm(signal.SIGTERM, None)
-    reactor.pump([DRAIN_POLL_SECONDS] * 49)
+    reactor.advance(4.9)
     assert not stopped(reactor)
-    reactor.pump([DRAIN_POLL_SECONDS] * 2)
+    reactor.advance(0.2)
     assert stopped(reactor)
 
 
-def test_a_sigterm_after_the_drain_does_nothing_more() -> None:
+def test_a_second_sigterm_does_nothing_more() -> None:
     agentd, reactor, registry = service(drain_seconds=30.0)
-    registry.queries = 0
+    registry.left.callback(None)
     agentd.sigterm(signal.SIGTERM, None)
     assert stopped(reactor)
     agentd.sigterm(signal.SIGTERM, None)
-    assert registry.closed == [1001]
+    assert registry.closed == [RESTARTING] and registry.leaving == 1

@@ -27,6 +27,21 @@ export const CLOSE_SUPERSEDED = 4001;
 export const CLOSE_TOO_BIG = 1009;
 
 /**
+ * Close code: agentd is restarting (a deploy). The session lives on its VM, so the client
+ * resumes at once on another instance, after a random wait of up to RESTART_JITTER_MS so
+ * that an instance's clients do not all arrive in the same millisecond.
+ */
+export const CLOSE_RESTARTING = 1012;
+export const RESTART_JITTER_MS = 1000;
+
+/**
+ * How long after a message the client confirms it has every message up to its lastSeq.
+ * The session's holder keeps what is not confirmed (and pauses the agent when that is too
+ * much), so confirming lets it go; a resume confirms too.
+ */
+export const CONFIRM_AFTER_MS = 1000;
+
+/**
  * HTTP statuses that mean "retrying will not help": the client stops and reports why.
  * A browser cannot read the status of a refused WebSocket upgrade, so these come from
  * the probe (see httpProbe).
@@ -102,7 +117,8 @@ function defaultBaseUrl() {
  * and after close()).
  *
  * Events, subscribed with on(type, fn) which returns a function that unsubscribes:
- *   "message"  every server message with a new seq, in order, exactly once
+ *   "message"  every server message with a new seq, in order, exactly once, and the
+ *              server's answers without a seq (pong, refusals of a prompt)
  *   "session"  the session message that starts each connection
  *   "status"   a snapshot of `state` after every change
  *   "lost"     {from, to}: messages with these seqs are gone (`to` null when not yet known)
@@ -126,6 +142,8 @@ export class AgentClient {
       delays = RECONNECT_DELAYS_MS,
       stableAfterMs = STABLE_AFTER_MS,
       maxMessageBytes = MAX_MESSAGE_BYTES,
+      restartJitterMs = RESTART_JITTER_MS,
+      confirmAfterMs = CONFIRM_AFTER_MS,
       reportError = (error) =>
         globalThis.reportError ? globalThis.reportError(error) : console.error(error),
     } = options;
@@ -149,6 +167,8 @@ export class AgentClient {
     this._delays = delays;
     this._stableAfterMs = stableAfterMs;
     this._maxMessageBytes = maxMessageBytes;
+    this._restartJitterMs = restartJitterMs;
+    this._confirmAfterMs = confirmAfterMs;
     this._reportError = reportError;
     this._encoder = new TextEncoder();
     this._listeners = new Map();
@@ -178,6 +198,8 @@ export class AgentClient {
     this._generation = 0;
     this._retryTimer = null;
     this._stableTimer = null;
+    this._confirmTimer = null;
+    this._confirmed = 0;
     this._announcedLossFrom = null;
   }
 
@@ -349,13 +371,26 @@ export class AgentClient {
       if (message.seq <= this.lastSeq) return;
       if (message.seq > this.lastSeq + 1) this._gap(this.lastSeq + 1, message.seq - 1);
       this.lastSeq = message.seq;
+      if (this._confirmTimer === null) {
+        this._confirmTimer = this._setTimeout(() => this._confirm(), this._confirmAfterMs);
+      }
     }
     if (typeof message.id === "string") this._pending.delete(message.id);
     this._emit("message", message);
   }
 
+  _confirm() {
+    this._confirmTimer = null;
+    if (this._ready && this.lastSeq > this._confirmed) {
+      this._confirmed = this.lastSeq;
+      this._ws.send(JSON.stringify({ type: "confirm", seq: this.lastSeq }));
+    }
+  }
+
   _startSession(message) {
     if (!(message.resumed === true && message.session === this.session)) this.lastSeq = 0;
+    // Resuming with last_seq confirmed everything up to it.
+    this._confirmed = this.lastSeq;
     this.session = message.session;
     this._connection += 1;
     this._ready = true;
@@ -397,6 +432,8 @@ export class AgentClient {
     if (event.code === CLOSE_TOO_BIG) this._dropSentPrompts();
     if (event.code === CLOSE_SUPERSEDED) {
       this._stop("superseded");
+    } else if (event.code === CLOSE_RESTARTING && opened) {
+      this._scheduleRestart();
     } else if (!opened && this._probe) {
       this._probeRefusal(url);
     } else {
@@ -444,6 +481,17 @@ export class AgentClient {
     this._setStatus("reconnecting");
   }
 
+  /** agentd is restarting: resume elsewhere at once; this is not a failed attempt. */
+  _scheduleRestart() {
+    const delay = Math.round(this._random() * this._restartJitterMs);
+    this.nextRetryAt = this._now() + delay;
+    this._retryTimer = this._setTimeout(() => {
+      this._retryTimer = null;
+      this._dial("reconnecting");
+    }, delay);
+    this._setStatus("reconnecting");
+  }
+
   _stop(reason) {
     this._clearTimers();
     this.nextRetryAt = null;
@@ -469,8 +517,10 @@ export class AgentClient {
   _clearTimers() {
     if (this._retryTimer !== null) this._clearTimeout(this._retryTimer);
     if (this._stableTimer !== null) this._clearTimeout(this._stableTimer);
+    if (this._confirmTimer !== null) this._clearTimeout(this._confirmTimer);
     this._retryTimer = null;
     this._stableTimer = null;
+    this._confirmTimer = null;
   }
 
   _setStatus(status) {

@@ -6,6 +6,7 @@ import { beforeEach, describe, test } from "node:test";
 
 import {
   AgentClient,
+  CONFIRM_AFTER_MS,
   JITTER,
   RECONNECT_DELAYS_MS,
   STABLE_AFTER_MS,
@@ -438,6 +439,39 @@ describe("resume and resend", () => {
     assert.deepEqual(client.pending, []);
   });
 
+  test("received messages are confirmed once a second, with the last seq, and not again", () => {
+    const client = makeClient();
+    client.connect();
+    const ws = FakeSocket.last;
+    ws.startSession("s1");
+    ws.receive({ type: "delta", text: "a", seq: 1 });
+    ws.receive({ type: "delta", text: "b", seq: 2 });
+    ws.receive({ type: "pong" }); // agentd's own answers carry no seq: nothing to confirm
+    assert.deepEqual(ws.sent, []);
+    clock.advance(CONFIRM_AFTER_MS);
+    assert.deepEqual(ws.sent, [{ type: "confirm", seq: 2 }]);
+    clock.advance(10 * CONFIRM_AFTER_MS);
+    assert.deepEqual(ws.sent, [{ type: "confirm", seq: 2 }]);
+    ws.receive({ type: "delta", text: "c", seq: 3 });
+    clock.advance(CONFIRM_AFTER_MS);
+    assert.deepEqual(ws.sent.at(-1), { type: "confirm", seq: 3 });
+    assert.equal(client.lastSeq, 3);
+  });
+
+  test("a resume confirms by its last_seq: no confirm message repeats it", () => {
+    const client = makeClient();
+    client.connect();
+    FakeSocket.last.startSession("s1");
+    FakeSocket.last.receive({ type: "delta", text: "a", seq: 1 });
+    FakeSocket.last.drop();
+    clock.advance(RECONNECT_DELAYS_MS[0] * 2);
+    const ws = FakeSocket.last;
+    assert.equal(ws.url.searchParams.get("last_seq"), "1");
+    ws.startSession("s1", { resumed: true, lastSeq: 1 });
+    clock.advance(CONFIRM_AFTER_MS);
+    assert.deepEqual(ws.sent, []);
+  });
+
   test("abort is sent only while connected", () => {
     const client = makeClient();
     client.connect();
@@ -445,6 +479,32 @@ describe("resume and resend", () => {
     FakeSocket.last.startSession("s1");
     assert.equal(client.abort(), true);
     assert.deepEqual(FakeSocket.last.sent, [{ type: "abort" }]);
+  });
+});
+
+describe("restarts", () => {
+  test("a 1012 close (agentd restarting) resumes at once, within the jitter, without counting", () => {
+    const client = makeClient({ random: () => 0.25 });
+    client.connect();
+    FakeSocket.last.startSession("s1");
+    FakeSocket.last.receive({ type: "delta", text: "a", seq: 4 });
+    FakeSocket.last.drop(1012, "server restarting");
+    assert.equal(client.status, "reconnecting");
+    assert.equal(client.attempt, 0);
+    assert.equal(clock.pendingDelay(), 250);
+    clock.advance(250);
+    assert.equal(FakeSocket.instances.length, 2);
+    const url = FakeSocket.last.url;
+    assert.equal(url.searchParams.get("session"), "s1");
+    assert.equal(url.searchParams.get("last_seq"), "4");
+  });
+
+  test("a 1012 on an attempt that never opened is an ordinary failed attempt", () => {
+    const client = makeClient();
+    client.connect();
+    FakeSocket.last.drop(1012, "server restarting");
+    assert.equal(client.attempt, 1);
+    assert.equal(clock.pendingDelay(), RECONNECT_DELAYS_MS[0]);
   });
 });
 
