@@ -1,11 +1,13 @@
-"""Development mode: agentd on embedded defaults, with a throwaway JWT secret and a banner
+"""Development mode: agentd on embedded defaults, with a development JWT secret and a banner
 that prints a token and the URLs to try it with."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
 import sys
+from pathlib import Path
 
 from twisted.application.service import Service
 
@@ -16,16 +18,35 @@ from agentd.endpoints import socket_address
 TOKEN_TTL_SECONDS = 7 * 24 * 3600
 
 
-def dev_secret(config: Config) -> str:
-    """A throwaway JWT secret when ``config`` is the embedded defaults and names no key,
-    else ""; a configuration file without a key is an error."""
+def dev_secret(config: Config, state_dir: Path | None = None) -> str:
+    """A development JWT secret when ``config`` is the embedded defaults and names no key,
+    else ""; a configuration file without a key is an error.
+
+    The secret is made once and kept in ``state_dir`` (``~/.agentd``, beside the local
+    sessions, mode 0600): a restarted agentd accepts the tokens it printed before, so an
+    open demo console resumes its session across the restart.
+    """
     if config.auth.jwt_secret or config.auth.jwt_public_key_file:
         return ""
     if config.source != "embedded defaults":
         raise ConfigError(
             "[auth] jwt_secret", "required (or jwt_public_key_file, or AGENTD_JWT_SECRET)"
         )
-    return secrets.token_urlsafe(32)
+    directory = state_dir if state_dir is not None else Path.home() / ".agentd"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / "dev-jwt-secret"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        kept = path.read_text().strip()
+        if len(kept) >= 43 and path.stat().st_mode & 0o077 == 0:
+            return kept
+        path.unlink()  # unreadable or readable by others: start over
+        return dev_secret(config, directory)
+    secret = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
 
 
 def endpoint_url(endpoint: str) -> str | None:
@@ -54,7 +75,7 @@ def _every_interface(host: str) -> bool:
 def banner(authenticator: Authenticator, endpoint: str) -> str:
     """What development mode prints: a fresh token and where to use it."""
     token = authenticator.mint("dev", ["*"], ttl=TOKEN_TTL_SECONDS)
-    lines = ["agentd is running in development mode (embedded defaults, throwaway JWT secret)."]
+    lines = ["agentd is running in development mode (embedded defaults, development JWT secret)."]
     url = endpoint_url(endpoint)
     if url is None:
         lines.append(f"  listening on {endpoint}: no URL a browser can open")

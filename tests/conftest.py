@@ -19,7 +19,7 @@ def _no_holder_outlives_its_test(tmp_path: Path) -> Iterator[None]:
     """Session holders outlive agentd by design: every one a test started under its
     temporary directory is ended when the test ends."""
     yield
-    kill_holders(tmp_path / "sessions")
+    kill_holders(tmp_path)
 
 
 @pytest.fixture

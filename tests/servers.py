@@ -266,9 +266,9 @@ def is_holder(pid: int) -> bool:
 
 
 def holder_pids(sessions_dir: Path) -> set[int]:
-    """The live holders of the sessions under ``sessions_dir``."""
+    """The live holders of the sessions anywhere under ``sessions_dir``."""
     pids = set()
-    for pid_file in sessions_dir.glob("*/holder.pid"):
+    for pid_file in sessions_dir.glob("**/holder.pid"):
         try:
             pid = int(pid_file.read_text())
         except (FileNotFoundError, ValueError):
@@ -279,8 +279,8 @@ def holder_pids(sessions_dir: Path) -> set[int]:
 
 
 def kill_holders(sessions_dir: Path) -> None:
-    """End every holder under ``sessions_dir`` and its agent (by process group): holders
-    outlive agentd by design, and a test leaves none running."""
+    """End every holder anywhere under ``sessions_dir`` and its agent (by process group):
+    holders outlive agentd by design, and a test leaves none running."""
     pids = holder_pids(sessions_dir)
     for pid in pids:
         try:

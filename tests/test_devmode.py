@@ -50,9 +50,23 @@ def test_the_banner_gives_working_urls_or_says_why_there_is_none() -> None:
     assert "  token:        " in text
 
 
-def test_only_the_embedded_defaults_get_a_throwaway_secret() -> None:
-    assert len(dev_secret(config_module.load(None, env={}))) >= 43
+def test_only_the_embedded_defaults_get_a_development_secret(tmp_path) -> None:
+    secret = dev_secret(config_module.load(None, env={}), tmp_path)
+    assert len(secret) >= 43
     with pytest.raises(ConfigError, match=r"\[auth\] jwt_secret"):
-        dev_secret(config_module.from_dict({}, env={}, source="agentd.toml"))
+        dev_secret(config_module.from_dict({}, env={}, source="agentd.toml"), tmp_path)
     configured = config_module.from_dict({"auth": {"jwt_secret": "s" * 32}}, env={})
-    assert dev_secret(configured) == ""
+    assert dev_secret(configured, tmp_path) == ""
+
+
+def test_the_development_secret_outlives_a_restart_and_is_private(tmp_path) -> None:
+    defaults = config_module.load(None, env={})
+    first = dev_secret(defaults, tmp_path / "state")
+    assert dev_secret(defaults, tmp_path / "state") == first
+    kept = tmp_path / "state" / "dev-jwt-secret"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    kept.chmod(0o644)  # readable by others: not trusted, replaced
+    assert dev_secret(defaults, tmp_path / "state") != first
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert dev_secret(defaults, tmp_path / "other") != first

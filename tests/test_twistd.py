@@ -27,6 +27,8 @@ TWISTD = [str(BIN / "twistd"), "--nodaemon", "--pidfile="]
 
 def run_twistd(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+    # Development mode keeps its secret and its sessions under $HOME: the test's own.
+    env["HOME"] = str(cwd)
     return subprocess.Popen(
         [*TWISTD, "agentd", *args],
         cwd=cwd,
