@@ -94,7 +94,7 @@ def test_sigterm_closes_clients_with_1012_and_stops_once_the_attaches_let_go() -
 
 
 def test_an_attach_that_does_not_exit_delays_the_stop_by_drain_seconds_at_most() -> None:
-    agentd, reactor, registry = service(drain_seconds=5.0)
+    agentd, reactor, _ = service(drain_seconds=5.0)
     agentd.sigterm(signal.SIGTERM, None)
     reactor.advance(4.9)
     assert not stopped(reactor)
