@@ -148,7 +148,7 @@ async def test_options_that_are_not_a_small_object_are_a_bad_request(
     error = await client.recv()
     assert error["type"] == "error" and error["code"] == "bad_request"
     assert error["id"] == "p" and problem in error["error"]
-    assert next(iter(gateway.registry.by_id.values())).process is None, "an agent was started"
+    assert next(iter(gateway.registry.by_id.values())).link is None, "an agent was started"
     client.close()
 
 

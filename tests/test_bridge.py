@@ -21,6 +21,7 @@ from tests import harness
 from tests.harness import auth, base_config, merge, ssh_config, token
 from tests.samples import sample
 from tests.servers import keygen
+from tests.waiting import eventually
 from tests.wsclient import connect, handshake_headers
 
 
@@ -318,7 +319,7 @@ async def test_deeply_nested_messages_are_bad_requests_before_any_agent_work(tmp
     assert (reply["type"], reply["code"]) == ("error", "bad_request")
     assert reply["error"] == "message nests deeper than 32 levels"
     assert gateway.registry.by_key and all(
-        s.process is None for s in gateway.registry.by_key.values()
+        s.link is None for s in gateway.registry.by_key.values()
     )
     client.send({"type": "prompt", "id": "ok", "text": "fine now", "extra": [[["shallow"]]]})
     assert (await client.recv_until("done"))[-1]["type"] == "done"
@@ -358,7 +359,7 @@ async def test_non_json_agent_output_is_counted_not_forwarded(tmp_path, agentd):
     client.send({"type": "prompt", "id": "p", "text": "x"})
     messages = await client.recv_until("done")
     assert [m["type"] for m in messages] == ["ack", "delta", "done"]
-    assert [m["seq"] for m in messages] == [1, 2, 3], "agentd's seq replaces the agent's"
+    assert [m["seq"] for m in messages] == [1, 2, 3], "the holder's seq replaces the agent's"
     assert sample("agentd_agent_bad_lines_total", agent="echo") == before + 2
     client.close()
 
@@ -380,7 +381,9 @@ async def test_agent_exit_is_reported_and_the_next_prompt_starts_a_new_agent(
 
 
 @pytest_twisted.ensureDeferred
-async def test_closing_the_websocket_ends_the_agent_process(tmp_path, agentd):
+async def test_a_session_left_idle_with_nobody_attached_ends_its_agent_after_idle_seconds(
+    tmp_path, agentd
+):
     pidfile = tmp_path / "agent.pid"
     script = tmp_path / "pid_agent.py"
     script.write_text(
@@ -391,7 +394,11 @@ async def test_closing_the_websocket_ends_the_agent_process(tmp_path, agentd):
         "    print(json.dumps({'type': 'done', 'id': msg['id']}), flush=True)\n"
     )
     gateway = agentd(
-        merge(base_config(tmp_path), agents={"command": f"{sys.executable} {script} {{agent}}"})
+        merge(
+            base_config(tmp_path),
+            agents={"command": f"{sys.executable} {script} {{agent}}"},
+            sessions={"idle_seconds": 2.0},
+        )
     )
     client = await connect(gateway.ws_url(token=token()))
     await client.recv()
@@ -400,15 +407,18 @@ async def test_closing_the_websocket_ends_the_agent_process(tmp_path, agentd):
     pid = int(pidfile.read_text())
     client.close()
     await client.closed
-    for _ in range(100):
+    left = time.monotonic()
+    await eventually(lambda: gateway.registry.by_id == {}, what="agentd letting go")
+    os.kill(pid, 0)  # the agent outlives the connection and agentd's hold on it
+    for _ in range(200):
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             break
         await sleep(0.05)
     else:
-        pytest.fail("the agent process outlived its session")
-    assert gateway.registry.by_id == {}
+        pytest.fail("the idle session's agent outlived idle_seconds")
+    assert time.monotonic() - left >= 1.5, "the agent ended before the session was idle"
 
 
 def _rss_bytes() -> int:

@@ -12,7 +12,7 @@ from agentd.session.gate import PromptLimits
 from agentd.session.services import Refusal
 from agentd.usage.budgets import BudgetDecision
 from tests.samples import sample
-from tests.test_session import KEY, FakeClient, make
+from tests.test_session import KEY, FakeClient, make, opened
 
 ALLOWED = Decision(allowed=True, policy="prompts", limit=60, window_ms=60_000, retry_after_ms=0)
 LIMITED = Decision(allowed=False, policy="prompts", limit=2, window_ms=60_000, retry_after_ms=1234)
@@ -102,7 +102,7 @@ def test_a_refused_prompt_reaches_the_client_as_an_error_and_never_the_agent():
     prompt_gate, _ = gate(LIMITED, WITHIN_BUDGET)
     _, transport, registry = make(gate=prompt_gate)
     client = FakeClient()
-    session = registry.open(KEY, client, None, 0)
+    session = opened(registry, KEY, client)
     rejected = decisions("rejected")
     errors = sample("agent_errors_total", agent="echo", error_type="rate_limit")
     session.prompt("p1", "hi")
@@ -117,9 +117,8 @@ def test_a_refused_prompt_reaches_the_client_as_an_error_and_never_the_agent():
             "policy": "prompts",
             "limit": 2,
             "window": 60_000,
-            "seq": 1,
         }.items()
-    ), "the fields, in the order the client has always had them"
-    assert transport.processes == []
+    ), "the fields, in the order the client has always had them (an answer: no seq)"
+    assert transport.attaches == []
     assert decisions("rejected") == rejected + 1
     assert sample("agent_errors_total", agent="echo", error_type="rate_limit") == errors + 1

@@ -679,6 +679,12 @@ class Session:
                 link.attached.callback(message)
         elif kind == "unrecorded":
             self._record_unrecorded(message)
+        elif kind == "dropped":
+            size = message.get("size")
+            if message.get("reason") == "overlong":
+                self.agent_overlong("stdout", size if isinstance(size, int) else 0)
+            else:
+                self._bad_line(b"", size if isinstance(size, int) else 0)
         elif kind == "ended":
             reason = message.get("reason")
             link.holder_ended = reason if isinstance(reason, str) else "ended"
@@ -722,16 +728,20 @@ class Session:
         if self.queries.pop(prompt_id, None) is not None:
             metrics.QUERIES_IN_FLIGHT.labels(self.key.agent).dec()
 
-    def _bad_line(self, line: bytes) -> None:
-        if line.strip():
-            metrics.AGENT_BAD_LINES.labels(self.key.agent).inc()
-            if not self._log_budget.allow():
-                return
-            _log.warn(
-                "the session holder sent a line that is not a JSON object ({size} bytes)",
-                size=len(line),
-                **self._log_context,
-            )
+    def _bad_line(self, line: bytes, size: int | None = None) -> None:
+        """A line that is not a JSON object: from the holder (a bug or a hostile VM), or one
+        of the agent's that the holder dropped (``size`` given)."""
+        if size is None and not line.strip():
+            return
+        metrics.AGENT_BAD_LINES.labels(self.key.agent).inc()
+        if not self._log_budget.allow():
+            return
+        _log.warn(
+            "{source} wrote a line that is not a JSON object ({size} bytes)",
+            source="the agent" if size is not None else "the session holder",
+            size=len(line) if size is None else size,
+            **self._log_context,
+        )
 
     def _count_output(self, obj: dict[str, Any], kind: str) -> None:
         prompt_id = obj.get("id")

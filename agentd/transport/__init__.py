@@ -60,6 +60,11 @@ class AgentTarget:
     start: bool = False
 
 
+# A numbered line is the agent's line with ``{"seq":N,`` in front: what agentd reads from an
+# attach may be this much longer than the agent's own limit.
+NUMBERING_ROOM = 64
+
+
 @dataclass(frozen=True)
 class AttachCommand:
     """How to run the attach: its command, and what a holder it starts is told."""
@@ -68,6 +73,11 @@ class AttachCommand:
     agent_command: str = "agentd-agent {agent}"
     idle_seconds: float = 3600.0
     max_line: int = 1_048_576
+
+    @property
+    def relay_limit(self) -> int:
+        """The longest line agentd takes from the attach."""
+        return self.max_line + NUMBERING_ROOM
 
     @classmethod
     def from_config(cls, config: Config) -> AttachCommand:

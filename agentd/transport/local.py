@@ -115,7 +115,7 @@ class LocalTransport:
     ) -> None:
         self._reactor = reactor
         self._attach = attach
-        self._max_line = attach.max_line
+        self._max_line = attach.relay_limit
         self._env = forwarded_env(
             (*INHERITED_ENV, *forward_env), os.environ if environ is None else environ
         )

@@ -33,6 +33,9 @@ class ChildEvents(Protocol):
     def agent_changed(self) -> None:
         """The agent exited or closed its stdout: it may have ended (see ``ended``)."""
 
+    def agent_dropped(self, reason: str, size: int) -> None:
+        """A stdout line was dropped (``overlong`` or ``not_json``), already logged."""
+
 
 class AgentChild:
     """The agent process and its three pipes, registered with the holder's selector."""
@@ -139,6 +142,7 @@ class AgentChild:
 
     def _overlong(self, size: int) -> None:
         self.log.warn("dropped an agent line over the limit", session=self.short, size=size)
+        self.events.agent_dropped("overlong", size)
 
     def _stdout_closed(self) -> None:
         if self.reading:

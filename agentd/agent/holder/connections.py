@@ -209,6 +209,14 @@ class Attaches:
                 attach.out += wire.encode({"type": "log", "line": text})
             self.flush(attach)
 
+    def forward_dropped(self, reason: str, size: int) -> None:
+        """A ``dropped`` line for agentd's count of bad agent lines, unless the attach is
+        behind (the holder's log has every one)."""
+        attach = self.current
+        if attach is not None and len(attach.out) < ATTACH_HIGH_WATER:
+            attach.out += wire.encode({"type": "dropped", "reason": reason, "size": size})
+            self.flush(attach)
+
     def caught_up(self) -> Attach | None:
         """The current attach if it has every journaled line and room for more: lines about
         to be journaled can be handed to it as they are."""

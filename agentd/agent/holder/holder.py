@@ -201,6 +201,9 @@ class Holder:
     def agent_stderr(self, lines: list[bytes]) -> None:
         self.attaches.forward_log(lines)
 
+    def agent_dropped(self, reason: str, size: int) -> None:
+        self.attaches.forward_dropped(reason, size)
+
     def agent_changed(self) -> None:
         """Once the agent has exited and all it wrote is journaled, say so to the client."""
         agent = self.agent

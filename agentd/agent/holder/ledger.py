@@ -145,6 +145,7 @@ class Ledger:
                     session=self._short,
                     size=len(line),
                 )
+                self.attaches.forward_dropped("not_json", len(line))
             return None
         return obj
 

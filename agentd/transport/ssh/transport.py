@@ -15,6 +15,7 @@ from agentd.transport import (
     AgentProcess,
     AgentSink,
     AgentTarget,
+    NUMBERING_ROOM,
     AttachCommand,
     TransportError,
     forwarded_env,
@@ -58,7 +59,7 @@ class SSHTransport:
             backoff_base=v.connect_backoff_base_seconds,
             backoff_cap=v.connect_backoff_cap_seconds,
             max_channels=v.max_channels_per_connection,
-            max_line=config.server.max_message_bytes,
+            max_line=config.server.max_message_bytes + NUMBERING_ROOM,
         )
         hosts = dict(v.hosts)
 
