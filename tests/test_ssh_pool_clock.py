@@ -7,6 +7,8 @@ and their bytes moved by iosim pumps, so only the clock and the network are fake
 
 from __future__ import annotations
 
+import shlex
+
 import struct
 from pathlib import Path
 from typing import Any
@@ -231,7 +233,6 @@ def make_transport(reactor: MemoryReactorClock, vm: MemoryVM, **settings: Any) -
             user=USER,
             private_key=vm.client_key,
             known_hosts=KnownHosts(str(vm.known_hosts)),
-            command="agentd-agent {agent}",
             **settings,
         ),
         lambda project: "127.0.0.1",
@@ -387,7 +388,11 @@ def test_sessions_arriving_while_a_connection_is_made_share_it(reactor, tmp_path
     for d in waiting:
         result(d)
     assert vm.open_connections() == 1
-    assert [agent.command for agent in vm.agents] == [b"agentd-agent echo"] * 3
+    assert [agent.command for agent in vm.agents] == [
+        b"agentd-agent attach --session s-user%d --user user%d --project demo --agent echo"
+        b" --after 0" % (i, i)
+        for i in range(3)
+    ]
 
 
 def test_a_burst_makes_at_most_parallel_connects_connections_at_once(reactor, tmp_path):
@@ -472,7 +477,12 @@ def test_from_config_reaches_the_vm_vms_names_with_its_key_user_and_command(reac
     key_file.write_bytes(vm.client_key.toString("openssh"))
     built = config.from_dict(
         {
-            "agents": {"names": ["echo"], "command": "run-agent {agent}"},
+            "agents": {
+                "names": ["echo"],
+                "command": "run-agent {agent}",
+                "attach_command": "run-attach --sessions-dir '/srv/agent sessions'",
+            },
+            "sessions": {"idle_seconds": 600},
             "vms": {
                 "transport": "ssh",
                 "host": "{project}.vms.internal",
@@ -486,7 +496,14 @@ def test_from_config_reaches_the_vm_vms_names_with_its_key_user_and_command(reac
         env={},
     )
     transport = SSHTransport.from_config(built, reactor)
-    d, _ = spawn(transport)
+    target = AgentTarget("demo", "echo", "u'; rm -rf ~", "s-1", after=7, start=True)
+    d = transport.spawn(target, Sink())
     vm.accept()
     result(d)  # the host key checked is build-box.internal's, not demo.vms.internal's
-    assert vm.agents[0].command == b"run-agent echo"
+    command = vm.agents[0].command.decode()
+    assert command == (
+        "run-attach --sessions-dir '/srv/agent sessions' --session s-1 --user 'u'\"'\"'; rm -rf ~'"
+        " --project demo --agent echo --after 7 --start --agent-command 'run-agent {agent}'"
+        " --idle-seconds 600 --max-line 1048576"
+    )
+    assert shlex.split(command)[6] == "u'; rm -rf ~", "every value is one argument to the shell"

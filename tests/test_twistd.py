@@ -18,7 +18,7 @@ import pytest_twisted
 
 from bench.procs import cpu_seconds
 from tests.harness import SECRET
-from tests.servers import free_port, wait_for_port
+from tests.servers import free_port, holder_pids, wait_for_port
 from tests.wsclient import connect
 
 BIN = Path(sys.executable).parent
@@ -104,19 +104,41 @@ async def test_dev_mode_prints_a_working_token_and_sigterm_exits_cleanly(tmp_pat
             banner += line
         token = re.search(r"token:\s+(\S+)", banner).group(1)
         client = await connect(f"ws://127.0.0.1:{port}/projects/demo/agent/echo?token={token}")
-        assert (await client.recv())["type"] == "session"
+        hello = await client.recv()
+        assert hello["type"] == "session"
         client.send({"type": "prompt", "id": "1", "text": "hello twistd"})
         messages = await client.recv_until("done")
         assert "".join(m["text"] for m in messages if m["type"] == "delta") == "hello twistd"
+        holders = holder_pids(tmp_path)
+        assert len(holders) == 1
         proc.send_signal(signal.SIGTERM)
         code, _ = await client.closed
-        assert code == 1001
+        assert code == 1012
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    # Started again, development mode accepts the token it printed, and the session (held
+    # locally, outside agentd) resumes where it was.
+    again = run_twistd(["--listen", f"tcp:{port}:interface=127.0.0.1"], cwd=tmp_path)
+    try:
+        wait_for_port(port, timeout=20)
+        resumed = await connect(
+            f"ws://127.0.0.1:{port}/projects/demo/agent/echo?token={token}"
+            f"&session={hello['session']}&last_seq={messages[-1]['seq']}"
+        )
+        back = await resumed.recv()
+        assert back["resumed"] is True and back["session"] == hello["session"]
+        resumed.send({"type": "prompt", "id": "2", "text": "still here"})
+        more = await resumed.recv_until("done")
+        assert more[0] == {"type": "ack", "id": "2", "seq": messages[-1]["seq"] + 1}
+        assert holder_pids(tmp_path) == holders, "the same agent answered"
+        resumed.close()
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.communicate(timeout=30)
     records = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert any("started" in r["message"] for r in records)
     assert all({"time", "level", "message"} <= r.keys() for r in records)
