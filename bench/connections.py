@@ -101,7 +101,7 @@ def sessions(ctx: Context) -> dict[str, Any]:
     sshd = ctx.sshd(max_sessions=10)
     agentd = ctx.agentd(
         "sessions",
-        agents={"names": ["echo"], "command": "exec cat # {agent}"},
+        agents={"names": ["echo"], "command": "sh -c 'exec cat' {agent}"},
         vms=sshd.vms_section(max_channels_per_connection=64),
     )
     prompt = {"type": "prompt", "id": "p", "text": "are you there?"}

@@ -24,7 +24,7 @@ def storm(
     agentd = ctx.agentd(
         f"storm-{clients}",
         backlog=backlog,
-        agents={"names": ["echo"], "command": f"exec {TICKER} {{agent}}"},
+        agents={"names": ["echo"], "command": f"{TICKER} {{agent}}"},
         vms=sshd.vms_section(),
     )
     options = {"repeat": deltas, "delay_ms": delay_ms}

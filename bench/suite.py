@@ -23,11 +23,13 @@ from typing import Any
 
 from bench.procs import Agentd, Process, Websocketd, descendants, rss_kib
 from bench.ws import BlockingClient
-from tests.servers import RedisServer, SshServer, agent_command
+from tests.servers import RedisServer, SshServer, agent_command, attach_command, kill_holders
 
 # The echo agent as the tests run it: with the test options the scenarios ask it for
 # (repeat, delta_bytes, delay_ms in a prompt's options), importing this checkout's code.
 ECHO = agent_command()
+# How often the agentd client confirms what it read (agent-client.js: once a second).
+CONFIRM_EVERY = 10_000
 TICKER = str(Path(__file__).resolve().parent / "agents" / "ticker")
 # Every scenario sends more prompts than the production limit of 60 a minute allows.
 UNLIMITED = {"prompts_per_minute": 10_000_000, "connections_per_minute": 10_000_000}
@@ -99,6 +101,10 @@ class Context:
 
     def agentd(self, name: str, backlog: int | None = None, **sections: dict[str, Any]) -> Agentd:
         sections.setdefault("agents", {"names": ["echo"], "command": ECHO})
+        # Sessions are held in this run's own directory, and their holders end with it.
+        sessions = self.work / "sessions"
+        sections["agents"].setdefault("attach_command", attach_command(sessions))
+        self._current.callback(kill_holders, sessions)
         sections["ratelimit"] = {**UNLIMITED, **sections.get("ratelimit", {})}
         sections["server"] = {**ONE_ADDRESS, **sections.get("server", {})}
         self._started += 1
@@ -264,7 +270,8 @@ class WebSocketTarget(Target):
 
     def count_until(self, count: int) -> tuple[int, int]:
         assert self.client is not None
-        seen, size, last = self.client.count_until(count)
+        confirm = CONFIRM_EVERY if self.extra_messages else 0  # websocketd would pass it on
+        seen, size, last = self.client.count_until(count, confirm_every=confirm)
         if b'"done"' not in last:
             raise RuntimeError(f"{self.name}: the stream did not end with done")
         return seen, size

@@ -124,9 +124,11 @@ class BlockingClient:
             self._read()
         return self.pending.popleft()
 
-    def count_until(self, count: int) -> tuple[int, int, bytes]:
+    def count_until(self, count: int, confirm_every: int = 0) -> tuple[int, int, bytes]:
         """Read ``count`` text messages as fast as possible: (messages, payload bytes, the
-        last message). Frames are walked, never copied, except the last one."""
+        last message). Frames are walked, never copied, except the last one. With
+        ``confirm_every``, every that many messages the client confirms the seq it reached,
+        as agent-client.js does, so the session's holder may let the lines go."""
         seen = payload = 0
         last = b""
         while self.pending and seen < count:
@@ -147,6 +149,8 @@ class BlockingClient:
                     payload += stop - start
                     if seen == count:
                         last = bytes(buffer[start:stop])
+                    elif confirm_every and seen % confirm_every == 0:
+                        self._confirm(buffer[start : min(stop, start + 32)])
                 elif opcode == CLOSE:
                     raise ConnectionError("closed while streaming")
             del buffer[:used]
@@ -156,6 +160,11 @@ class BlockingClient:
             if not n:
                 raise ConnectionError("closed while streaming")
             buffer += view[:n]
+
+    def _confirm(self, head: bytes | bytearray) -> None:
+        if head.startswith(b'{"seq":'):
+            seq = int(bytes(head[7:]).split(b",", 1)[0])
+            self.send(b'{"type":"confirm","seq":%d}' % seq)
 
     def close(self) -> None:
         try:
