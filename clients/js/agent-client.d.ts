@@ -30,20 +30,30 @@ export interface PingMessage {
   id?: string | number;
 }
 
+/**
+ * The client has every message up to `seq`: the session's holder may let them go. AgentClient
+ * sends it a second after it receives messages.
+ */
+export interface ConfirmMessage {
+  type: "confirm";
+  seq: number;
+}
+
 /** Every message a client may send. */
-export type ClientMessage = PromptMessage | AbortMessage | PingMessage;
+export type ClientMessage = PromptMessage | AbortMessage | PingMessage | ConfirmMessage;
 
 // ---------------------------------------------------------------------------------------
 // The wire protocol: agentd to client
 
-/** The first message of every connection, and the only one without `seq`. */
+/** The first message of every connection; like agentd's other answers, it has no `seq`. */
 export interface SessionMessage {
   type: "session";
   /** Opaque id; reconnect with `?session=<id>&last_seq=<n>` to resume. */
   session: string;
   /** True when an earlier session was re-attached; false starts seq again at 1. */
   resumed: boolean;
-  /** False when messages the client missed had already left the replay log. */
+  /** False when messages after the client's last_seq are gone (confirmed before, or the
+   * session's holder was lost). */
   complete: boolean;
   /** The highest seq the session has sent. */
   lastSeq: number;
@@ -51,7 +61,8 @@ export interface SessionMessage {
   agent: string;
 }
 
-/** What every message after `session` carries: 1, 2, 3, … per session, without gaps. */
+/** What the session's messages carry: 1, 2, 3, … per session, without gaps, numbered on the
+ * VM, the same whichever agentd instance relays them. */
 export interface Sequenced {
   seq: number;
 }
@@ -64,10 +75,11 @@ export interface AckMessage extends Sequenced {
   duplicate?: true;
 }
 
-/** The answer to `ping`, with the ping's id when it had one. */
-export interface PongMessage extends Sequenced {
+/** The answer to `ping`, with the ping's id when it had one; an answer: no `seq`. */
+export interface PongMessage {
   type: "pong";
   id?: string | number;
+  seq?: undefined;
 }
 
 /** The agent started answering the prompt `id`. */
@@ -114,7 +126,8 @@ export type AgentdErrorCode =
   | "internal"
   | "rate_limit"
   | "quota_exceeded"
-  | "timeout";
+  | "timeout"
+  | "backlog_full";
 
 /** Codes of the errors the agent CLI sends, passed through by agentd (docs/agent-cli.md). */
 export type AgentErrorCode =
@@ -131,8 +144,11 @@ export type AgentErrorCode =
 
 export type ErrorCode = AgentdErrorCode | AgentErrorCode;
 
-interface ErrorFields extends Sequenced {
+interface ErrorFields {
   type: "error";
+  /** Present on the session's errors (the agent's, `agent_exited`); agentd's own refusals of
+   * a connection's message are answers, without one. */
+  seq?: number;
   /** Text for people; programs read `code`. */
   error: string;
 }
@@ -185,7 +201,14 @@ export interface QueryError extends ErrorFields {
 
 /** The remaining codes; `id` names the prompt when the error is about one. */
 export interface OtherError extends ErrorFields {
-  code: "bad_request" | "vm_unavailable" | "internal" | "busy" | "unknown_agent" | "bad_config";
+  code:
+    | "bad_request"
+    | "vm_unavailable"
+    | "internal"
+    | "busy"
+    | "unknown_agent"
+    | "bad_config"
+    | "backlog_full";
   id?: string;
 }
 
@@ -207,6 +230,15 @@ export declare const CLOSE_SUPERSEDED: 4001;
 
 /** Close code: the server refused a message as too big. */
 export declare const CLOSE_TOO_BIG: 1009;
+
+/** Close code: agentd is restarting; the client resumes at once, on any instance. */
+export declare const CLOSE_RESTARTING: 1012;
+
+/** The longest random wait before resuming after a 1012 close, in ms. */
+export declare const RESTART_JITTER_MS: number;
+
+/** How long after a message the client confirms what it has, in ms. */
+export declare const CONFIRM_AFTER_MS: number;
 
 // ---------------------------------------------------------------------------------------
 // The client
@@ -306,7 +338,7 @@ export interface LostRange {
 
 /** The events of AgentClient and what each listener receives. */
 export interface AgentClientEvents {
-  /** Every message with a new seq, in order, exactly once. */
+  /** Every message with a new seq, in order, exactly once, and agentd's answers without one. */
   message: ServerMessage;
   /** The session message that starts each connection. */
   session: SessionMessage;
@@ -355,6 +387,10 @@ export interface AgentClientSettings {
   delays?: readonly number[];
   stableAfterMs?: number;
   maxMessageBytes?: number;
+  /** The longest random wait before resuming after a 1012 close. */
+  restartJitterMs?: number;
+  /** How long after a message the client confirms what it has. */
+  confirmAfterMs?: number;
   /** Asks why an attempt was refused; null retries every refusal. */
   probe?: Probe | null;
   WebSocket?: WebSocketConstructor;

@@ -4,11 +4,14 @@
 
 import {
   AgentClient,
+  CLOSE_RESTARTING,
   CLOSE_SUPERSEDED,
   CLOSE_TOO_BIG,
+  CONFIRM_AFTER_MS,
   JITTER,
   MAX_MESSAGE_BYTES,
   RECONNECT_DELAYS_MS,
+  RESTART_JITTER_MS,
   STABLE_AFTER_MS,
   httpProbe,
   parseRetryAfter,
@@ -28,6 +31,7 @@ import {
   type AgentdErrorCode,
   type ClientMessage,
   type CloseInfo,
+  type ConfirmMessage,
   type DeltaMessage,
   type DisconnectReason,
   type DoneMessage,
@@ -90,7 +94,13 @@ const session: SessionMessage = {
 };
 const sequenced: Sequenced = { seq: 1 };
 const ack: AckMessage = { type: "ack", id: "p1", seq: 1, duplicate: true };
-const pong: PongMessage = { type: "pong", id: 7, seq: 2 };
+const pong: PongMessage = { type: "pong", id: 7 };
+// @ts-expect-error: agentd's answers carry no seq
+export const numberedPong: PongMessage = { type: "pong", id: 7, seq: 2 };
+const confirm: ConfirmMessage = { type: "confirm", seq: 4 };
+// @ts-expect-error: a confirm names the seq it reached
+export const confirmWithoutSeq: ConfirmMessage = { type: "confirm" };
+export const confirmations: ClientMessage[] = [confirm];
 const start: StartMessage = { type: "start", id: "p1", seq: 3 };
 const delta: DeltaMessage = { type: "delta", id: "p1", text: "hel", seq: 4 };
 const usage: Usage = {
@@ -201,7 +211,7 @@ export const limits = [
   reconnectDelay(0),
   reconnectDelay(2, Math.random, delays),
 ];
-export const closes: [4001, 1009] = [CLOSE_SUPERSEDED, CLOSE_TOO_BIG];
+export const closes: [4001, 1009, 1012] = [CLOSE_SUPERSEDED, CLOSE_TOO_BIG, CLOSE_RESTARTING];
 export const waitMs: number = parseRetryAfter("120") + parseRetryAfter(null, Date.now());
 
 const fetchLike: FetchLike = fetch;
@@ -215,6 +225,8 @@ const settings: AgentClientSettings = {
   delays: [500, 1000],
   stableAfterMs: 5000,
   maxMessageBytes: MAX_MESSAGE_BYTES,
+  restartJitterMs: RESTART_JITTER_MS,
+  confirmAfterMs: CONFIRM_AFTER_MS,
   probe,
   WebSocket,
   setTimeout: (fn, ms) => setTimeout(fn, ms),
