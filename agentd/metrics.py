@@ -60,7 +60,8 @@ FIRST_DELTA = Histogram(
 SESSIONS = Gauge("agentd_sessions", "Live sessions by state", ["state"], registry=REGISTRY)
 SESSION_EVENTS = Counter(
     "agentd_session_events_total",
-    "Session lifecycle events (created, detached, resumed, expired, superseded, ended)",
+    "Session lifecycle events "
+    "(created, detached, resumed, expired, superseded, ended, reattached, refused)",
     ["event"],
     registry=REGISTRY,
 )

@@ -318,9 +318,7 @@ async def test_deeply_nested_messages_are_bad_requests_before_any_agent_work(tmp
     reply = await client.recv()
     assert (reply["type"], reply["code"]) == ("error", "bad_request")
     assert reply["error"] == "message nests deeper than 32 levels"
-    assert gateway.registry.by_key and all(
-        s.link is None for s in gateway.registry.by_key.values()
-    )
+    assert gateway.registry.by_key and all(s.link is None for s in gateway.registry.by_key.values())
     client.send({"type": "prompt", "id": "ok", "text": "fine now", "extra": [[["shallow"]]]})
     assert (await client.recv_until("done"))[-1]["type"] == "done"
     client.close()

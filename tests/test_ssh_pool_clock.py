@@ -8,7 +8,6 @@ and their bytes moved by iosim pumps, so only the clock and the network are fake
 from __future__ import annotations
 
 import shlex
-
 import struct
 from pathlib import Path
 from typing import Any

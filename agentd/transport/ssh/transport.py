@@ -12,10 +12,10 @@ from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from agentd.config import Config
 from agentd.health import CheckResult, HealthCheck
 from agentd.transport import (
+    NUMBERING_ROOM,
     AgentProcess,
     AgentSink,
     AgentTarget,
-    NUMBERING_ROOM,
     AttachCommand,
     TransportError,
     forwarded_env,
