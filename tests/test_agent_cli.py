@@ -150,6 +150,15 @@ def test_report_keys_proves_the_keys_arrived_without_revealing_them() -> None:
     assert b"sk-ant-test-key-123" not in b"".join(agent.raw_stdout + agent.stderr)
 
 
+def test_turn_counts_the_prompts_this_agent_process_answered(echo: AgentProcess) -> None:
+    echo.send({"type": "prompt", "id": "q1", "text": "one"})
+    assert "turn" not in echo.read_query("q1")[-1]
+    echo.send({"type": "prompt", "id": "q2", "text": "two", "options": {"turn": True}})
+    assert echo.read_query("q2")[-1]["turn"] == 2
+    echo.send({"type": "prompt", "id": "q3", "text": "three", "options": {"turn": True}})
+    assert echo.read_query("q3")[-1]["turn"] == 3
+
+
 @pytest.mark.parametrize(
     ("line", "query_id"),
     [
@@ -166,6 +175,7 @@ def test_report_keys_proves_the_keys_arrived_without_revealing_them() -> None:
         (b'{"type": "prompt", "id": "q9", "text": "x", "options": {"delta_bytes": "8"}}\n', "q9"),
         (b'{"type": "prompt", "id": "q9", "text": "x", "options": {"report_keys": 1}}\n', "q9"),
         (b'{"type": "prompt", "id": "q9", "text": "x", "options": {"exit": 300}}\n', "q9"),
+        (b'{"type": "prompt", "id": "q9", "text": "x", "options": {"turn": 1}}\n', "q9"),
     ],
 )
 def test_malformed_line_gets_bad_request_and_the_agent_keeps_serving(
@@ -182,7 +192,13 @@ def test_malformed_line_gets_bad_request_and_the_agent_keeps_serving(
 
 @pytest.mark.parametrize(
     "options",
-    [{"exit": 7}, {"report_keys": True}, {"repeat": 3, "delay_ms": 1}, {"delta_bytes": 8}],
+    [
+        {"exit": 7},
+        {"report_keys": True},
+        {"repeat": 3, "delay_ms": 1},
+        {"delta_bytes": 8},
+        {"turn": True},
+    ],
 )
 def test_test_options_are_refused_without_the_flag_and_the_agent_keeps_serving(
     options: dict[str, object],

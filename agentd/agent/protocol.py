@@ -42,7 +42,16 @@ class Prompt:
     """A validated ``prompt`` message. Its test options (``agentd-agent --test-options`` only)
     are honoured by the echo provider, and ``exit_status`` by every agent."""
 
-    __slots__ = ("delay_ms", "delta_bytes", "exit_status", "id", "repeat", "report_keys", "text")
+    __slots__ = (
+        "delay_ms",
+        "delta_bytes",
+        "exit_status",
+        "id",
+        "repeat",
+        "report_keys",
+        "text",
+        "turn",
+    )
 
     def __init__(
         self,
@@ -53,6 +62,7 @@ class Prompt:
         delta_bytes: int | None = None,
         report_keys: bool = False,
         exit_status: int | None = None,
+        turn: bool = False,
     ) -> None:
         self.id = id
         self.text = text
@@ -61,6 +71,7 @@ class Prompt:
         self.delta_bytes = delta_bytes
         self.report_keys = report_keys
         self.exit_status = exit_status
+        self.turn = turn
 
 
 class Abort:
@@ -73,7 +84,7 @@ class Abort:
 
 
 # The fields of a prompt's ``options`` object that drive the test behaviour.
-TEST_OPTIONS = ("repeat", "delay_ms", "delta_bytes", "report_keys", "exit")
+TEST_OPTIONS = ("repeat", "delay_ms", "delta_bytes", "report_keys", "exit", "turn")
 
 
 def _integer(options: dict[str, Any], key: str, low: int, high: int, query_id: str) -> int | None:
@@ -128,9 +139,10 @@ def parse_line(line: bytes, test_options: bool = False) -> Prompt | Abort:
         or not 0 <= delay_ms <= 1000
     ):
         raise BadRequest("options.delay_ms must be a number from 0 to 1000", query_id)
-    report_keys = options.get("report_keys", False)
-    if not isinstance(report_keys, bool):
-        raise BadRequest("options.report_keys must be true or false", query_id)
+    report_keys, turn = options.get("report_keys", False), options.get("turn", False)
+    for name, flag in (("report_keys", report_keys), ("turn", turn)):
+        if not isinstance(flag, bool):
+            raise BadRequest(f"options.{name} must be true or false", query_id)
     return Prompt(
         id=query_id,
         text=text,
@@ -139,6 +151,7 @@ def parse_line(line: bytes, test_options: bool = False) -> Prompt | Abort:
         delta_bytes=_integer(options, "delta_bytes", 1, 1_048_576, query_id),
         report_keys=report_keys,
         exit_status=_integer(options, "exit", 0, 255, query_id),
+        turn=turn,
     )
 
 

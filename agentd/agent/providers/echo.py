@@ -2,7 +2,7 @@
 
 It speaks the protocol exactly like a model would (start, deltas, done with usage) and, when
 ``agentd-agent --test-options`` runs it, honours the prompt's test options: ``repeat``,
-``delay_ms``, ``delta_bytes`` and ``report_keys``. A token is a word: the text split after
+``delay_ms``, ``delta_bytes``, ``report_keys`` and ``turn``. A token is a word: the text split after
 each run of whitespace, so the deltas concatenate back to the text exactly.
 """
 
@@ -36,6 +36,9 @@ def filler(size: int) -> str:
 class EchoProvider:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
+        # Prompts this process has answered, this one included: ``turn`` reports it, so a
+        # test can tell a conversation that went on from one that started again.
+        self.turns = 0
 
     def cost(self, usage: Usage) -> float | None:
         return 0.0
@@ -44,6 +47,9 @@ class EchoProvider:
         tokens = words(prompt.text)
         pieces = tokens if prompt.delta_bytes is None else [filler(prompt.delta_bytes)]
         reply.usage.input_tokens = len(tokens)
+        self.turns += 1
+        if prompt.turn:
+            reply.extra["turn"] = self.turns
         if prompt.report_keys:
             reply.extra["keys"] = {name: self._digest(name) for name in KEY_VARIABLES}
         if prompt.delay_ms > 0:
