@@ -359,7 +359,7 @@ BASE_ARGS = ["--session", SESSION, "--user", "ada", "--project", "demo", "--agen
         (["--idle-seconds", "soon"], "--idle-seconds must be a number"),
         (["--idle-seconds", "0"], "--idle-seconds must be positive"),
         (["--max-line", "100"], "--max-line must be from 1024"),
-        (["--journal-max-bytes", "100000"], "at least 8 times --max-line"),
+        (["--journal-max-bytes", "100000", "--start"], "at least 8 times --max-line"),
         (["--agent-command", "run-agent"], "must contain {agent}"),
         (["--user", "a b"], "--user is malformed"),
     ],
@@ -372,6 +372,12 @@ def test_attach_arguments_are_checked(extra: list[str], problem: str):
         attach_command.parse(argv, {})
     with pytest.raises(attach_command.UsageError, match="--project is required"):
         attach_command.parse(["--session", SESSION, "--user", "ada", "--agent", "echo"], {})
+
+
+def test_a_small_journal_bound_only_matters_to_the_attach_that_starts_the_holder():
+    # agentd runs one attach command, with --max-line only when it starts the holder.
+    options = attach_command.parse([*BASE_ARGS, "--journal-max-bytes", "262144"], {})
+    assert options.journal_max_bytes == 262144 and not options.start
 
 
 def test_attach_arguments_have_defaults_and_take_either_form():

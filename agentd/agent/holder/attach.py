@@ -119,7 +119,9 @@ def parse(argv: list[str], env: Mapping[str, str]) -> Options:
         raise UsageError("--journal-max-age must be positive")
     if not 1024 <= max_line <= 16 << 20:
         raise UsageError("--max-line must be from 1024 to 16777216")
-    if journal_max_bytes < 8 * max_line:
+    # Only an attach that starts the holder sizes its journal; the others are given the
+    # same attach command without agentd's --max-line, and must not be refused for it.
+    if start and journal_max_bytes < 8 * max_line:
         raise UsageError("--journal-max-bytes must be at least 8 times --max-line")
     command = values.get("--agent-command") or env.get("AGENTD_AGENT_COMMAND")
     command = command or DEFAULT_AGENT_COMMAND
