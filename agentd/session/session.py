@@ -16,7 +16,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 import orjson
 from twisted.internet import defer
@@ -114,6 +114,11 @@ class _Link:
         waiting, self.on_end = self.on_end, []
         for gone in waiting:
             gone.callback(None)
+
+
+def _live(link: _Link | None) -> TypeGuard[_Link]:
+    """Whether ``link`` is attached to a running holder, which takes prompts."""
+    return link is not None and link.hello is not None and link.hello.get("live") is True
 
 
 class Session:
@@ -583,12 +588,15 @@ class Session:
                     self.error(refusal.code, refusal.text, id=prompt_id, **refusal.fields)
                     return
             link = self.link
-            if link is None or link.hello is None:
+            if not _live(link):
+                # No holder to take it: none attached yet, or this is a lost holder's journal
+                # being served, whose attach reads nothing. A new holder takes the session on.
                 link = await self._open_link(start=True)
-                if link is None and self._holder_ended:
-                    # What was in flight was a resume that found the session ended.
+                if not _live(link) and (link is not None or self._holder_ended):
+                    # What was in flight was another attach (a resume, a re-attach) that
+                    # found the holder lost or the session ended.
                     link = await self._open_link(start=True)
-            if link is None or link.process is None or self.ended:
+            if not _live(link) or link.process is None or self.ended:
                 self.error(ErrorCode.VM_UNAVAILABLE, "The project VM is unavailable.", id=prompt_id)
                 return
             if prompt_id not in self.queries and prompt_id not in self._acked:
