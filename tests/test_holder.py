@@ -240,6 +240,14 @@ def test_attach_starts_a_detached_holder_that_numbers_the_agents_lines(sessions:
     assert is_holder(holder) and alive(agent)
 
 
+def test_a_session_id_that_begins_with_a_dash_starts_its_holder(sessions: Sessions):
+    # secrets.token_urlsafe draws "-" first for one session in 64.
+    session = "-starts-with-a-dash-0123456789"
+    attach, hello = sessions.attached(session=session)
+    assert hello["started"] is True and hello["session"] == session
+    assert text_of(prompt(attach, "p1", "still served")) == "still served"
+
+
 def test_a_killed_attach_loses_nothing_the_resume_asks_for(sessions: Sessions):
     attach, _ = sessions.attached()
     words = " ".join(f"w{i}" for i in range(400))

@@ -20,35 +20,26 @@ READY_SECONDS = 10.0
 
 
 def holder_argv(options: Options, base: str, cwd: str, agent_argv: list[str]) -> list[str]:
-    """The holder's command line, for the session and limits the attach was given."""
+    """The holder's command line, for the session and limits the attach was given.
+
+    Every value is joined to its option with ``=``: a session id may begin with ``-``
+    (one in 64 does), which argparse would otherwise take for an option of its own.
+    """
     identity = options.identity
-    return [
-        sys.executable,
-        "-m",
-        "agentd.agent.holder",
-        "--session",
-        identity.session,
-        "--user",
-        identity.user,
-        "--project",
-        identity.project,
-        "--agent",
-        identity.agent,
-        "--sessions-dir",
-        base,
-        "--cwd",
-        cwd,
-        "--agent-argv",
-        json.dumps(agent_argv),
-        "--idle-seconds",
-        repr(options.idle_seconds),
-        "--journal-max-bytes",
-        str(options.journal_max_bytes),
-        "--journal-max-age",
-        repr(options.journal_max_age),
-        "--max-line",
-        str(options.max_line),
-    ]
+    values = {
+        "--session": identity.session,
+        "--user": identity.user,
+        "--project": identity.project,
+        "--agent": identity.agent,
+        "--sessions-dir": base,
+        "--cwd": cwd,
+        "--agent-argv": json.dumps(agent_argv),
+        "--idle-seconds": repr(options.idle_seconds),
+        "--journal-max-bytes": str(options.journal_max_bytes),
+        "--journal-max-age": repr(options.journal_max_age),
+        "--max-line": str(options.max_line),
+    }
+    return [sys.executable, "-m", "agentd.agent.holder", *(f"{k}={v}" for k, v in values.items())]
 
 
 def start_holder(argv: list[str]) -> str | None:
