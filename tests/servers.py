@@ -392,3 +392,56 @@ class SshServer:
 
 def pwd_name() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
+
+
+class HaProxy:
+    """HAProxy on a free loopback port balancing round-robin over backends, no stickiness,
+    as a load balancer in front of agentd instances is configured (docs/operations.md)."""
+
+    def __init__(self, directory: Path, backends: list[int]) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.binary = require_binary("haproxy", "/usr/sbin")
+        self.backends = backends
+        self.process: subprocess.Popen[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config = directory / "haproxy.cfg"
+        servers = "\n".join(
+            f"  server agentd{i} 127.0.0.1:{port} check inter 100ms fall 1 rise 1"
+            for i, port in enumerate(backends)
+        )
+        self.config.write_text(
+            "defaults\n"
+            "  mode http\n"
+            "  timeout connect 1s\n"
+            "  timeout client 30s\n"
+            "  timeout server 30s\n"
+            # A WebSocket is a tunnel once upgraded: this is its idle timeout.
+            "  timeout tunnel 60s\n"
+            # A backend refusing connections (restarting) is retried on another one.
+            "  retries 3\n"
+            "  option redispatch\n"
+            "frontend websockets\n"
+            f"  bind 127.0.0.1:{self.port}\n"
+            "  default_backend agentd\n"
+            "backend agentd\n"
+            "  balance roundrobin\n"
+            # Draining instances answer 503 here and are taken out of the rotation.
+            "  option httpchk GET /health/ready\n"
+            "  http-check expect status 200\n"
+            f"{servers}\n"
+        )
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "-db", "-f", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.directory / "haproxy.log", "ab"),
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
