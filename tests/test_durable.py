@@ -565,3 +565,27 @@ async def rolling_restart(proxy: HaProxy, instances: list[Agentd], sessions: Pat
         assert 1012 in reader.closes
         assert all(h["resumed"] and h["complete"] for h in reader.resumes), reader.resumes
         assert reader.unnumbered == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_prompt_lost_with_the_ssh_connection_is_sent_again_on_the_new_attach(
+    tmp_path, sshd, agentd
+):
+    gateway = agentd(merge(ssh_config(tmp_path, sshd), sessions={"grace_seconds": 30.0}))
+    reader = Reader(in_process_url(gateway))
+    await reader.connect()
+    reader.prompt("first", "one", turn=True)
+    assert await reader.read_until(is_done("first"), resume=False)
+    session = gateway.registry.by_id[reader.session]
+    # The sshd serving agentd stops reading: the next prompt stays in its socket, and is
+    # lost with the connection.
+    serving = children(sshd.process.pid)
+    for pid in serving:
+        os.kill(pid, signal.SIGSTOP)
+    reader.prompt("second", "two", turn=True)
+    await eventually(lambda: "second" in session.queries, what="the prompt forwarded")
+    for pid in serving:
+        os.kill(pid, signal.SIGKILL)
+    assert await reader.read_until(is_done("second"), resume=False)
+    assert reader.of("second", "done")[0]["turn"] == 2
+    assert len(reader.of("second", "ack")) == 1

@@ -68,6 +68,9 @@ class Query:
     prompt_id: str
     started: float
     outputs: int = 0
+    # The prompt as forwarded, until the holder acknowledges it: an attach lost before then
+    # (a cut SSH connection) may have lost it too, and the next attach sends it again.
+    line: bytes | None = None
 
 
 class _Link:
@@ -464,6 +467,11 @@ class Session:
             metrics.AGENT_PROCESSES.labels(self.key.agent, "started").inc()
         if self.confirmed > after:
             process.write_line(b'{"type":"confirm","seq":%d}' % self.confirmed)
+        for query in self.queries.values():
+            if query.line is not None:
+                # The holder forwards each prompt id once, so a prompt that did arrive is
+                # only acknowledged again.
+                process.write_line(query.line)
         return link
 
     def _refused(self, link: _Link, hello: dict[str, Any] | None) -> None:
@@ -606,6 +614,9 @@ class Session:
             if options is not None:
                 message["options"] = options
             line = orjson.dumps(message)
+            query = self.queries.get(prompt_id)
+            if query is not None:
+                query.line = line
             link.process.write_line(line)
             metrics.MESSAGES.labels("to_agent").inc()
             metrics.BYTES.labels("to_agent").inc(len(line) + 1)
@@ -726,10 +737,16 @@ class Session:
     def _remember_ack(self, obj: dict[str, Any]) -> None:
         prompt_id = obj.get("id")
         if isinstance(prompt_id, str):
+            acked_before = prompt_id in self._acked
             self._acked[prompt_id] = None
             if len(self._acked) > REMEMBERED_PROMPT_IDS:
                 self._acked.popitem(last=False)
-            if obj.get("duplicate"):
+            query = self.queries.get(prompt_id)
+            if query is not None:
+                query.line = None
+            # A repeat of a prompt acknowledged here before is that query, which runs on;
+            # one never acknowledged here may have ended long ago, and is not waited for.
+            if obj.get("duplicate") and not acked_before:
                 self._forget_query(prompt_id)
 
     def _forget_query(self, prompt_id: str) -> None:
