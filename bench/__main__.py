@@ -29,6 +29,7 @@ from bench import (
     jsonlibs,
     latency,
     machine,
+    prompts,
     redis_overhead,
     report,
     slow,
@@ -41,6 +42,7 @@ from bench.suite import Context
 SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "throughput": throughput.run,
     "latency": latency.run,
+    "prompts": prompts.run,
     "idle": connections.idle,
     "sessions": connections.sessions,
     "storm": storm.run,
@@ -61,6 +63,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--runs", type=int, default=5, help="runs per figure (default 5)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="directory for results")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after measuring, record agentd with py-spy (pip install py-spy) where supported",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.runs = 1
@@ -85,7 +92,13 @@ def main(argv: list[str]) -> int:
         print(f"[{time.monotonic() - started:6.1f}s] {text}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="agentd-bench-") as work:
-        ctx = Context(smoke=args.smoke, runs=args.runs, work=Path(work), log=log)
+        ctx = Context(
+            smoke=args.smoke,
+            runs=args.runs,
+            work=Path(work),
+            log=log,
+            profile=args.profile,
+        )
         try:
             for name in names:
                 log(f"{name}: starting")

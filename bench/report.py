@@ -69,6 +69,33 @@ def targets(s: dict[str, Any]) -> list[list[Any]]:
             "—",
             None,
         )
+    compared = s.get("prompts", {}).get("compared", {})
+    if compared:
+        cpu = s["prompts"]["agentd-redis"]["cpu_us_per_prompt"]["median"]
+        redis_ws = compared["agentd-redis_vs_websocketd"]
+        memory_ws = compared["agentd-memory_vs_websocketd"]
+        redis_memory = compared["agentd-redis_vs_agentd-memory"]
+        goals: tuple[tuple[str, dict[str, Any], float | None], ...] = (
+            ("Redis", redis_ws, 4.0),
+            ("in-memory", memory_ws, None),
+        )
+        for label, pair, goal in goals:
+            ratio = pair["cpu_ratio"]
+            add(
+                "7",
+                f"agentd ({label}) / websocketd, CPU per prompt",
+                "n/a" if ratio is None else f"{ratio['median']:.2f}x",
+                "—" if goal is None else f"≤ {goal:g}x",
+                None if goal is None or ratio is None else ratio["median"] <= goal,
+            )
+        add("7", "agentd (Redis) CPU per prompt", f"{cpu:,.0f} µs", "≤ 600 µs", cpu <= 600)
+        for label, pair, limit in (
+            ("agentd (Redis) over websocketd", redis_ws, 1.0),
+            ("agentd (in-memory) over websocketd", memory_ws, 1.0),
+            ("agentd, Redis over in-memory", redis_memory, 0.3),
+        ):
+            added = pair["done_p99_added_ms"]["median"]
+            add("7", f"{label}, done p99", f"{added:+.2f} ms", f"≤ +{limit:g} ms", added <= limit)
     idle = s.get("idle", {})
     if "kib_per_connection" in idle:
         add(
@@ -174,6 +201,55 @@ def latency(lat: dict[str, Any]) -> list[str]:
     header = ["target", "first delta p50", "first delta p99", "done p50", "done p99"]
     header.append("server CPU per prompt, µs")
     return [f"{lat['prompts_per_run']} prompts per run, milliseconds.", "", *_table(header, rows)]
+
+
+def prompts(p: dict[str, Any]) -> list[str]:
+    rows = []
+    for name in ("websocketd", "agentd-memory", "agentd-redis"):
+        r = p[name]
+        rows.append(
+            [
+                name,
+                _range(r["cpu_us_per_prompt"]),
+                _range(r["prompts_per_core_s"]),
+                *(_range(r[f"done_{q}"], "", "{:.3f}") for q in ("p50", "p90", "p99")),
+            ]
+        )
+    lines = [
+        f"{p['prompts_per_run']:,} one-word prompts per target per run, one at a time; CPU is "
+        "the gateway process's own (all its threads), latency in milliseconds. "
+        f"Load average (1 min) during the runs: {p['load_average_1m']['min']}.."
+        f"{p['load_average_1m']['max']}.",
+        "",
+    ]
+    lines += _table(
+        [
+            "target",
+            "CPU per prompt, µs",
+            "prompts/s per core",
+            "done p50",
+            "done p90",
+            "done p99",
+        ],
+        rows,
+    )
+    rows = []
+    for label, c in p["compared"].items():
+        ratio = c["cpu_ratio"]
+        rows.append(
+            [
+                label.replace("_vs_", " vs "),
+                "n/a" if ratio is None else _range(ratio, "x", "{:.2f}"),
+                *(_range(c[f"done_{q}_added_ms"], " ms", "{:+.3f}") for q in ("p50", "p90", "p99")),
+            ]
+        )
+    lines += ["Side by side, within each run (median over the runs, range):", ""]
+    lines += _table(["", "CPU ratio", "done p50 added", "p90 added", "p99 added"], rows)
+    for name, profile in p.get("profiles", {}).items():
+        owners = ", ".join(f"{owner} {share}%" for owner, share in profile["owners"])
+        own = ", ".join(f"`{f}` {share}%" for f, share in profile["self"][:8])
+        lines += [f"py-spy, {name}: by owner {owners}. Self time: {own}.", ""]
+    return lines
 
 
 def idle(r: dict[str, Any]) -> list[str]:
@@ -313,6 +389,7 @@ def jsonlibs(j: dict[str, Any]) -> list[str]:
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = [
     ("throughput", "1. Streaming throughput", throughput),
     ("latency", "2. Round-trip latency", latency),
+    ("prompts", "7. What one prompt costs, beside websocketd", prompts),
     ("idle", "3a. Idle WebSocket connections", idle),
     ("sessions", "3b. Live agent sessions over SSH", idle),
     ("storm", "4. Reconnect storm", storm),

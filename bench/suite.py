@@ -60,6 +60,8 @@ class Context:
     runs: int
     work: Path
     log: Callable[[str], None]
+    # Scenarios that can also record agentd with py-spy, after measuring, do so.
+    profile: bool = False
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _scope: contextlib.ExitStack | None = None
     _sshd: dict[int | None, SshServer] = field(default_factory=dict)

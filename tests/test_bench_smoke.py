@@ -1,6 +1,7 @@
 """The benchmark suite still runs end to end: every scenario, tiny, against the real servers.
 
-Figures are not judged here (a shared CI machine is too noisy for that); what is checked is
+The prompt-cost scenario also runs alone, in seconds, outside the slow marker. Figures are
+not judged here (a shared CI machine is too noisy for that); what is checked is
 that each scenario ran, measured something, and that the correctness checks the full suite
 relies on (nothing lost or duplicated in the storm, every session live) hold.
 """
@@ -11,28 +12,51 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def smoke(results: Path, *only: str, timeout: float) -> dict[str, Any]:
+    """``python -m bench --smoke`` (only the named scenarios, if any): the results file."""
+    argv = [sys.executable, "-m", "bench", "--smoke", "--results", str(results)]
+    for name in only:
+        argv += ["--only", name]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    [result_file] = results.glob("*-smoke.json")
+    loaded: dict[str, Any] = json.loads(result_file.read_text())
+    return loaded
+
+
+def test_prompt_cost_scenario_compares_websocketd_and_both_stores(tmp_path: Path) -> None:
+    scenario = smoke(tmp_path, "prompts", timeout=60)["scenarios"]["prompts"]
+    assert "error" not in scenario, scenario
+    for target in ("websocketd", "agentd-memory", "agentd-redis"):
+        figures = scenario[target]
+        assert figures["cpu_us_per_prompt"]["median"] > 0
+        assert figures["prompts_per_core_s"]["median"] > 0
+        assert 0 < figures["done_p50"]["median"] <= figures["done_p99"]["median"]
+    for pair in (
+        "agentd-memory_vs_websocketd",
+        "agentd-redis_vs_websocketd",
+        "agentd-redis_vs_agentd-memory",
+    ):
+        assert scenario["compared"][pair]["cpu_ratio"]["median"] > 0
+    markdown = next(tmp_path.glob("*-smoke.md")).read_text()
+    assert "## 7. What one prompt costs, beside websocketd" in markdown
+    assert "agentd (Redis) / websocketd, CPU per prompt" in markdown
+
+
 @pytest.mark.slow
 def test_benchmark_suite_smoke_run_measures_every_scenario(tmp_path: Path) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--results", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    [result_file] = tmp_path.glob("*-smoke.json")
-    results = json.loads(result_file.read_text())
-    scenarios = results["scenarios"]
+    scenarios = smoke(tmp_path, timeout=180)["scenarios"]
     assert set(scenarios) == {
         "throughput",
         "latency",
+        "prompts",
         "idle",
         "sessions",
         "storm",
@@ -56,5 +80,5 @@ def test_benchmark_suite_smoke_run_measures_every_scenario(tmp_path: Path) -> No
     assert "error" not in scenarios["redis"]["ratelimit"]
     assert "error" not in scenarios["redis"]["usage"]
     assert scenarios["json"]["fastest_parse"]
-    markdown = result_file.with_suffix(".md").read_text()
+    markdown = next(tmp_path.glob("*-smoke.md")).read_text()
     assert "## Targets" in markdown

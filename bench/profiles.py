@@ -1,0 +1,158 @@
+"""Read a py-spy recording (``py-spy record -f raw``): where the time went, and whose it is.
+
+Each sample is charged to the innermost frame that belongs to a named owner (agentd, the
+Redis client, the metrics library, autobahn, the benchmark driver), so Twisted's Deferred
+machinery counts against whoever called it, and whatever no owner called (the reactor
+reading and writing sockets and pipes) stays the reactor's. Then the functions with the most
+samples of their own, and those with the most samples below them.
+
+    .venv/bin/python -m bench.profiles profile.txt [--top 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# Path fragments of a frame's file, first match wins; the order puts agentd's own code first.
+OWNERS = (
+    ("agentd/", "agentd"),
+    ("txredisapi", "txredisapi"),
+    ("prometheus_client/", "prometheus_client"),
+    ("autobahn/", "autobahn"),
+    ("bench/", "benchmark driver"),
+    ("orjson", "orjson"),
+)
+REACTOR = "Twisted reactor and system calls"
+# Leaf frames of a thread waiting, which py-spy's idle detection lets through on some
+# kernels: the reactor in epoll_wait, a thread-pool worker waiting for work.
+WAITING = frozenset({"EPollReactor.doPoll", "Condition.wait"})
+_FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^():]*)(?::(?P<line>\d+))?\)$")
+
+
+@dataclass(frozen=True)
+class Frame:
+    function: str
+    file: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.function} ({self.file})"
+
+
+def parse_frame(text: str) -> Frame:
+    match = _FRAME.match(text)
+    if match is None:
+        return Frame(text, "")
+    return Frame(match["function"], match["file"])
+
+
+def read(path: Path) -> list[tuple[list[Frame], int]]:
+    """The busy stacks, outermost frame first, each with its sample count."""
+    stacks = []
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            frames = [parse_frame(f) for f in stack.split(";")]
+            if frames[-1].function not in WAITING:
+                stacks.append((frames, int(count)))
+    return stacks
+
+
+def owner(stack: Iterable[Frame]) -> str:
+    for frame in reversed(list(stack)):
+        for fragment, name in OWNERS:
+            if fragment in frame.file:
+                return name
+    return REACTOR
+
+
+def below(stacks: list[tuple[list[Frame], int]], function: str) -> list[tuple[list[Frame], int]]:
+    """Only the samples taken inside ``function`` (a substring of a frame's function name)."""
+    return [(s, n) for s, n in stacks if any(function in f.function for f in s)]
+
+
+def summarize(stacks: list[tuple[list[Frame], int]], top: int) -> dict[str, list[tuple[str, int]]]:
+    owners: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    for stack, count in stacks:
+        owners[owner(stack)] += count
+        own[stack[-1].name] += count
+        for name in {f.name for f in stack}:
+            inclusive[name] += count
+    return {
+        "owners": owners.most_common(),
+        "self": own.most_common(top),
+        "inclusive": inclusive.most_common(top),
+    }
+
+
+def render(summary: dict[str, list[tuple[str, int]]], total: int) -> str:
+    def pct(n: int) -> str:
+        return f"{100 * n / total:5.1f}%"
+
+    lines = [f"{total} samples", "", "by owner (innermost owned frame):"]
+    lines += [f"  {pct(n)}  {name}" for name, n in summary["owners"]]
+    lines += ["", "self time:"]
+    lines += [f"  {pct(n)}  {name}" for name, n in summary["self"]]
+    lines += ["", "inclusive time:"]
+    lines += [f"  {pct(n)}  {name}" for name, n in summary["inclusive"]]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def recording(pid: int, out: Path, rate: int = 500) -> Iterator[None]:
+    """py-spy samples ``pid`` while the block runs, into ``out`` (folded stacks)."""
+    binary = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if binary is None:
+        raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
+    argv = [binary, "record", "-r", str(rate), "-f", "raw", "-o", str(out), "-p", str(pid)]
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        _, errors = spy.communicate(timeout=60)
+    if not out.exists():
+        raise RuntimeError(f"py-spy wrote nothing: {errors.decode()[-300:]}")
+
+
+def top(path: Path, count: int = 15) -> dict[str, list[tuple[str, float]]]:
+    """The shares (percent of samples) by owner, self time and inclusive time."""
+    stacks = read(path)
+    total = sum(n for _, n in stacks) or 1
+    return {
+        table: [(name, round(100 * n / total, 1)) for name, n in rows]
+        for table, rows in summarize(stacks, count).items()
+    } | {"samples": [("all", float(total))]}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("recording", type=Path, help="py-spy record -f raw output")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--inside", default="", help="only samples inside this function")
+    args = parser.parse_args(argv)
+    stacks = read(args.recording)
+    if args.inside:
+        stacks = below(stacks, args.inside)
+    total = sum(n for _, n in stacks)
+    if not total:
+        print("no samples", file=sys.stderr)
+        return 1
+    print(render(summarize(stacks, args.top), total))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,147 @@
+"""Item 7: what one prompt costs, side by side: websocketd, agentd in memory, agentd on Redis.
+
+Every target runs the same agent, the echo agent, and every prompt is one word, so each
+answer is one ``start``, one ``delta`` and one ``done``: all that differs is the gateway.
+One client per target sends prompts one at a time on a warm connection; rounds are
+interleaved and the order of the targets rotates each round, so a busy neighbour on a shared
+machine hits every target alike. Per round and target:
+
+- the gateway process's CPU per prompt, from the run time ``/proc`` gives each of its threads
+  (nanoseconds, so websocketd's few per prompt are resolved), and its inverse, prompts per
+  second per core of that process;
+- prompt to ``done`` latency, p50, p90 and p99, as the client sees it.
+
+Ratios and differences are taken within each round (side by side), then the median over
+rounds is reported with its range.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Any
+
+from bench import profiles
+from bench.procs import thread_cpu_ns
+from bench.suite import ECHO, Context, WebSocketTarget, percentile, summary
+
+PERCENTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
+# Prompts per target before the first round: the agent starts, Redis loads its scripts.
+WARM_UP = 30
+
+
+def targets(ctx: Context) -> list[WebSocketTarget]:
+    redis = ctx.redis()
+    memory = ctx.agentd("prompts-memory")
+    stored = ctx.agentd("prompts-redis", redis={"url": redis.url})
+    websocketd = ctx.websocketd(shlex.split(ECHO.replace("{agent}", "echo")))
+    return [
+        WebSocketTarget("websocketd", websocketd, websocketd.port, "/", False),
+        WebSocketTarget(
+            "agentd-memory", memory, memory.port, memory.path("bench", "echo", "p1"), True
+        ),
+        WebSocketTarget(
+            "agentd-redis", stored, stored.port, stored.path("bench", "echo", "p2"), True
+        ),
+    ]
+
+
+def one_round(target: WebSocketTarget, prompts: int, run: int) -> dict[str, float]:
+    """``prompts`` one-word prompts, one at a time: CPU per prompt and done percentiles."""
+    dones = []
+    cpu_before = thread_cpu_ns(target.server.pid)
+    for n in range(prompts):
+        prompt = {"type": "prompt", "id": f"p{run}-{n}", "text": "hello"}
+        dones.append(target.answer(prompt)[1])
+    cpu_ns = thread_cpu_ns(target.server.pid) - cpu_before
+    dones.sort()
+    cpu_us = cpu_ns / prompts / 1000
+    figures = {"cpu_us_per_prompt": cpu_us, "prompts_per_core_s": 1e6 / cpu_us if cpu_us else 0}
+    for name, q in PERCENTILES.items():
+        figures[f"done_{name}"] = percentile(dones, q) * 1000
+    return figures
+
+
+def compare(raw: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Ratios and differences of each round's figures, side by side, and their medians."""
+    rounds = range(len(raw["websocketd"]))
+    pairs = {
+        "agentd-memory_vs_websocketd": ("agentd-memory", "websocketd"),
+        "agentd-redis_vs_websocketd": ("agentd-redis", "websocketd"),
+        "agentd-redis_vs_agentd-memory": ("agentd-redis", "agentd-memory"),
+    }
+    compared: dict[str, Any] = {}
+    for label, (side, peer) in pairs.items():
+        cpu_ratios = [
+            raw[side][n]["cpu_us_per_prompt"] / raw[peer][n]["cpu_us_per_prompt"]
+            for n in rounds
+            if raw[peer][n]["cpu_us_per_prompt"]
+        ]
+        compared[label] = {
+            "cpu_ratio": summary(cpu_ratios, 2) if cpu_ratios else None,
+            **{
+                f"done_{name}_added_ms": summary(
+                    [raw[side][n][f"done_{name}"] - raw[peer][n][f"done_{name}"] for n in rounds],
+                    3,
+                )
+                for name in PERCENTILES
+            },
+        }
+    return compared
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    prompts = 50 if ctx.smoke else 2000
+    all_targets = targets(ctx)
+    for target in all_targets:
+        target.open()
+        for n in range(WARM_UP):
+            target.answer({"type": "prompt", "id": f"warm{n}", "text": "hello"})
+    raw: dict[str, list[dict[str, float]]] = {t.name: [] for t in all_targets}
+    load = []
+    try:
+        for n in range(ctx.runs):
+            load.append(os.getloadavg()[0])
+            shift = n % len(all_targets)
+            for target in all_targets[shift:] + all_targets[:shift]:
+                raw[target.name].append(one_round(target, prompts, n))
+            ctx.log(
+                f"prompts run {n + 1}: "
+                + ", ".join(
+                    f"{name} {r[-1]['cpu_us_per_prompt']:.0f} µs CPU, "
+                    f"p99 {r[-1]['done_p99']:.2f} ms"
+                    for name, r in raw.items()
+                )
+            )
+        if ctx.profile:
+            recorded = profile(ctx, all_targets, prompts)
+    finally:
+        for target in all_targets:
+            target.close()
+    results: dict[str, Any] = {
+        name: {key: summary([r[key] for r in runs], 3) for key in runs[0]}
+        for name, runs in raw.items()
+    }
+    results["compared"] = compare(raw)
+    results["prompts_per_run"] = prompts
+    results["load_average_1m"] = summary(load, 2)
+    if ctx.profile:
+        results["profiles"] = recorded
+    return results
+
+
+def profile(
+    ctx: Context, all_targets: list[WebSocketTarget], prompts: int
+) -> dict[str, dict[str, Any]]:
+    """One more round of each agentd under py-spy, after the measured ones (sampling slows
+    the process it samples): the shares of its time by owner and by function."""
+    recorded = {}
+    for target in all_targets:
+        if not target.name.startswith("agentd"):
+            continue
+        out = ctx.work / f"profile-{target.name}.txt"
+        with profiles.recording(target.server.pid, out):
+            one_round(target, prompts, ctx.runs)
+        recorded[target.name] = profiles.top(out)
+        ctx.log(f"prompts: profiled {target.name} ({out})")
+    return recorded
