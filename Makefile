@@ -1,11 +1,12 @@
 # make run   - agentd on embedded defaults (in-memory store, local echo agent, dev token)
 # make test  - the whole test suite (Python and JavaScript) against real servers
-# make bench - the benchmark suite (see docs/performance.md)
+# make bench - the benchmark suite and its charts (see docs/performance.md)
 
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 NPM_STAMP := clients/js/node_modules/.installed
+BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 
 .PHONY: run test lint bench system-deps
 
@@ -38,5 +39,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy agentd
 
-bench: $(STAMP) system-deps
+$(BENCH_STAMP): $(STAMP)
+	$(VENV)/bin/pip install -q --config-settings editable_mode=compat -e '.[test,agent,bench]'
+	rm -f $(VENV)/.bench-installed-* && touch $@
+
+bench: $(BENCH_STAMP) system-deps
 	$(VENV)/bin/python -m bench

@@ -24,6 +24,8 @@ setup(
     ],
     extras_require={
         "agent": ["anthropic>=0.40", "openai>=1.50"],
+        # make bench: the charts it draws and the profiler its --profile option runs.
+        "bench": ["matplotlib>=3.8", "py-spy>=0.3.14"],
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",

@@ -74,6 +74,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def draw_charts(results: dict[str, Any], stem: Path) -> list[Path]:
+    """The results as PNG charts next to them, when matplotlib (the bench extra) is there."""
+    try:
+        from bench import charts
+    except ImportError as e:
+        print(f"no charts: {e} (make bench installs the bench extra)")
+        return []
+    return charts.draw(results, stem)
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
     raise_file_limit()
@@ -122,6 +132,8 @@ def main(argv: list[str]) -> int:
     (args.results / f"{stem}.md").write_text(markdown)
     print(markdown)
     print(f"results: {args.results / stem}.md and .json")
+    for chart in draw_charts(results, args.results / stem):
+        print(f"chart: {chart}")
     return 1 if failed else 0
 
 

@@ -8,6 +8,7 @@ relies on (nothing lost or duplicated in the storm, every session live) hold.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -48,6 +49,9 @@ def test_prompt_cost_scenario_compares_websocketd_and_both_stores(tmp_path: Path
     markdown = next(tmp_path.glob("*-smoke.md")).read_text()
     assert "## 7. What one prompt costs, beside websocketd" in markdown
     assert "agentd (Redis) / websocketd, CPU per prompt" in markdown
+    if importlib.util.find_spec("matplotlib") is not None:
+        [chart] = tmp_path.glob("*-smoke-prompts.png")
+        assert chart.read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow
@@ -82,3 +86,6 @@ def test_benchmark_suite_smoke_run_measures_every_scenario(tmp_path: Path) -> No
     assert scenarios["json"]["fastest_parse"]
     markdown = next(tmp_path.glob("*-smoke.md")).read_text()
     assert "## Targets" in markdown
+    if importlib.util.find_spec("matplotlib") is not None:
+        charts = {p.name.rsplit("-", 1)[1] for p in tmp_path.glob("*.png")}
+        assert charts == {"throughput.png", "latency.png", "prompts.png"}

@@ -1,0 +1,281 @@
+"""Charts of a results file: agentd beside websocketd and OpenSSH, one PNG per scenario.
+
+Each bar is a median over the runs and its whisker the range (lowest to highest run), so a
+reader sees how noisy the machine was. Drawn with matplotlib (the ``bench`` extra); the PNGs
+go next to the results file, named after it.
+
+    .venv/bin/python -m bench.charts bench/results/2026-11-30-vm.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+# One colour per kind of target, the same in every chart: agentd's shades of blue.
+COLOURS = {
+    "agentd": "#1f77b4",
+    "agentd-memory": "#1f77b4",
+    "agentd-redis": "#0b3d6b",
+    "agentd-ssh": "#6baed6",
+    "websocketd": "#ff7f0e",
+    "ssh": "#2ca02c",
+}
+LABELS = {
+    "agentd": "agentd\n(local agent)",
+    "agentd-memory": "agentd\n(in-memory store)",
+    "agentd-redis": "agentd\n(Redis store)",
+    "agentd-ssh": "agentd\n(agent over SSH)",
+    "websocketd": "websocketd",
+    "ssh": "OpenSSH client\n(pipe, no\nWebSocket)",
+}
+SIZES = {"100B": "100 B", "4KiB": "4 KiB"}
+THOUSANDS = FuncFormatter(lambda value, _: f"{value:,.0f}")
+PERCENTILE_SHADES = {"p50": 1.0, "p90": 0.7, "p99": 0.45}
+DPI = 110
+
+
+def _bars(
+    ax: Axes,
+    names: Sequence[str],
+    figures: Sequence[dict[str, Any]],
+    unit: str,
+    fmt: str = "{:,.0f}",
+) -> None:
+    """One bar per target: the median, a whisker from the lowest to the highest run."""
+    medians = [f["median"] for f in figures]
+    low = [f["median"] - f["min"] for f in figures]
+    high = [f["max"] - f["median"] for f in figures]
+    positions = range(len(names))
+    ax.bar(
+        positions,
+        medians,
+        yerr=[low, high],
+        capsize=4,
+        color=[COLOURS.get(n, "grey") for n in names],
+        error_kw={"elinewidth": 1, "ecolor": "#444"},
+    )
+    for x, (median, top) in enumerate(zip(medians, high, strict=True)):
+        ax.annotate(
+            fmt.format(median),
+            (x, median + top),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_xticks(list(positions), [LABELS.get(n, n) for n in names], fontsize=8)
+    ax.set_ylabel(unit)
+    ax.yaxis.set_major_formatter(THOUSANDS)
+    ax.margins(y=0.15)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+def _percentile_groups(
+    ax: Axes,
+    names: Sequence[str],
+    figures: dict[str, dict[str, Any]],
+    keys: dict[str, str],
+) -> None:
+    """Bars grouped by target, one per percentile, whiskers from the lowest to highest run."""
+    width = 0.8 / len(keys)
+    for i, (label, key) in enumerate(keys.items()):
+        offsets = [x + (i - (len(keys) - 1) / 2) * width for x in range(len(names))]
+        values = [figures[n][key] for n in names]
+        ax.bar(
+            offsets,
+            [v["median"] for v in values],
+            width,
+            yerr=[
+                [v["median"] - v["min"] for v in values],
+                [v["max"] - v["median"] for v in values],
+            ],
+            capsize=2,
+            color=[COLOURS.get(n, "grey") for n in names],
+            alpha=PERCENTILE_SHADES.get(label.split()[0], 1.0),
+            edgecolor="black",
+            linewidth=0.5,
+            error_kw={"elinewidth": 0.8, "ecolor": "#444"},
+        )
+        for x, v in zip(offsets, values, strict=True):
+            ax.annotate(
+                f"{label.split()[0]}\n{v['median']:.2f}",
+                (x, v["max"]),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=6.5,
+            )
+    ax.set_xticks(range(len(names)), [LABELS.get(n, n) for n in names], fontsize=8)
+    ax.set_ylabel("milliseconds (lower is better)")
+    ax.margins(y=0.2)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+def _subtitle(results: dict[str, Any], scenario: dict[str, Any], per_run: str) -> str:
+    runs = results["runs"]
+    return f"median of {runs} interleaved runs, whiskers: lowest to highest run; {per_run}"
+
+
+def throughput(results: dict[str, Any]) -> Figure:
+    t = results["scenarios"]["throughput"]
+    names = [n for n in t["100B"] if n != "ratios"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), dpi=DPI)
+    for ax, label in zip(axes, ("100B", "4KiB"), strict=True):
+        _bars(ax, names, [t[label][n]["messages_per_s"] for n in names], "messages/s")
+        ratio = t[label]["ratios"]["agentd_vs_websocketd"]
+        ax.set_title(
+            f"{SIZES[label]} deltas, {t['deltas'][label]:,} per answer\n"
+            f"agentd / websocketd = {ratio}x",
+            fontsize=10,
+        )
+    fig.suptitle("Streaming throughput, agent to browser (messages/s, higher is better)")
+    fig.text(
+        0.5,
+        0.01,
+        _subtitle(results, t, "one client per target"),
+        ha="center",
+        fontsize=8,
+        color="#555",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def latency(results: dict[str, Any]) -> Figure:
+    lat = results["scenarios"]["latency"]
+    names = [n for n in lat if isinstance(lat[n], dict) and "done_p50" in lat[n]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=DPI, width_ratios=(3, 2))
+    _percentile_groups(
+        axes[0], names, lat, {"p50 prompt to done": "done_p50", "p99 prompt to done": "done_p99"}
+    )
+    added = lat["added_ms"]["agentd_over_websocketd_done_p99"]
+    axes[0].set_title(
+        f"Prompt to done, one prompt at a time\nagentd p99 {added:+.2f} ms over websocketd",
+        fontsize=10,
+    )
+    _bars(
+        axes[1],
+        names,
+        [lat[n]["server_cpu_us_per_prompt"] for n in names],
+        "µs of CPU per prompt (lower is better)",
+    )
+    axes[1].set_title("CPU of the server process per prompt\n(ssh: the client)", fontsize=10)
+    fig.suptitle("Round-trip latency: echo agent, two-word prompts")
+    fig.text(
+        0.5,
+        0.01,
+        _subtitle(results, lat, f"{lat['prompts_per_run']:,} prompts per run"),
+        ha="center",
+        fontsize=8,
+        color="#555",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def prompts(results: dict[str, Any]) -> Figure:
+    p = results["scenarios"]["prompts"]
+    names = ["websocketd", "agentd-memory", "agentd-redis"]
+    compared = p["compared"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 6), dpi=DPI, width_ratios=(1, 1, 1.4))
+    _bars(axes[0], names, [p[n]["cpu_us_per_prompt"] for n in names], "µs of CPU per prompt")
+    memory = compared["agentd-memory_vs_websocketd"]["cpu_ratio"]
+    redis = compared["agentd-redis_vs_websocketd"]["cpu_ratio"]
+    axes[0].set_title(
+        "Gateway CPU per prompt (lower is better)\n"
+        f"agentd / websocketd, in-memory: {_ratio(memory)}\n"
+        f"Redis: {_ratio(redis)} (goal ≤ 4x)",
+        fontsize=10,
+    )
+    _bars(axes[1], names, [p[n]["prompts_per_core_s"] for n in names], "prompts/s")
+    axes[1].set_title(
+        "Prompts per second per core of the gateway\n(1 / CPU per prompt; higher is better)",
+        fontsize=10,
+    )
+    _percentile_groups(
+        axes[2],
+        names,
+        p,
+        {"p50": "done_p50", "p90": "done_p90", "p99": "done_p99"},
+    )
+    over_ws = compared["agentd-redis_vs_websocketd"]["done_p99_added_ms"]["median"]
+    over_memory = compared["agentd-redis_vs_agentd-memory"]["done_p99_added_ms"]["median"]
+    axes[2].set_title(
+        "Prompt to done, p50 / p90 / p99 (lower is better)\n"
+        f"agentd on Redis, p99: {over_ws:+.2f} ms over websocketd (goal ≤ +1 ms),\n"
+        f"{over_memory:+.2f} ms over in-memory (goal ≤ +0.3 ms)",
+        fontsize=10,
+    )
+    fig.suptitle(
+        "What one prompt costs: the same echo agent behind each gateway "
+        "(one start, one delta, one done)"
+    )
+    fig.text(
+        0.5,
+        0.01,
+        _subtitle(results, p, f"{p['prompts_per_run']:,} prompts per target per run")
+        + "; ratios and differences taken within each run",
+        ha="center",
+        fontsize=8,
+        color="#555",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def _ratio(summary: dict[str, Any] | None) -> str:
+    if summary is None:
+        return "n/a"
+    return f"{summary['median']:.1f}x ({summary['min']:.1f}..{summary['max']:.1f})"
+
+
+CHARTS: dict[str, Callable[[dict[str, Any]], Figure]] = {
+    "throughput": throughput,
+    "latency": latency,
+    "prompts": prompts,
+}
+
+
+def draw(results: dict[str, Any], stem: Path) -> list[Path]:
+    """A PNG per scenario that ran without error: ``<stem>-<scenario>.png``."""
+    written = []
+    for name, chart in CHARTS.items():
+        scenario = results["scenarios"].get(name)
+        if scenario is None or "error" in scenario:
+            continue
+        figure = chart(results)
+        path = stem.with_name(f"{stem.name}-{name}.png")
+        figure.savefig(path)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    source = Path(argv[0])
+    for path in draw(json.loads(source.read_text()), source.with_suffix("")):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
