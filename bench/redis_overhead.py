@@ -3,8 +3,9 @@
 Two views. End to end: the same agentd (local transport, echo agent) without and with
 ``[redis] url``, one prompt at a time, the time to its ``ack`` (which waits for the rate-limit
 and budget checks) and to its ``done`` (after which the usage is recorded). Then the
-component benchmarks ``bench/bench_ratelimit.py`` and ``bench/bench_usage.py``, run as they
-are and reported in full in the JSON.
+component benchmarks ``bench/bench_ratelimit.py``, ``bench/ratelimit_ceiling.py`` (what caps
+checks per second from one process) and ``bench/bench_usage.py``, run as they are and
+reported in full in the JSON.
 """
 
 from __future__ import annotations
@@ -80,5 +81,6 @@ def run(ctx: Context) -> dict[str, Any]:
     return {
         "end_to_end": end_to_end,
         "ratelimit": component("bench_ratelimit.py", ctx.smoke, ctx.work / "ratelimit.json"),
+        "ceiling": component("ratelimit_ceiling.py", ctx.smoke, ctx.work / "ceiling.json"),
         "usage": component("bench_usage.py", ctx.smoke, ctx.work / "usage.json"),
     }

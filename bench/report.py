@@ -361,6 +361,24 @@ def redis(r: dict[str, Any]) -> list[str]:
         )
     elif "error" in rl:
         lines.append(f"bench_ratelimit.py failed: {rl['error']}")
+    ceiling = r.get("ceiling", {})
+    if "variants" in ceiling:
+        lines += ["", "bench/ratelimit_ceiling.py, checks from one process (median of runs):", ""]
+        lines += _table(
+            ["variant", "checks/s", "range", "CPU per check, µs", "loaded p99, µs"],
+            [
+                [
+                    name,
+                    f"{v['per_second']:,.0f}",
+                    "{:,}..{:,}".format(*v["per_second_range"]),
+                    f"{v['cpu_us_per_check']:.1f}",
+                    f"{v['loaded_p99_us']:,.0f}",
+                ]
+                for name, v in ceiling["variants"].items()
+            ],
+        )
+    elif "error" in ceiling:
+        lines.append(f"ratelimit_ceiling.py failed: {ceiling['error']}")
     usage = r.get("usage", {})
     forwarding = usage.get("forwarding", {}).get("recording_to_redis", {})
     if "added_us" in forwarding:

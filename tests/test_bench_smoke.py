@@ -82,6 +82,7 @@ def test_benchmark_suite_smoke_run_measures_every_scenario(tmp_path: Path) -> No
         assert storm["lost"] == storm["duplicated"] == storm["incomplete_resumes"] == 0
     assert scenarios["slow"]["agentd"]["rss_kib"]
     assert "error" not in scenarios["redis"]["ratelimit"]
+    assert "error" not in scenarios["redis"]["ceiling"]
     assert "error" not in scenarios["redis"]["usage"]
     assert scenarios["json"]["fastest_parse"]
     markdown = next(tmp_path.glob("*-smoke.md")).read_text()
