@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +64,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--runs", type=int, default=5, help="runs per figure (default 5)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="directory for results")
+    parser.add_argument("--tag", default="", help="appended to the results' file names")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="REV",
+        help="also run agentd at this git revision where a scenario compares versions (prompts)",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -72,6 +81,38 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.smoke:
         args.runs = 1
     return args
+
+
+def checkout(revision: str, work: Path) -> tuple[str, Path]:
+    """The short name of ``revision`` of this repository and its tree, extracted under
+    ``work``."""
+    root = Path(__file__).resolve().parent.parent
+    label = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", revision],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    tree = work / f"source-{label}"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", "--format=tar", label],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return label, tree
+
+
+def subject(revision: str) -> str:
+    """The first line of ``revision``'s commit message."""
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(
+        ["git", "-C", str(root), "log", "-1", "--format=%s", revision],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def draw_charts(results: dict[str, Any], stem: Path) -> list[Path]:
@@ -108,7 +149,9 @@ def main(argv: list[str]) -> int:
             work=Path(work),
             log=log,
             profile=args.profile,
+            baselines=dict(checkout(rev, Path(work)) for rev in args.baseline),
         )
+        results["baselines"] = {label: subject(label) for label in ctx.baselines}
         try:
             for name in names:
                 log(f"{name}: starting")
@@ -126,6 +169,8 @@ def main(argv: list[str]) -> int:
     results["seconds"] = round(time.monotonic() - started, 1)
     results["machine"]["load_after"] = machine.load()
     stem = f"{datetime.now(UTC):%Y-%m-%d}-{socket.gethostname()}" + ("-smoke" if args.smoke else "")
+    if args.tag:
+        stem += f"-{args.tag}"
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown = report.render(results)

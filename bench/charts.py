@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,90 @@ def prompts(results: dict[str, Any]) -> Figure:
     return fig
 
 
+def versions(results: dict[str, Any]) -> Figure:
+    """This checkout beside the earlier revisions it ran with, oldest first as given."""
+    p = results["scenarios"]["prompts"]
+    labels = [n.split("@")[1] for n in p if n.startswith("agentd-memory@")] + ["now"]
+
+    def target(store: str, label: str) -> str:
+        return f"agentd-{store}" if label == "now" else f"agentd-{store}@{label}"
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=DPI)
+    panels = (
+        ("cpu_us_per_prompt", "µs of CPU per prompt", "Gateway CPU per prompt"),
+        ("done_p99", "milliseconds", "Prompt to done, p99"),
+    )
+    width = 0.38
+    for ax, (key, unit, title) in zip(axes, panels, strict=True):
+        for i, store in enumerate(("memory", "redis")):
+            values = [p[target(store, label)][key] for label in labels]
+            offsets = [x + (i - 0.5) * width for x in range(len(labels))]
+            ax.bar(
+                offsets,
+                [v["median"] for v in values],
+                width,
+                yerr=[
+                    [v["median"] - v["min"] for v in values],
+                    [v["max"] - v["median"] for v in values],
+                ],
+                capsize=3,
+                color=COLOURS[f"agentd-{store}"],
+                label=f"agentd, {'in-memory' if store == 'memory' else 'Redis'} store",
+                error_kw={"elinewidth": 0.8, "ecolor": "#444"},
+            )
+            for x, v in zip(offsets, values, strict=True):
+                ax.annotate(
+                    f"{v['median']:,.0f}" if key.startswith("cpu") else f"{v['median']:.2f}",
+                    (x, v["max"]),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+        peer = p["websocketd"][key]["median"]
+        ax.axhline(
+            peer,
+            color=COLOURS["websocketd"],
+            linestyle="--",
+            linewidth=1.5,
+            label=f"websocketd, same runs: {peer:,.0f}"
+            if key.startswith("cpu")
+            else f"websocketd, same runs: {peer:.2f}",
+        )
+        ax.set_xticks(
+            range(len(labels)), [_revision(results, label) for label in labels], fontsize=7
+        )
+        ax.set_xlabel("agentd revision, oldest first")
+        ax.set_ylabel(f"{unit} (lower is better)")
+        if key.startswith("cpu"):
+            ax.yaxis.set_major_formatter(THOUSANDS)
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.15)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle(
+        "One prompt, revision by revision, in the same runs (echo agent, one-word prompts)"
+    )
+    fig.text(
+        0.5,
+        0.01,
+        _subtitle(results, p, f"{p['prompts_per_run']:,} prompts per target per run"),
+        ha="center",
+        fontsize=8,
+        color="#555",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def _revision(results: dict[str, Any], label: str) -> str:
+    """A revision's short name over the first words of its commit's subject."""
+    subject = results.get("baselines", {}).get(label, "this checkout" if label == "now" else "")
+    return label + "\n" + "\n".join(textwrap.wrap(subject, 22, max_lines=3, placeholder=" …"))
+
+
 def _ratio(summary: dict[str, Any] | None) -> str:
     if summary is None:
         return "n/a"
@@ -253,10 +338,15 @@ CHARTS: dict[str, Callable[[dict[str, Any]], Figure]] = {
 
 
 def draw(results: dict[str, Any], stem: Path) -> list[Path]:
-    """A PNG per scenario that ran without error: ``<stem>-<scenario>.png``."""
+    """A PNG per scenario that ran without error, ``<stem>-<scenario>.png``, and with earlier
+    revisions in the prompt scenario, ``<stem>-versions.png``."""
+    charts = dict(CHARTS)
+    prompts_ran = results["scenarios"].get("prompts", {})
+    if any("@" in name for name in prompts_ran):
+        charts["versions"] = versions
     written = []
-    for name, chart in CHARTS.items():
-        scenario = results["scenarios"].get(name)
+    for name, chart in charts.items():
+        scenario = results["scenarios"].get("prompts" if name == "versions" else name)
         if scenario is None or "error" in scenario:
             continue
         figure = chart(results)

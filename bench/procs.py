@@ -195,9 +195,14 @@ class Agentd(Process):
     name = "agentd"
 
     def __init__(
-        self, work: Path, sections: Mapping[str, Mapping[str, Any]], backlog: int | None = None
+        self,
+        work: Path,
+        sections: Mapping[str, Mapping[str, Any]],
+        backlog: int | None = None,
+        source: Path | None = None,
     ) -> None:
         super().__init__()
+        self.source = source  # another tree to import agentd from, or this checkout
         self.port = free_port()
         work.mkdir(parents=True, exist_ok=True)
         config = {name: dict(keys) for name, keys in sections.items()}
@@ -215,8 +220,11 @@ class Agentd(Process):
         self.config_path.write_text(toml(config))
         self.work = work
 
-    def start(self) -> Agentd:
+    def start(self, wait: bool = True) -> Agentd:
+        """Start twistd; with ``wait``, return once it listens (else see ``ready``)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)
         self.proc = subprocess.Popen(
             [
                 str(BIN / "twistd"),
@@ -231,8 +239,12 @@ class Agentd(Process):
             stdout=subprocess.DEVNULL,
             stderr=open(self.work / "twistd.err", "ab"),
         )
-        wait_for_port(self.port, timeout=30)
+        if wait:
+            self.ready()
         return self
+
+    def ready(self) -> None:
+        wait_for_port(self.port, timeout=30)
 
     def path(self, project: str, agent: str, user: str, **params: Any) -> str:
         query = "&".join(f"{k}={v}" for k, v in {"token": token(user), **params}.items())

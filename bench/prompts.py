@@ -12,17 +12,20 @@ machine hits every target alike. Per round and target:
 - prompt to ``done`` latency, p50, p90 and p99, as the client sees it.
 
 Ratios and differences are taken within each round (side by side), then the median over
-rounds is reported with its range.
+rounds is reported with its range. With ``--baseline REV`` (repeatable), agentd at that
+revision, in memory and on Redis, with that revision's echo agent, runs in the same rounds,
+so each change is measured before and after side by side.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+from pathlib import Path
 from typing import Any
 
 from bench import profiles
-from bench.procs import thread_cpu_ns
+from bench.procs import Agentd, thread_cpu_ns
 from bench.suite import ECHO, Context, WebSocketTarget, percentile, summary
 
 PERCENTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
@@ -32,18 +35,30 @@ WARM_UP = 30
 
 def targets(ctx: Context) -> list[WebSocketTarget]:
     redis = ctx.redis()
-    memory = ctx.agentd("prompts-memory")
-    stored = ctx.agentd("prompts-redis", redis={"url": redis.url})
     websocketd = ctx.websocketd(shlex.split(ECHO.replace("{agent}", "echo")))
-    return [
-        WebSocketTarget("websocketd", websocketd, websocketd.port, "/", False),
-        WebSocketTarget(
-            "agentd-memory", memory, memory.port, memory.path("bench", "echo", "p1"), True
-        ),
-        WebSocketTarget(
-            "agentd-redis", stored, stored.port, stored.path("bench", "echo", "p2"), True
-        ),
-    ]
+    found = [WebSocketTarget("websocketd", websocketd, websocketd.port, "/", False)]
+    versions: dict[str, Path | None] = {"": None, **{f"@{k}": v for k, v in ctx.baselines.items()}}
+    stores: dict[str, dict[str, dict[str, Any]]] = {
+        "memory": {},
+        "redis": {"redis": {"url": redis.url}},
+    }
+    for suffix, source in versions.items():
+        for store, sections in stores.items():
+            name = f"agentd-{store}{suffix}"
+            # Each target its own user, so no two share rate-limit or usage keys in Redis.
+            user = f"u{len(found)}"
+            process = ctx.agentd(name.replace("@", "-at-"), None, source, False, **sections)
+            path = process.path("bench", "echo", user)
+            found.append(WebSocketTarget(name, process, process.port, path, True))
+    for target in found[1:]:
+        assert isinstance(target.server, Agentd)
+        target.server.ready()
+    return found
+
+
+def target_names(results: dict[str, Any]) -> list[str]:
+    """The targets of a finished scenario, in the order they ran."""
+    return [name for name, r in results.items() if isinstance(r, dict) and "done_p99" in r]
 
 
 def one_round(target: WebSocketTarget, prompts: int, run: int) -> dict[str, float]:
@@ -62,16 +77,27 @@ def one_round(target: WebSocketTarget, prompts: int, run: int) -> dict[str, floa
     return figures
 
 
+def pairs(names: list[str]) -> dict[str, tuple[str, str]]:
+    """What is compared with what: each agentd with websocketd, Redis with memory in each
+    version, and this checkout with each earlier version."""
+    found = {}
+    for name in names:
+        if name.startswith("agentd"):
+            found[f"{name}_vs_websocketd"] = (name, "websocketd")
+        if name.startswith("agentd-redis"):
+            memory = name.replace("redis", "memory", 1)
+            found[f"{name}_vs_{memory}"] = (name, memory)
+        if "@" in name:
+            now = name.split("@")[0]
+            found[f"{now}_vs_{name}"] = (now, name)
+    return found
+
+
 def compare(raw: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     """Ratios and differences of each round's figures, side by side, and their medians."""
     rounds = range(len(raw["websocketd"]))
-    pairs = {
-        "agentd-memory_vs_websocketd": ("agentd-memory", "websocketd"),
-        "agentd-redis_vs_websocketd": ("agentd-redis", "websocketd"),
-        "agentd-redis_vs_agentd-memory": ("agentd-redis", "agentd-memory"),
-    }
     compared: dict[str, Any] = {}
-    for label, (side, peer) in pairs.items():
+    for label, (side, peer) in pairs(list(raw)).items():
         cpu_ratios = [
             raw[side][n]["cpu_us_per_prompt"] / raw[peer][n]["cpu_us_per_prompt"]
             for n in rounds
@@ -91,11 +117,11 @@ def compare(raw: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    prompts = 50 if ctx.smoke else 2000
+    prompts = 20 if ctx.smoke else 2000
     all_targets = targets(ctx)
     for target in all_targets:
         target.open()
-        for n in range(WARM_UP):
+        for n in range(3 if ctx.smoke else WARM_UP):
             target.answer({"type": "prompt", "id": f"warm{n}", "text": "hello"})
     raw: dict[str, list[dict[str, float]]] = {t.name: [] for t in all_targets}
     load = []

@@ -9,7 +9,7 @@ from typing import Any
 def _range(s: dict[str, Any], unit: str = "", fmt: str = "{:,.0f}") -> str:
     return (
         f"{fmt.format(s['median'])}{unit} ({fmt.format(s['min'])}..{fmt.format(s['max'])}, "
-        f"±{s['spread_pct'] / 2:.0f}%)"
+        f"±{abs(s['spread_pct']) / 2:.0f}%)"
     )
 
 
@@ -205,7 +205,7 @@ def latency(lat: dict[str, Any]) -> list[str]:
 
 def prompts(p: dict[str, Any]) -> list[str]:
     rows = []
-    for name in ("websocketd", "agentd-memory", "agentd-redis"):
+    for name in [n for n, r in p.items() if isinstance(r, dict) and "done_p99" in r]:
         r = p[name]
         rows.append(
             [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -23,7 +24,14 @@ from typing import Any
 
 from bench.procs import Agentd, Process, Websocketd, descendants, rss_kib
 from bench.ws import BlockingClient
-from tests.servers import RedisServer, SshServer, agent_command, attach_command, kill_holders
+from tests.servers import (
+    REPO,
+    RedisServer,
+    SshServer,
+    agent_command,
+    attach_command,
+    kill_holders,
+)
 
 # The echo agent as the tests run it: with the test options the scenarios ask it for
 # (repeat, delta_bytes, delay_ms in a prompt's options), importing this checkout's code.
@@ -37,6 +45,13 @@ UNLIMITED = {"prompts_per_minute": 10_000_000, "connections_per_minute": 10_000_
 # address may hold as many unauthenticated connections as the whole process (1,024, the
 # default), so a storm of 1,000 reconnects meets the same limit it would from 1,000 clients.
 ONE_ADDRESS = {"max_unauthenticated_per_address": 1024}
+
+
+def echo_command(source: Path | None = None) -> str:
+    """The echo agent's command, importing this checkout's code or ``source``'s."""
+    if source is None:
+        return ECHO
+    return ECHO.replace(shlex.quote(str(REPO)), shlex.quote(str(source)), 1)
 
 
 class BenchSshServer(SshServer):
@@ -62,6 +77,9 @@ class Context:
     log: Callable[[str], None]
     # Scenarios that can also record agentd with py-spy, after measuring, do so.
     profile: bool = False
+    # Earlier revisions of agentd (label -> source tree) that scenarios able to compare
+    # versions run beside this checkout's.
+    baselines: dict[str, Path] = field(default_factory=dict)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _scope: contextlib.ExitStack | None = None
     _sshd: dict[int | None, SshServer] = field(default_factory=dict)
@@ -101,18 +119,30 @@ class Context:
         self._current.callback(server.stop)
         return server
 
-    def agentd(self, name: str, backlog: int | None = None, **sections: dict[str, Any]) -> Agentd:
-        sections.setdefault("agents", {"names": ["echo"], "command": ECHO})
-        # Sessions are held in this run's own directory, and their holders end with it.
-        sessions = self.work / "sessions"
-        sections["agents"].setdefault("attach_command", attach_command(sessions))
-        self._current.callback(kill_holders, sessions)
+    def agentd(
+        self,
+        name: str,
+        backlog: int | None = None,
+        source: Path | None = None,
+        wait: bool = True,
+        **sections: dict[str, Any],
+    ) -> Agentd:
+        """agentd from this checkout, or from ``source`` (an earlier revision's tree), which
+        then runs the echo agent of that revision too. Without ``wait``, the caller waits
+        with ``ready()``, so several can start at once."""
+        sections.setdefault("agents", {"names": ["echo"], "command": echo_command(source)})
+        if source is None:
+            # Sessions are held in this run's own directory, and their holders end with it.
+            # (Revisions before durable sessions run their agents directly.)
+            sessions = self.work / "sessions"
+            sections["agents"].setdefault("attach_command", attach_command(sessions))
+            self._current.callback(kill_holders, sessions)
         sections["ratelimit"] = {**UNLIMITED, **sections.get("ratelimit", {})}
         sections["server"] = {**ONE_ADDRESS, **sections.get("server", {})}
         self._started += 1
-        process = Agentd(self.work / f"agentd-{self._started}-{name}", sections, backlog)
+        process = Agentd(self.work / f"agentd-{self._started}-{name}", sections, backlog, source)
         self._current.callback(process.stop)
-        return process.start()
+        return process.start(wait)
 
     def websocketd(self, command: list[str]) -> Websocketd:
         process = Websocketd(command)

@@ -20,11 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def smoke(results: Path, *only: str, timeout: float) -> dict[str, Any]:
-    """``python -m bench --smoke`` (only the named scenarios, if any): the results file."""
-    argv = [sys.executable, "-m", "bench", "--smoke", "--results", str(results)]
-    for name in only:
-        argv += ["--only", name]
+def smoke(results: Path, *options: str, timeout: float) -> dict[str, Any]:
+    """``python -m bench --smoke`` with more options: the results file."""
+    argv = [sys.executable, "-m", "bench", "--smoke", "--results", str(results), *options]
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     [result_file] = results.glob("*-smoke.json")
@@ -33,7 +31,7 @@ def smoke(results: Path, *only: str, timeout: float) -> dict[str, Any]:
 
 
 def test_prompt_cost_scenario_compares_websocketd_and_both_stores(tmp_path: Path) -> None:
-    scenario = smoke(tmp_path, "prompts", timeout=60)["scenarios"]["prompts"]
+    scenario = smoke(tmp_path, "--only", "prompts", timeout=60)["scenarios"]["prompts"]
     assert "error" not in scenario, scenario
     for target in ("websocketd", "agentd-memory", "agentd-redis"):
         figures = scenario[target]
@@ -56,7 +54,8 @@ def test_prompt_cost_scenario_compares_websocketd_and_both_stores(tmp_path: Path
 
 @pytest.mark.slow
 def test_benchmark_suite_smoke_run_measures_every_scenario(tmp_path: Path) -> None:
-    scenarios = smoke(tmp_path, timeout=180)["scenarios"]
+    results = smoke(tmp_path, "--baseline", "HEAD", timeout=180)
+    scenarios = results["scenarios"]
     assert set(scenarios) == {
         "throughput",
         "latency",
@@ -73,6 +72,9 @@ def test_benchmark_suite_smoke_run_measures_every_scenario(tmp_path: Path) -> No
         for target in ("agentd", "websocketd", "agentd-ssh", "ssh"):
             assert scenarios["throughput"][size][target]["messages_per_s"]["median"] > 0
     assert scenarios["latency"]["agentd"]["done_p99"]["median"] > 0
+    [baseline] = results["baselines"]  # the prompt scenario ran HEAD's agentd beside this one
+    assert scenarios["prompts"][f"agentd-redis@{baseline}"]["cpu_us_per_prompt"]["median"] > 0
+    assert scenarios["prompts"]["compared"][f"agentd-memory_vs_agentd-memory@{baseline}"]
     assert scenarios["idle"]["connected"] == scenarios["idle"]["wanted"]
     sessions = scenarios["sessions"]
     assert sessions["connected"] == sessions["wanted"]
@@ -89,4 +91,4 @@ def test_benchmark_suite_smoke_run_measures_every_scenario(tmp_path: Path) -> No
     assert "## Targets" in markdown
     if importlib.util.find_spec("matplotlib") is not None:
         charts = {p.name.rsplit("-", 1)[1] for p in tmp_path.glob("*.png")}
-        assert charts == {"throughput.png", "latency.png", "prompts.png"}
+        assert charts == {"throughput.png", "latency.png", "prompts.png", "versions.png"}
