@@ -101,6 +101,9 @@ def summarize(stacks: list[tuple[list[Frame], int]], top: int) -> dict[str, list
         "owners": owners.most_common(),
         "self": own.most_common(top),
         "inclusive": inclusive.most_common(top),
+        "agentd_inclusive": [
+            (name, n) for name, n in inclusive.most_common() if "(agentd/" in name
+        ][:top],
     }
 
 
@@ -114,6 +117,8 @@ def render(summary: dict[str, list[tuple[str, int]]], total: int) -> str:
     lines += [f"  {pct(n)}  {name}" for name, n in summary["self"]]
     lines += ["", "inclusive time:"]
     lines += [f"  {pct(n)}  {name}" for name, n in summary["inclusive"]]
+    lines += ["", "inclusive time, agentd's functions:"]
+    lines += [f"  {pct(n)}  {name}" for name, n in summary["agentd_inclusive"]]
     return "\n".join(lines)
 
 

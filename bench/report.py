@@ -248,7 +248,12 @@ def prompts(p: dict[str, Any]) -> list[str]:
     for name, profile in p.get("profiles", {}).items():
         owners = ", ".join(f"{owner} {share}%" for owner, share in profile["owners"])
         own = ", ".join(f"`{f}` {share}%" for f, share in profile["self"][:8])
-        lines += [f"py-spy, {name}: by owner {owners}. Self time: {own}.", ""]
+        below = ", ".join(f"`{f}` {share}%" for f, share in profile["agentd_inclusive"][:10])
+        lines += [
+            f"py-spy, {name}: by owner {owners}. Self time: {own}. "
+            f"agentd's functions, inclusive: {below}.",
+            "",
+        ]
     return lines
 
 
