@@ -93,6 +93,9 @@ def _percentile_groups(
 ) -> None:
     """Bars grouped by target, one per percentile, whiskers from the lowest to highest run."""
     width = 0.8 / len(keys)
+    # A run on a busy neighbour's minute can put a p99 tens of times over the median; the
+    # plot stays scaled to the medians and labels a whisker it cuts with its maximum.
+    top = 2.2 * max(figures[n][key]["median"] for n in names for key in keys.values())
     for i, (label, key) in enumerate(keys.items()):
         offsets = [x + (i - (len(keys) - 1) / 2) * width for x in range(len(names))]
         values = [figures[n][key] for n in names]
@@ -112,9 +115,10 @@ def _percentile_groups(
             error_kw={"elinewidth": 0.8, "ecolor": "#444"},
         )
         for x, v in zip(offsets, values, strict=True):
+            cut = f"\n(max {v['max']:.1f})" if v["max"] > top else ""
             ax.annotate(
-                f"{label.split()[0]}\n{v['median']:.2f}",
-                (x, v["max"]),
+                f"{label.split()[0]}\n{v['median']:.2f}{cut}",
+                (x, min(v["max"], 0.8 * top) if cut else v["max"]),
                 xytext=(0, 2),
                 textcoords="offset points",
                 ha="center",
@@ -123,7 +127,7 @@ def _percentile_groups(
             )
     ax.set_xticks(range(len(names)), [LABELS.get(n, n) for n in names], fontsize=8)
     ax.set_ylabel("milliseconds (lower is better)")
-    ax.margins(y=0.2)
+    ax.set_ylim(0, top)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
 

@@ -38,9 +38,13 @@ def targets(ctx: Context) -> list[WebSocketTarget]:
     websocketd = ctx.websocketd(shlex.split(ECHO.replace("{agent}", "echo")))
     found = [WebSocketTarget("websocketd", websocketd, websocketd.port, "/", False)]
     versions: dict[str, Path | None] = {"": None, **{f"@{k}": v for k, v in ctx.baselines.items()}}
+    # A client waits its turn, not reading, while every other target runs a round (a minute
+    # with earlier revisions beside this one): agentd's pings would go unanswered and it
+    # would close the connection. One ping every 20 s costs nothing per prompt.
+    quiet = {"server": {"auto_ping_seconds": 0}}
     stores: dict[str, dict[str, dict[str, Any]]] = {
-        "memory": {},
-        "redis": {"redis": {"url": redis.url}},
+        "memory": quiet,
+        "redis": {**quiet, "redis": {"url": redis.url}},
     }
     for suffix, source in versions.items():
         for store, sections in stores.items():
