@@ -69,8 +69,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--baseline",
         action="append",
         default=[],
-        metavar="REV",
-        help="also run agentd at this git revision where a scenario compares versions (prompts)",
+        metavar="REV[=TEXT]",
+        help="also run agentd at this git revision where a scenario compares versions "
+        "(prompts); TEXT describes it in the charts (default: its commit's subject)",
     )
     parser.add_argument(
         "--profile",
@@ -149,9 +150,14 @@ def main(argv: list[str]) -> int:
             work=Path(work),
             log=log,
             profile=args.profile,
-            baselines=dict(checkout(rev, Path(work)) for rev in args.baseline),
+            baselines=dict(checkout(rev.split("=")[0], Path(work)) for rev in args.baseline),
         )
-        results["baselines"] = {label: subject(label) for label in ctx.baselines}
+        results["baselines"] = {
+            label: text or subject(label)
+            for label, (_, _, text) in zip(
+                ctx.baselines, (rev.partition("=") for rev in args.baseline), strict=True
+            )
+        }
         try:
             for name in names:
                 log(f"{name}: starting")

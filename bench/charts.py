@@ -252,14 +252,18 @@ def versions(results: dict[str, Any]) -> Figure:
     def target(store: str, label: str) -> str:
         return f"agentd-{store}" if label == "now" else f"agentd-{store}@{label}"
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=DPI)
+    stores = ("memory", "redis")
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6), dpi=DPI)
     panels = (
         ("cpu_us_per_prompt", "µs of CPU per prompt", "Gateway CPU per prompt"),
+        ("done_p50", "milliseconds", "Prompt to done, p50"),
         ("done_p99", "milliseconds", "Prompt to done, p99"),
     )
     width = 0.38
     for ax, (key, unit, title) in zip(axes, panels, strict=True):
-        for i, store in enumerate(("memory", "redis")):
+        # Scaled to the medians, as in the latency charts; a whisker cut is labelled.
+        top = 1.6 * max(p[target(s, label)][key]["median"] for s in stores for label in labels)
+        for i, store in enumerate(stores):
             values = [p[target(store, label)][key] for label in labels]
             offsets = [x + (i - 0.5) * width for x in range(len(labels))]
             ax.bar(
@@ -276,9 +280,11 @@ def versions(results: dict[str, Any]) -> Figure:
                 error_kw={"elinewidth": 0.8, "ecolor": "#444"},
             )
             for x, v in zip(offsets, values, strict=True):
+                text = f"{v['median']:,.0f}" if key.startswith("cpu") else f"{v['median']:.2f}"
+                cut = v["max"] > top
                 ax.annotate(
-                    f"{v['median']:,.0f}" if key.startswith("cpu") else f"{v['median']:.2f}",
-                    (x, v["max"]),
+                    text + (f"\n(max {v['max']:.0f})" if cut else ""),
+                    (x, (0.72 + 0.14 * i) * top if cut else v["max"]),
                     xytext=(0, 2),
                     textcoords="offset points",
                     ha="center",
@@ -303,10 +309,21 @@ def versions(results: dict[str, Any]) -> Figure:
         if key.startswith("cpu"):
             ax.yaxis.set_major_formatter(THOUSANDS)
         ax.set_title(title, fontsize=10)
-        ax.margins(y=0.15)
+        ax.set_ylim(0, top)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-        ax.legend(fontsize=8, loc="upper right")
+        if key.startswith("cpu"):
+            ax.legend(fontsize=8, loc="upper right")
+        else:
+            ax.annotate(
+                f"websocketd {peer:.2f}",
+                (len(labels) - 0.5, peer),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="right",
+                fontsize=8,
+                color=COLOURS["websocketd"],
+            )
     fig.suptitle(
         "One prompt, revision by revision, in the same runs (echo agent, one-word prompts)"
     )
@@ -325,7 +342,7 @@ def versions(results: dict[str, Any]) -> Figure:
 def _revision(results: dict[str, Any], label: str) -> str:
     """A revision's short name over the first words of its commit's subject."""
     subject = results.get("baselines", {}).get(label, "this checkout" if label == "now" else "")
-    return label + "\n" + "\n".join(textwrap.wrap(subject, 22, max_lines=3, placeholder=" …"))
+    return label + "\n" + "\n".join(textwrap.wrap(subject, 17, max_lines=4, placeholder=" …"))
 
 
 def _ratio(summary: dict[str, Any] | None) -> str:
