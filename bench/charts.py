@@ -308,22 +308,13 @@ def versions(results: dict[str, Any]) -> Figure:
         ax.set_ylabel(f"{unit} (lower is better)")
         if key.startswith("cpu"):
             ax.yaxis.set_major_formatter(THOUSANDS)
-        ax.set_title(title, fontsize=10)
+        peer_note = "" if key.startswith("cpu") else f"\n(dashed: websocketd, {peer:.2f} ms)"
+        ax.set_title(title + peer_note, fontsize=10)
         ax.set_ylim(0, top)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
         if key.startswith("cpu"):
             ax.legend(fontsize=8, loc="upper right")
-        else:
-            ax.annotate(
-                f"websocketd {peer:.2f}",
-                (len(labels) - 0.5, peer),
-                xytext=(0, 3),
-                textcoords="offset points",
-                ha="right",
-                fontsize=8,
-                color=COLOURS["websocketd"],
-            )
     fig.suptitle(
         "One prompt, revision by revision, in the same runs (echo agent, one-word prompts)"
     )
