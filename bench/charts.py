@@ -132,7 +132,7 @@ def _percentile_groups(
     ax.set_axisbelow(True)
 
 
-def _subtitle(results: dict[str, Any], scenario: dict[str, Any], per_run: str) -> str:
+def _subtitle(results: dict[str, Any], per_run: str) -> str:
     runs = results["runs"]
     return f"median of {runs} interleaved runs, whiskers: lowest to highest run; {per_run}"
 
@@ -153,7 +153,7 @@ def throughput(results: dict[str, Any]) -> Figure:
     fig.text(
         0.5,
         0.01,
-        _subtitle(results, t, "one client per target"),
+        _subtitle(results, "one client per target"),
         ha="center",
         fontsize=8,
         color="#555",
@@ -185,7 +185,7 @@ def latency(results: dict[str, Any]) -> Figure:
     fig.text(
         0.5,
         0.01,
-        _subtitle(results, lat, f"{lat['prompts_per_run']:,} prompts per run"),
+        _subtitle(results, f"{lat['prompts_per_run']:,} prompts per run"),
         ha="center",
         fontsize=8,
         color="#555",
@@ -234,7 +234,7 @@ def prompts(results: dict[str, Any]) -> Figure:
     fig.text(
         0.5,
         0.01,
-        _subtitle(results, p, f"{p['prompts_per_run']:,} prompts per target per run")
+        _subtitle(results, f"{p['prompts_per_run']:,} prompts per target per run")
         + "; ratios and differences taken within each run",
         ha="center",
         fontsize=8,
@@ -321,7 +321,7 @@ def versions(results: dict[str, Any]) -> Figure:
     fig.text(
         0.5,
         0.01,
-        _subtitle(results, p, f"{p['prompts_per_run']:,} prompts per target per run"),
+        _subtitle(results, f"{p['prompts_per_run']:,} prompts per target per run"),
         ha="center",
         fontsize=8,
         color="#555",

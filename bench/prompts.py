@@ -60,11 +60,6 @@ def targets(ctx: Context) -> list[WebSocketTarget]:
     return found
 
 
-def target_names(results: dict[str, Any]) -> list[str]:
-    """The targets of a finished scenario, in the order they ran."""
-    return [name for name, r in results.items() if isinstance(r, dict) and "done_p99" in r]
-
-
 def one_round(target: WebSocketTarget, prompts: int, run: int) -> dict[str, float]:
     """``prompts`` one-word prompts, one at a time: CPU per prompt and done percentiles."""
     dones = []
@@ -129,6 +124,7 @@ def run(ctx: Context) -> dict[str, Any]:
             target.answer({"type": "prompt", "id": f"warm{n}", "text": "hello"})
     raw: dict[str, list[dict[str, float]]] = {t.name: [] for t in all_targets}
     load = []
+    recorded: dict[str, dict[str, Any]] = {}
     try:
         for n in range(ctx.runs):
             load.append(os.getloadavg()[0])
@@ -155,7 +151,7 @@ def run(ctx: Context) -> dict[str, Any]:
     results["compared"] = compare(raw)
     results["prompts_per_run"] = prompts
     results["load_average_1m"] = summary(load, 2)
-    if ctx.profile:
+    if recorded:
         results["profiles"] = recorded
     return results
 
