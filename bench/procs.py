@@ -67,10 +67,10 @@ def cpu_seconds(pid: int) -> float:
 def thread_cpu_ns(pid: int) -> int:
     """Nanoseconds on a CPU, user and system, summed over the process's live threads.
 
-    ``/proc/PID/stat`` counts in clock ticks (10 ms), too coarse for a few thousand prompts
-    of websocketd at tens of microseconds each; each thread's ``schedstat`` counts in
-    nanoseconds. Gateways keep their threads (Twisted's pool, Go's Ms), so none of the time
-    leaves with a thread that ended.
+    ``/proc/PID/stat`` counts in clock ticks (10 ms), a few per cent of what websocketd
+    spends on a round of prompts; each thread's ``schedstat`` counts in nanoseconds.
+    Gateways keep their threads (Twisted's pool, Go's Ms), so none of the time leaves
+    with a thread that ended.
     """
     total = 0
     for task in os.listdir(f"/proc/{pid}/task"):

@@ -7,8 +7,8 @@ interleaved and the order of the targets rotates each round, so a busy neighbour
 machine hits every target alike. Per round and target:
 
 - the gateway process's CPU per prompt, from the run time ``/proc`` gives each of its threads
-  (nanoseconds, so websocketd's few per prompt are resolved), and its inverse, prompts per
-  second per core of that process;
+  (in nanoseconds, where ``/proc/PID/stat`` counts 10 ms ticks), and its inverse, prompts
+  per second per core of that process;
 - prompt to ``done`` latency, p50, p90 and p99, as the client sees it.
 
 Ratios and differences are taken within each round (side by side), then the median over
