@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ import pytest
 from playwright.sync_api import BrowserContext, Page, Playwright, WebSocket, expect, sync_playwright
 
 from tests.harness import SECRET, token
-from tests.servers import agent_command, free_port, wait_for_port
+from tests.servers import agent_command, free_port, holder_pids, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +120,7 @@ def _hang_up(sock: socket.socket) -> None:
 class Agentd:
     port: int
     proxy: SeverableProxy
+    restart: Callable[[], None]
 
     def console_url(self, jwt: str, project: str = "demo", agent: str = "echo") -> str:
         return f"http://127.0.0.1:{self.proxy.port}/?token={jwt}&project={project}&agent={agent}"
@@ -137,39 +138,52 @@ def running_agentd(
         **os.environ,
         "AGENTD_JWT_SECRET": SECRET,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        # Sessions are held under $HOME/.agentd: the test's own, whose holders end with it.
+        "HOME": str(tmp_path),
         **(env or {}),
     }
     log = tmp_path / "agentd.log"
-    process = subprocess.Popen(
-        [
-            str(VENV_BIN / "twistd"),
-            "--nodaemon",
-            "--pidfile=",
-            f"--logfile={log}",
-            "agentd",
-            "--config",
-            str(path),
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    proxy = SeverableProxy(port)
-    try:
-        wait_for_port(port, timeout=30)
-        proxy.start()
-        yield Agentd(port, proxy)
-    finally:
-        proxy.stop()
+    argv = [
+        str(VENV_BIN / "twistd"),
+        "--nodaemon",
+        "--pidfile=",
+        f"--logfile={log}",
+        "agentd",
+        "--config",
+        str(path),
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+    ]
+
+    def launch() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+
+    def stop(process: subprocess.Popen[bytes]) -> None:
         process.terminate()
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    processes = [launch()]
+
+    def restart() -> None:
+        """SIGTERM, as a deploy does, then the same agentd again on the same port."""
+        stop(processes[-1])
+        processes.append(launch())
+        wait_for_port(port, timeout=30)
+
+    proxy = SeverableProxy(port)
+    try:
+        wait_for_port(port, timeout=30)
+        proxy.start()
+        yield Agentd(port, proxy, restart)
+    finally:
+        proxy.stop()
+        stop(processes[-1])
 
 
 @pytest.fixture
@@ -275,6 +289,41 @@ def test_page_resumes_a_long_answer_after_the_server_cuts_the_connection(
     assert int(second["last_seq"]) >= 20
     assert console.page.locator("#status-detail").inner_text().startswith(f"session {session[:8]}")
     assert not any("lost" in notice for notice in console.notices())
+    assert console.errors == []
+
+
+def test_page_resumes_its_conversation_at_once_when_agentd_restarts_mid_answer(
+    agentd: Agentd, browser: BrowserContext, tmp_path: Path
+) -> None:
+    console = Console(browser.new_page()).open(agentd.console_url(token()))
+    console.expect_status("open")
+    text = numbered_words(WORDS)
+    console.send(text, options=f'{{"delay_ms": {DELAY_MS}}}')
+    turn = console.transcript.locator(".turn").first
+    expect(turn.locator(".answer .text")).to_contain_text("w010")
+    holders = holder_pids(tmp_path)
+    assert len(holders) == 1
+
+    agentd.restart()  # 1012 to the page; the agent goes on in its holder meanwhile
+
+    console.expect_status("open", timeout=15_000)
+    expect(console.transcript.locator(".notice").last).to_have_text("Reconnected: session resumed")
+    expect(turn).to_have_attribute("data-state", "done", timeout=20_000)
+    assert console.answer() == text
+    first, second = (socket_url_params(ws) for ws in console.sockets[:2])
+    assert second["session"] and "session" not in first
+    assert (
+        console.page.locator("#status-detail")
+        .inner_text()
+        .startswith(f"session {second['session'][:8]}")
+    )
+    assert not any("lost" in notice for notice in console.notices())
+    assert holder_pids(tmp_path) == holders, "the same agent finished the answer"
+    console.send("after the restart")
+    expect(console.transcript.locator(".turn").nth(1)).to_have_attribute(
+        "data-state", "done", timeout=15_000
+    )
+    assert console.answer(1) == "after the restart"
     assert console.errors == []
 
 

@@ -7,7 +7,7 @@
 
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -56,6 +56,22 @@ export function sample(text, name, labels = "") {
   return line ? Number(line.slice(prefix.length)) : 0;
 }
 
+/** End every session holder under `sessions`, with its agent (each leads its process group). */
+function killHolders(sessions) {
+  let names = [];
+  try {
+    names = readdirSync(sessions);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    try {
+      const pid = Number(readFileSync(join(sessions, name, "holder.pid"), "utf8"));
+      if (pid > 1) process.kill(-pid, "SIGKILL");
+    } catch {}
+  }
+}
+
 /**
  * Start agentd with `config` (TOML) added to the test's own; resolves once it answers
  * /health/live. Stop it with stop().
@@ -64,9 +80,14 @@ export async function startAgentd(config = "") {
   const dir = mkdtempSync(join(tmpdir(), "agentd-js-"));
   const port = await freePort();
   const agent = `env PYTHONPATH=${shellQuote(REPO)} ${shellQuote(join(dirname(PYTHON), "agentd-agent"))}`;
+  // Sessions are held in the test's own directory; their holders outlive agentd by design,
+  // so stop() ends them.
+  const sessions = join(dir, "sessions");
+  const attach = `${agent} attach --sessions-dir ${shellQuote(sessions)}`;
   writeFileSync(
     join(dir, "agentd.toml"),
-    `[server]\ndrain_seconds = 0.0\n[agents]\ncommand = ${JSON.stringify(`${agent} --test-options {agent}`)}\n${config}`,
+    `[server]\ndrain_seconds = 0.0\n[agents]\ncommand = ${JSON.stringify(`${agent} --test-options {agent}`)}\n` +
+      `attach_command = ${JSON.stringify(attach)}\n${config}`,
   );
   const log = join(dir, "agentd.log");
   const child = spawn(
@@ -116,6 +137,7 @@ export async function startAgentd(config = "") {
       const timer = setTimeout(() => child.kill("SIGKILL"), 20_000);
       await exited;
       clearTimeout(timer);
+      killHolders(sessions);
       rmSync(dir, { recursive: true, force: true });
     },
   };
