@@ -45,13 +45,13 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
 class Attach:
     """``agentd-agent attach`` as a subprocess: JSON lines in, JSON lines out."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], **env: str) -> None:
         self.process = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=agent_env(),
+            env=agent_env(**env),
             cwd=REPO,
         )
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -123,6 +123,7 @@ class Sessions:
         project: str = "demo",
         agent: str = "echo",
         options: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> Attach:
         argv = [sys.executable, "-m", "agentd.agent.entry", "attach"]
         argv += ["--session", session, "--user", user, "--project", project, "--agent", agent]
@@ -132,7 +133,7 @@ class Sessions:
         argv += options
         if start:
             argv.append("--start")
-        attach = Attach(argv)
+        attach = Attach(argv, **(env or {}))
         self.attaches.append(attach)
         return attach
 
@@ -819,3 +820,14 @@ def test_the_attach_path_imports_neither_asyncio_nor_the_journal_nor_twisted() -
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, env=agent_env()
     )
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+def test_the_holder_says_whose_keys_its_agent_runs_with_to_every_attach(sessions: Sessions):
+    first, hello = sessions.attached(env={"AGENTD_KEY_SOURCE": "user"})
+    assert hello["keySource"] == "user"
+    first.kill()
+    # A later attach, from any agentd, whatever its own environment says.
+    _, again = sessions.attached(start=False, env={"AGENTD_KEY_SOURCE": "operator"})
+    assert again["keySource"] == "user"
+    _, other = sessions.attached(session="other-session-0123456789")
+    assert other["keySource"] is None

@@ -21,6 +21,7 @@ from twisted.logger import LogEvent, globalLogPublisher
 from agentd import agentlog
 from agentd.agent.holder.wire import usage_event_id
 from agentd.errors import ErrorCode
+from agentd.keys.source import AgentKeys
 from agentd.session.registry import SessionRegistry
 from agentd.session.replay import ReplayLog, splice_seq
 from agentd.session.services import SessionServices
@@ -35,6 +36,7 @@ class FakeHolder:
 
     def __init__(self, target: AgentTarget) -> None:
         self.identity = (target.user, target.project, target.agent)
+        self.key_source = target.env.get("AGENTD_KEY_SOURCE")
         self.journal: list[bytes] = []
         self.prompts: set[str] = set()
         self.attach: FakeAttach | None = None
@@ -177,6 +179,7 @@ class FakeTransport:
             complete=True,
             started=target.start,
             live=True,
+            keySource=holder.key_source,
         )
         for record in holder.unrecorded:
             attach.control(type="unrecorded", **record)
@@ -594,6 +597,29 @@ def test_usage_a_departed_agentd_did_not_record_is_recorded_by_the_next_attach()
     assert usage.events[0].timestamp == 1.7e9
     usage.settle()
     assert holder.recorded == ["a"]
+
+
+class UserKeys:
+    async def keys_for(self, user: str) -> AgentKeys:
+        return AgentKeys({"ANTHROPIC_API_KEY": "sk-ant-users-own"}, "user")
+
+
+def test_an_instance_that_did_not_start_the_agent_bills_with_the_keys_it_was_started_with():
+    usage = FakeUsage()
+    _, transport, registry = make(
+        usage=usage, usage_event=UsageEvent.from_agent_usage, keys=UserKeys()
+    )
+    session = opened(registry, KEY, FakeClient())
+    session.prompt("a", "x")
+    assert transport.current.target.env["AGENTD_KEY_SOURCE"] == "user"
+    holder = transport.holders[session.id]
+    holder.unrecorded = [
+        {"id": "a", "event": "h-1", "outcome": "done", "usage": USAGE, "timestamp": 1.7e9}
+    ]
+    _, elsewhere_transport, elsewhere = make(usage=usage, usage_event=UsageEvent.from_agent_usage)
+    elsewhere_transport.holders = transport.holders
+    opened(elsewhere, KEY, FakeClient(), session.id, 1)
+    assert [e.key_source for e in usage.events] == ["user"]
 
 
 def test_a_client_resuming_on_another_instance_closes_this_ones_with_4001():

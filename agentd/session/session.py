@@ -416,11 +416,14 @@ class Session:
     async def _link(self, start: bool) -> _Link | None:
         services = self._services
         env: dict[str, str] = {}
-        if start and services.keys is not None:
-            keys = await services.keys.keys_for(self.key.user)
-            env = dict(keys.env)
-            # No key at all (the echo agent) has nobody to charge but the operator.
-            self._key_source = "user" if keys.source == "user" else "operator"
+        if start:
+            if services.keys is not None:
+                keys = await services.keys.keys_for(self.key.user)
+                env = dict(keys.env)
+                # No key at all (the echo agent) has nobody to charge but the operator.
+                self._key_source = "user" if keys.source == "user" else "operator"
+            # The holder keeps it, so an agentd that resumes the session bills alike.
+            env["AGENTD_KEY_SOURCE"] = self._key_source
         after = max(self.confirmed, self.seq) if self._holder_ended else self.confirmed
         target = AgentTarget(
             project=self.key.project,
@@ -695,6 +698,9 @@ class Session:
             if not link.attached.called:
                 if kind == "attached":
                     link.hello = message
+                    source = message.get("keySource")
+                    if source in ("user", "operator"):
+                        self._key_source = source
                 link.attached.callback(message)
         elif kind == "unrecorded":
             self._record_unrecorded(message)

@@ -253,6 +253,7 @@ class Holder:
                 "live": True,
                 "agentPid": None if agent is None else agent.proc.pid,
                 "holderPid": os.getpid(),
+                "keySource": _key_source(),
             }
         )
         for record in self.state.unrecorded.values():
@@ -399,3 +400,11 @@ class Holder:
         if not keep:
             sessions.remove_current()
         self.log.info("ended", session=self._short, reason=reason, kept=keep)
+
+
+def _key_source() -> str | None:
+    """Whose provider keys the agent was started with, as agentd said when it started the
+    holder (``AGENTD_KEY_SOURCE``): the usage of its queries is billed accordingly by
+    whichever agentd records it."""
+    source = os.environ.get("AGENTD_KEY_SOURCE")
+    return source if source in ("user", "operator") else None
