@@ -27,6 +27,7 @@ from typing import Any
 
 from bench import (
     connections,
+    durable,
     jsonlibs,
     latency,
     machine,
@@ -50,6 +51,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "slow": slow.run,
     "redis": redis_overhead.run,
     "json": jsonlibs.run,
+    "durable": durable.run,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

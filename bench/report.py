@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from bench import durable
+
 
 def _range(s: dict[str, Any], unit: str = "", fmt: str = "{:,.0f}") -> str:
     return (
@@ -419,6 +421,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = [
     ("slow", "5. Slow consumer", slow),
     ("redis", "6. Rate limiting and usage recording against Redis", redis),
     ("json", "JSON libraries", jsonlibs),
+    ("durable", "Durable sessions: the holder against the direct path", durable.render),
 ]
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.servers import is_holder
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,6 +68,7 @@ def test_benchmark_suite_smoke_run_measures_every_scenario(tmp_path: Path) -> No
         "slow",
         "redis",
         "json",
+        "durable",
     }
     assert not [name for name, r in scenarios.items() if "error" in r]
     for size in ("100B", "4KiB"):
@@ -87,8 +90,37 @@ def test_benchmark_suite_smoke_run_measures_every_scenario(tmp_path: Path) -> No
     assert "error" not in scenarios["redis"]["ceiling"]
     assert "error" not in scenarios["redis"]["usage"]
     assert scenarios["json"]["fastest_parse"]
+    durable = scenarios["durable"]
+    for size in ("100B", "4KiB"):
+        for path in ("holder-local", "direct-local", "holder-ssh", "direct-ssh"):
+            assert durable["stream"][size][path]["messages_per_s"]["median"] > 0
+            assert durable["stream"][size][path]["agentd_cpu_us_per_line"]["median"] > 0
+        assert durable["stream"][size]["holder-ssh"]["holder_cpu_us_per_line"]["median"] > 0
+    for case in durable["resume"].values():
+        assert case["resumes"] >= 5
+        assert 0 < case["first_replayed_ms"]["p50"] <= case["first_replayed_ms"]["p99"]
+    assert not durable_holders_left_behind()
     markdown = next(tmp_path.glob("*-smoke.md")).read_text()
     assert "## Targets" in markdown
     if importlib.util.find_spec("matplotlib") is not None:
         charts = {p.name.rsplit("-", 1)[1] for p in tmp_path.glob("*.png")}
         assert charts == {"throughput.png", "latency.png", "prompts.png", "versions.png"}
+    assert "## Durable sessions" in markdown
+
+
+def durable_holders_left_behind() -> list[int]:
+    """Live session holders of a finished durable scenario: their sessions directory, in
+    the run's temporary directory, is gone."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or not is_holder(int(entry.name)):
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--sessions-dir" in argv:
+            sessions = Path(argv[argv.index(b"--sessions-dir") + 1].decode())
+            if sessions.name == "durable-sessions" and not sessions.exists():
+                found.append(int(entry.name))
+    return found
