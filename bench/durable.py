@@ -324,6 +324,8 @@ class ResumeCase:
             )
             while True:
                 message = json.loads(client.recv())
+                if message.get("type") == "error":
+                    raise RuntimeError(f"{self.name}: the answer to resume failed: {message}")
                 if message.get("type") == "done":
                     self.after = message["seq"] - REPLAYED
                     break

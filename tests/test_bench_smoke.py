@@ -116,11 +116,13 @@ def durable_holders_left_behind() -> list[int]:
         if not entry.name.isdigit() or not is_holder(int(entry.name)):
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            argv = (entry / "cmdline").read_bytes().decode().split("\0")
         except OSError:
             continue
-        if b"--sessions-dir" in argv:
-            sessions = Path(argv[argv.index(b"--sessions-dir") + 1].decode())
-            if sessions.name == "durable-sessions" and not sessions.exists():
-                found.append(int(entry.name))
+        for arg in argv:
+            name, _, value = arg.partition("=")
+            sessions = Path(value)
+            if name == "--sessions-dir" and sessions.name == "durable-sessions":
+                if not sessions.exists():
+                    found.append(int(entry.name))
     return found
