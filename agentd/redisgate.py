@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from twisted.python.failure import Failure
 
-from agentd import metrics
 from agentd.ratelimit import SCRIPT, RateLimiter
 from agentd.redishealth import RedisHealth
 from agentd.redisstore import RedisStore
-from agentd.session.gate import PromptLimits, budget_refusal, rate_limit_refusal
+from agentd.session.gate import PROMPT_ALLOWED, PromptLimits, budget_refusal, rate_limit_refusal
 from agentd.session.services import Refusal
 from agentd.usage.budgets import Budgets
 from agentd.usage.layout import (
@@ -99,7 +98,7 @@ class RedisPromptLimits:
         )
         if not decision.allowed:
             return rate_limit_refusal(decision)
-        metrics.RATELIMIT_DECISIONS.labels("prompts", "allowed").inc()
+        PROMPT_ALLOWED.inc()
         if len(reply) != 7 or int(reply[3]) < 0 or int(reply[4]) < 0:
             # A month total to rebuild from the day totals, or no budget read to decide on.
             return budget_refusal(await self._budgets.check(user, project))

@@ -16,6 +16,7 @@ are confirmed on a replica with ``confirm`` (``agentd.redisconfirm``).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ T = TypeVar("T")
 
 _log = Logger()
 
+# Each operation's children, bound at first use: labels() is a locked lookup, and every
+# prompt makes calls.
+_LATENCY = functools.cache(metrics.REDIS_LATENCY.labels)
+_ERRORS = functools.cache(metrics.REDIS_ERRORS.labels)
 # Replies from a server that is no longer the primary.
 _REPLICA_REPLIES = ("READONLY", "MASTERDOWN")
 # In Sentinel mode a lost connection is retried at once, then within this: every attempt asks
@@ -272,11 +277,11 @@ class RedisStore:
         d.addTimeout(self.timeout if timeout is None else timeout, self._clock)
 
         def measured(result: T) -> T:
-            metrics.REDIS_LATENCY.labels(operation).observe(time.perf_counter() - started)
+            _LATENCY(operation).observe(time.perf_counter() - started)
             return result
 
         def failed(failure: Failure) -> Failure:
-            metrics.REDIS_ERRORS.labels(operation).inc()
+            _ERRORS(operation).inc()
             if _replica_reply(failure):
                 self._primary_changing(failure)
             return failure

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from agentd.ratelimit import Decision
     from agentd.usage.budgets import BudgetDecision
 
+# Counted for every prompt a gate lets through; bound once, as labels() is a locked lookup.
+PROMPT_ALLOWED = metrics.RATELIMIT_DECISIONS.labels("prompts", "allowed")
+
 
 class PromptRateLimit(Protocol):
     """``RateLimiter.check_prompt``: decides on a prompt and counts an accepted one."""
@@ -44,7 +47,7 @@ class PromptLimits:
         decision = await self._limiter.check_prompt(user)
         if not decision.allowed:
             return rate_limit_refusal(decision)
-        metrics.RATELIMIT_DECISIONS.labels("prompts", "allowed").inc()
+        PROMPT_ALLOWED.inc()
         return budget_refusal(await self._budgets.check(user, project))
 
 

@@ -11,6 +11,7 @@ outlive the agentd that started it.
 
 from __future__ import annotations
 
+import functools
 import random
 import secrets
 import time
@@ -43,6 +44,14 @@ _log = Logger(namespace="agentd.session")
 # Bound once: labels() is a locked dictionary lookup, too dear for every relayed message.
 _MESSAGES_TO_CLIENT = metrics.MESSAGES.labels("to_client")
 _BYTES_TO_CLIENT = metrics.BYTES.labels("to_client")
+_MESSAGES_TO_AGENT = metrics.MESSAGES.labels("to_agent")
+_BYTES_TO_AGENT = metrics.BYTES.labels("to_agent")
+# And the per-agent children every prompt counts, each bound when first used (agents and
+# outcomes are few, and a series appears only once it has something to say).
+_QUERIES_IN_FLIGHT = functools.cache(metrics.QUERIES_IN_FLIGHT.labels)
+_QUERY_DURATION = functools.cache(metrics.QUERY_DURATION.labels)
+_FIRST_DELTA = functools.cache(metrics.FIRST_DELTA.labels)
+_QUERIES = functools.cache(metrics.QUERIES.labels)
 
 SUPERSEDED = 4001
 # A resume this instance cannot attach (the VM unreachable): the client is told to try again,
@@ -542,8 +551,8 @@ class Session:
         self._holder_ended = True
         self._log_budget.flush()
         if self.queries:
-            metrics.QUERIES_IN_FLIGHT.labels(self.key.agent).dec(len(self.queries))
-            metrics.QUERIES.labels(self.key.agent, "exited").inc(len(self.queries))
+            _QUERIES_IN_FLIGHT(self.key.agent).dec(len(self.queries))
+            _QUERIES(self.key.agent, "exited").inc(len(self.queries))
             self.queries.clear()
         metrics.AGENT_PROCESSES.labels(self.key.agent, "ended").inc()
         _log.info("session holder ended: {reason}", reason=reason, **self._log_context)
@@ -612,7 +621,7 @@ class Session:
                 return
             if prompt_id not in self.queries and prompt_id not in self._acked:
                 self.queries[prompt_id] = Query(prompt_id, time.monotonic())
-                metrics.QUERIES_IN_FLIGHT.labels(self.key.agent).inc()
+                _QUERIES_IN_FLIGHT(self.key.agent).inc()
             message: dict[str, Any] = {"type": "prompt", "id": prompt_id, "text": text}
             if options is not None:
                 message["options"] = options
@@ -621,8 +630,8 @@ class Session:
             if query is not None:
                 query.line = line
             link.process.write_line(line)
-            metrics.MESSAGES.labels("to_agent").inc()
-            metrics.BYTES.labels("to_agent").inc(len(line) + 1)
+            _MESSAGES_TO_AGENT.inc()
+            _BYTES_TO_AGENT.inc(len(line) + 1)
         finally:
             self._settle(prompt_id)
 
@@ -630,7 +639,7 @@ class Session:
         link = self.link
         if link is not None and link.process is not None:
             link.process.write_line(b'{"type":"abort"}')
-            metrics.MESSAGES.labels("to_agent").inc()
+            _MESSAGES_TO_AGENT.inc()
 
     # -- the holder's lines ---------------------------------------------------------------
 
@@ -757,7 +766,7 @@ class Session:
 
     def _forget_query(self, prompt_id: str) -> None:
         if self.queries.pop(prompt_id, None) is not None:
-            metrics.QUERIES_IN_FLIGHT.labels(self.key.agent).dec()
+            _QUERIES_IN_FLIGHT(self.key.agent).dec()
 
     def _bad_line(self, line: bytes, size: int | None = None) -> None:
         """A line that is not a JSON object: from the holder (a bug or a hostile VM), or one
@@ -782,10 +791,10 @@ class Session:
                 return
             # A query another instance forwarded: followed here so its end is waited for.
             query = self.queries[prompt_id] = Query(prompt_id, time.monotonic())
-            metrics.QUERIES_IN_FLIGHT.labels(self.key.agent).inc()
+            _QUERIES_IN_FLIGHT(self.key.agent).inc()
         if kind == "delta":
             if query.outputs == 0:
-                metrics.FIRST_DELTA.labels(self.key.agent).observe(time.monotonic() - query.started)
+                _FIRST_DELTA(self.key.agent).observe(time.monotonic() - query.started)
             query.outputs += 1
 
     def _finish_query(self, obj: dict[str, Any], kind: str) -> None:
@@ -802,9 +811,9 @@ class Session:
         query = self.queries.pop(prompt_id, None)
         outcome = "aborted" if obj.get("aborted") else ("done" if kind == "done" else "error")
         if query is not None:
-            metrics.QUERIES_IN_FLIGHT.labels(agent).dec()
-            metrics.QUERY_DURATION.labels(agent).observe(time.monotonic() - query.started)
-            metrics.QUERIES.labels(agent, outcome).inc()
+            _QUERIES_IN_FLIGHT(agent).dec()
+            _QUERY_DURATION(agent).observe(time.monotonic() - query.started)
+            _QUERIES(agent, outcome).inc()
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._record_usage(
@@ -815,8 +824,8 @@ class Session:
 
     def _agent_exited(self) -> None:
         if self.queries:
-            metrics.QUERIES_IN_FLIGHT.labels(self.key.agent).dec(len(self.queries))
-            metrics.QUERIES.labels(self.key.agent, "exited").inc(len(self.queries))
+            _QUERIES_IN_FLIGHT(self.key.agent).dec(len(self.queries))
+            _QUERIES(self.key.agent, "exited").inc(len(self.queries))
             self.queries.clear()
         metrics.AGENT_PROCESSES.labels(self.key.agent, "ended").inc()
         if self._leaving:
