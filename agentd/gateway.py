@@ -156,7 +156,9 @@ class AgentWebSocket(WebSocketServerProtocol):
         return not (self.held or self.input_held) and super().processData()
 
     def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
+        # autobahn's Twisted adapter only logs the read at debug level and hands it on, but
+        # formats that line's arguments on every read, debug or not: hand it on directly.
+        self._dataReceived(data)
         # Reading stops when the client sends while its queue is full rather than in hold():
         # a streaming answer, during which the client sends nothing, then pauses without
         # the two system calls of stopping and restarting the read.
