@@ -37,6 +37,7 @@ from agentd import metrics
 from agentd.config import ConfigError, RedisConfig, parse_host_port
 from agentd.redisconfirm import NotPrimary, ReplicaConfirmer, Witness
 from agentd.redisprimary import Address, PrimaryRecord
+from agentd.redisscripts import Scripts, with_direct_encoding
 from agentd.redissentinel import SentinelPrimary
 from agentd.redistls import RedisTLS
 from agentd.secrets import SecretError, resolve_secret
@@ -194,7 +195,9 @@ class RedisStore:
         self._addresses: WeakKeyDictionary[Any, Address] = WeakKeyDictionary()
         self._factories: list[Any] = []
         self._replica_logged = False
-        self.connection = self._pool(poolsize).handler
+        pool = self._pool(poolsize)
+        self.connection = pool.handler
+        self._scripts = Scripts(pool)
         # WAIT blocks the connection it is sent on: confirmations get one of their own.
         self._confirm_factory = self._pool(1)
         self._confirmer = ReplicaConfirmer(
@@ -298,7 +301,7 @@ class RedisStore:
         timeout: float | None = None,
     ) -> Deferred[Any]:
         """EVALSHA, falling back to EVAL on NOSCRIPT (which is not an outage)."""
-        return self.call(operation, lambda c: c.eval(script, list(keys), list(args)), timeout)
+        return self.call(operation, lambda _: self._scripts.run(script, keys, args), timeout)
 
     def ping(self, timeout: float | None = None) -> Deferred[Any]:
         return self.call("ping", lambda c: c.ping(), timeout)
@@ -344,6 +347,7 @@ class RedisStore:
             )
             name = t.unix_path or f"{t.host}:{t.port}"
             factory = txredisapi.RedisFactory(name, t.db, size, handler=handler, **common)
+        factory.protocol = with_direct_encoding(factory.protocol)
         # Nobody waits for the whole pool of a lazy factory; txredisapi logs its failures.
         factory.deferred.addErrback(lambda _: None)
         factory.startConnecting(_PrimaryEndpoint(self._locate, self._endpoint, self._reached))

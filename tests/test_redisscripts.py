@@ -1,0 +1,115 @@
+"""Scripts through the pool: what reaches Redis is what txredisapi's own eval sends.
+
+The encoding is compared with txredisapi's for every kind of argument; the calls run against
+a real redis-server, whose command statistics show what was sent.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import pytest_twisted
+import txredisapi
+from twisted.internet import reactor
+
+from agentd.redisscripts import with_direct_encoding
+from agentd.redisstore import RedisStore
+from tests.servers import RedisServer
+
+ECHO = "return {KEYS[1], ARGV[1], ARGV[2]}"
+
+ARGUMENTS: list[Any] = [
+    "EVALSHA",
+    "",
+    "{usage}:day:user:alice:2026-11-30",
+    "naïve ✓",
+    b"\x00\xff raw",
+    bytearray(b"array"),
+    0,
+    -17,
+    2**70,
+    True,
+    1.5,
+    1.7e15,
+    None,
+]
+
+
+def built(protocol: type, *args: Any, charset: str | None = "utf-8") -> bytes:
+    command: bytes = protocol(charset)._build_command(*args)
+    return command
+
+
+def test_commands_are_encoded_byte_for_byte_as_txredisapi_encodes_them() -> None:
+    original = txredisapi.RedisProtocol
+    direct = with_direct_encoding(original)
+    assert built(direct, *ARGUMENTS) == built(original, *ARGUMENTS)
+    for argument in ARGUMENTS:
+        assert built(direct, argument) == built(original, argument)
+    assert built(direct, *ARGUMENTS, charset=None) == built(original, *ARGUMENTS, charset=None)
+    latin = ["café", b"x", 3]
+    assert built(direct, *latin, charset="latin-1") == built(original, *latin, charset="latin-1")
+
+
+def test_what_txredisapi_refuses_to_encode_is_refused_alike() -> None:
+    for charset, text in (("utf-8", "\ud800"), ("ascii", "café")):
+        with pytest.raises(txredisapi.InvalidData) as expected:
+            built(txredisapi.RedisProtocol, text, charset=charset)
+        with pytest.raises(txredisapi.InvalidData) as got:
+            built(with_direct_encoding(txredisapi.RedisProtocol), text, charset=charset)
+        assert str(got.value) == str(expected.value)
+
+
+def script_calls(server: RedisServer) -> dict[str, int]:
+    stats = server.cli("--raw", "INFO", "commandstats")
+    calls = re.findall(r"^cmdstat_(eval\w*):calls=(\d+)", stats, re.MULTILINE)
+    return {name: int(n) for name, n in calls}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_script_is_sent_once_per_connection_then_called_by_its_sha(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore(redis_server.url, reactor, timeout=2.0, poolsize=1)
+    try:
+        for n in range(5):
+            reply = await store.eval("test", ECHO, ["k"], ["é", n])
+            assert reply == ["k", "é", str(n)]
+        assert script_calls(redis_server) == {"eval": 1, "evalsha": 4}
+    finally:
+        await store.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_that_lost_its_scripts_gets_the_script_again(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore(redis_server.url, reactor, timeout=2.0, poolsize=1)
+    try:
+        await store.eval("test", ECHO, ["k"], ["a", "b"])
+        redis_server.cli("SCRIPT", "FLUSH")
+        redis_server.cli("CONFIG", "RESETSTAT")
+        assert await store.eval("test", ECHO, ["k"], ["a", "b"]) == ["k", "a", "b"]
+        assert await store.eval("test", ECHO, ["k"], ["c", "d"]) == ["k", "c", "d"]
+        # One EVALSHA met NOSCRIPT, EVAL loaded the script, the next call used its SHA again.
+        assert script_calls(redis_server) == {"evalsha": 2, "eval": 1}
+    finally:
+        await store.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_arrive_as_failed_calls(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, reactor, timeout=2.0, poolsize=1)
+    try:
+        await store.eval("test", ECHO, ["k"], ["a", "b"])  # connected, the script known
+        with pytest.raises(txredisapi.ResponseError):
+            await store.eval("test", "return redis.call('NOSUCHCOMMAND')", [], [])
+        # Encoding fails before anything is sent: a failed call too, never an exception.
+        called = store.eval("test", ECHO, ["\ud800"], ["a", "b"])
+        with pytest.raises(txredisapi.InvalidData):
+            await called
+        assert await store.eval("test", ECHO, ["k"], ["still", "fine"]) == ["k", "still", "fine"]
+    finally:
+        await store.disconnect()
