@@ -20,7 +20,8 @@ def test_benchmark_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     )
     report = json.loads(out.read_text())
     assert report["record"]["events_per_second"] > 0
-    assert report["record"]["scripts_per_event"] == 1.0
+    # The records in flight together are applied with one script call.
+    assert report["record"]["scripts_per_event"] <= 2 / report["record"]["window"]
     assert report["spool"]["spooled"] == report["spool"]["events"]
     assert report["replay"]["events"] == report["spool"]["events"] + 1
     assert report["replay"]["events_per_second"] > 0

@@ -557,3 +557,32 @@ async def test_a_budget_check_reads_the_month_totals_in_one_script_and_no_day_ke
         assert calls == {"get": 2, "hmget": 1}
     finally:
         await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_waiting_together_are_applied_in_one_script_call_each_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new()
+        now = time.time()
+        await recorder.record(event("early", now, reported_cost=0.5))
+        await recorder.check_budget("alice", "p1")  # builds the month totals
+        redis_server.cli("CONFIG", "RESETSTAT")
+        recorded = counter("recorded")
+        duplicates = counter("duplicate")
+        # Ten queries end in the same reactor turn; one of them is delivered twice, and one
+        # was recorded before.
+        events = [event(f"q{i}", now, reported_cost=i / 1e4) for i in range(8)]
+        events += [event("q3", now), event("early", now)]
+        await gatherResults([recorder.record(e) for e in events])
+        calls = command_calls(redis_server)
+        assert calls.pop("eval", 0) + calls.pop("evalsha", 0) == 1
+        assert calls["set"] == 8  # a marker per query recorded, none for the duplicates
+        assert (counter("recorded"), counter("duplicate")) == (recorded + 8, duplicates + 2)
+        totals = (await month_report(recorder, now)).totals
+        assert (totals.queries, totals.cost) == (9, 500_000 + sum(range(8)) * 100)
+        await month_totals_match_days(redis_server, recorder, now)
+    finally:
+        await recorders.close()

@@ -82,6 +82,18 @@ class MemoryUsageStore:
         self._expiry[marker] = expire_at
         return succeed("recorded")
 
+    def apply_all(
+        self, items: Sequence[tuple[UsageRecord, int, int]], timeout: float | None = None
+    ) -> Deferred[list[str]]:
+        return Deferred.fromCoroutine(self._apply_all(items, timeout))
+
+    async def _apply_all(
+        self, items: Sequence[tuple[UsageRecord, int, int]], timeout: float | None
+    ) -> list[str]:
+        # One by one through apply, stopping at the first failure, as Redis would fail the
+        # whole call.
+        return [await self.apply(*item, timeout) for item in items]
+
     def _hash(self, key: str) -> dict[str, str]:
         return dict(self._hashes.get(key, {})) if self._live(key) else {}
 

@@ -1,14 +1,14 @@
 """The usage recorder: every finished query recorded exactly once, without delaying anyone.
 
 ``record`` queues the event and applies it after the reactor's next I/O pass, a chunk per
-round. When Redis fails or is slow, records go to the spool (agentd.usage.spool), fsynced
-before the record counts as handled, and are replayed in order, through the same idempotent
-step, once Redis answers again or when agentd next starts. While the Redis's ``RedisHealth``
-knows it to fail, whoever saw the failure, new records go straight to the spool. A record
-Redis applied is released only once a replica confirms it (``UsageStore.confirm``): until
-then it waits in the spool too, and its replays, duplicates unless a failover lost it,
-confirm it again. The recorder
-also holds the budgets (agentd.usage.budgets) that the prompt gate checks, and reads reports.
+round, each chunk in one call to Redis. When Redis fails or is slow, records go to the spool
+(agentd.usage.spool), fsynced before the record counts as handled, and are replayed in order,
+through the same idempotent step, once Redis answers again or when agentd next starts. While
+the Redis's ``RedisHealth`` knows it to fail, whoever saw the failure, new records go straight
+to the spool. A record Redis applied is released only once a replica confirms it
+(``UsageStore.confirm``): until then it waits in the spool too, and its replays, duplicates
+unless a failover lost it, confirm it again. The recorder also holds the budgets
+(agentd.usage.budgets) that the prompt gate checks, and reads reports.
 docs/usage.md describes the whole of usage metering.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from prometheus_client import Counter
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -172,8 +172,8 @@ class UsageRecorder:
     async def _stop(self) -> None:
         self._stopping = True
         queued, self._queue = self._queue, []
-        for event, done in queued:
-            self._record_now(event).chainDeferred(done)
+        for start in range(0, len(queued), _FLUSH_CHUNK):
+            self._record_now(queued[start : start + _FLUSH_CHUNK])
         if self._drain_call is not None and self._drain_call.active():
             self._drain_call.cancel()
         self._drain_call = None
@@ -208,7 +208,7 @@ class UsageRecorder:
         done.addBoth(self._settle)
         self._inflight += 1
         if self._stopping:
-            self._record_now(event).chainDeferred(done)
+            self._record_now([(event, done)])
             return done
         self._queue.append((event, done))
         if len(self._queue) == 1:
@@ -224,43 +224,63 @@ class UsageRecorder:
         chunk, self._queue = self._queue[:_FLUSH_CHUNK], self._queue[_FLUSH_CHUNK:]
         if self._queue:
             self._schedule_flush()
-        for event, done in chunk:
-            self._record_now(event).chainDeferred(done)
+        self._record_now(chunk)
 
-    def _record_now(self, event: UsageEvent) -> Deferred[None]:
-        try:
-            record = UsageRecord.from_event(event, self._prices)
-        except (ValueError, TypeError) as e:
-            _EVENTS["failed"].inc()
-            _log.error(
-                "usage of query {query_id} not recorded: {reason}",
-                query_id=str(event.query_id)[:128],
-                reason=str(e),
-            )
-            return succeed(None)
-        if self._spool is not None and (self._stopping or not self._redis_up()):
-            # Redis is known to fail: straight to disk, no timeout to wait for. Records go
-            # to Redis again once it takes a write; the backlog is replayed in its own order.
-            return self._to_spool(record)
-        return Deferred.fromCoroutine(self._record_in_redis(record))
+    def _record_now(self, queued: list[tuple[UsageEvent, Deferred[None]]]) -> None:
+        """Record the queued events, all that go to Redis in one call; each event's Deferred
+        fires once it is handled."""
+        batch: list[UsageRecord] = []
+        waiting: list[Deferred[None]] = []
+        for event, done in queued:
+            try:
+                record = UsageRecord.from_event(event, self._prices)
+            except (ValueError, TypeError) as e:
+                _EVENTS["failed"].inc()
+                _log.error(
+                    "usage of query {query_id} not recorded: {reason}",
+                    query_id=str(event.query_id)[:128],
+                    reason=str(e),
+                )
+                done.callback(None)
+                continue
+            if self._spool is not None and (self._stopping or not self._redis_up()):
+                # Redis is known to fail: straight to disk, no timeout to wait for. Records
+                # go to Redis again once it takes a write; the backlog is replayed in its own
+                # order.
+                self._to_spool(record).chainDeferred(done)
+                continue
+            batch.append(record)
+            waiting.append(done)
+        if batch:
+            handled = Deferred.fromCoroutine(self._record_in_redis(batch))
+            handled.addCallback(_fire, waiting)
 
-    async def _record_in_redis(self, record: UsageRecord) -> None:
-        """Apply ``record``, spooling it when Redis fails or no replica confirms it; never
-        fails: a bug is logged."""
+    async def _record_in_redis(self, records: list[UsageRecord]) -> None:
+        """Apply ``records`` in one call, spooling them when Redis fails and each that no
+        replica confirms; never fails: a bug is logged."""
         try:
             try:
-                result = await self._apply(record)
+                results = await self._apply(records)
             except Exception:
                 if self._spool is None or self._health is None:
                     raise  # the in-memory store failing is a bug: logged, never retried
                 self._health.failed(Failure())
-                await self._to_spool(record)
+                await gatherResults([self._to_spool(record) for record in records])
                 return
-            self._applied(result, record, False)
-            if self._spool is not None and not await self._confirmed(result, record):
-                await self._keep_unconfirmed(record)
+            for result, record in zip(results, records, strict=True):
+                self._applied(result, record, False)
+            if self._spool is None:
+                return
+            confirmed = await gatherResults(
+                [self._confirmed(*applied) for applied in zip(results, records, strict=True)]
+            )
+            unconfirmed = [record for record, ok in zip(records, confirmed, strict=True) if not ok]
+            if unconfirmed:
+                await gatherResults([self._keep_unconfirmed(record) for record in unconfirmed])
         except Exception:
-            self._unexpected(Failure(), record)
+            failure = Failure()
+            for record in records:
+                self._unexpected(failure, record)
 
     def _confirmed(self, result: str, record: UsageRecord) -> Deferred[bool]:
         if result == "expired":
@@ -278,14 +298,10 @@ class UsageRecorder:
         self._schedule_drain(_CONFIRM_RETRY_SECONDS)
         return written
 
-    def _apply(self, record: UsageRecord, replay: bool = False) -> Deferred[str]:
-        return maybeDeferred(
-            self._store.apply,
-            record,
-            day_expiry(record.day, self._retention_days),
-            month_expiry(record.month, self._retention_days),
-            _REPLAY_TIMEOUT if replay else None,
-        )
+    def _apply(self, records: list[UsageRecord], replay: bool = False) -> Deferred[list[str]]:
+        days = self._retention_days
+        items = [(r, day_expiry(r.day, days), month_expiry(r.month, days)) for r in records]
+        return maybeDeferred(self._store.apply_all, items, _REPLAY_TIMEOUT if replay else None)
 
     def _applied(self, result: str, record: UsageRecord, replayed: bool) -> None:
         counted = record.query_id in self._counted
@@ -397,24 +413,23 @@ class UsageRecorder:
         how many were released, of how many, and whether a call failed."""
         assert self._spool is not None
         batch = self._spool.pending(_DRAIN_BATCH)
-        results = await DeferredList([self._apply(r, True) for r in batch], consumeErrors=True)
-        applied: list[tuple[str, UsageRecord]] = []
-        failed = False
-        for (ok, value), record in zip(results, batch, strict=True):
-            if not ok:
-                if self._health is not None:
-                    self._health.failed(cast(Failure, value))
-                failed = True
-                break
-            self._applied(value, record, True)
-            applied.append((value, record))
-        confirmed = await gatherResults([self._confirmed(v, r) for v, r in applied])
+        try:
+            results = await self._apply(batch, True)
+        except Exception:
+            if self._health is not None:
+                self._health.failed(Failure())
+            return 0, len(batch), True
+        for result, record in zip(results, batch, strict=True):
+            self._applied(result, record, True)
+        confirmed = await gatherResults(
+            [self._confirmed(*applied) for applied in zip(results, batch, strict=True)]
+        )
         released = next((i for i, ok in enumerate(confirmed) if not ok), len(confirmed))
-        for _, record in applied[:released]:
+        for record in batch[:released]:
             self._counted.discard(record.query_id)
         self._spool.acknowledge(released)
         metrics.USAGE_SPOOL_DEPTH.set(self._spool.depth)
-        return released, len(batch), failed
+        return released, len(batch), False
 
     def _drained(self, outcome: tuple[int, int, bool]) -> None:
         assert self._spool is not None
@@ -479,3 +494,8 @@ class UsageRecorder:
         return Deferred.fromCoroutine(
             read_report(self._store, scope, subject, month, self._budgets)
         )
+
+
+def _fire(_: object, waiting: list[Deferred[None]]) -> None:
+    for done in waiting:
+        done.callback(None)

@@ -1,4 +1,4 @@
-"""The usage keys in Redis: one Lua script applies a record, one reads a month's spend."""
+"""The usage keys in Redis: one Lua script applies records, one reads a month's spend."""
 
 from __future__ import annotations
 
@@ -29,48 +29,57 @@ from agentd.usage.store import MonthSpend
 # Reports read a whole month at once: they may take longer than a record's write.
 _READ_TIMEOUT = 2.0
 
-# KEYS[1]   the query's record: the "already recorded" marker
-# KEYS[2-4] the user's, the project's and the user-in-project day hashes
-# KEYS[5-6] the month's index sets: the user's projects, the project's users
-# KEYS[7-8] the user's and the project's month-to-date operator-paid totals
+# Records waiting together are applied in one call, each as it would be alone. Per record, 8
+# keys and 6 arguments, in record order:
+# KEYS      the query's record (the "already recorded" marker); the user's, the project's and
+#           the user-in-project day hashes; the month's index sets (the user's projects, the
+#           project's users); the user's and the project's month-to-date operator-paid totals
 # ARGV      day expiry, month expiry (UNIX seconds), user, project, the record (a JSON line),
 #           the increments of the counters in the table below, in its order, comma-separated
-# Returns   0: duplicate (nothing written), 2: older than retention (nothing written), or
-#           1: recorded. The marker is written here with the increments, never before. Integer
+# Returns   per record, 0: duplicate (nothing written), 2: older than retention (nothing
+#           written), or 1: recorded. The marker is written here with the increments, never
+#           before, so a record repeated in one call is a duplicate the second time. Integer
 #           replies, because txredisapi parses those in bulk and bulk strings one per turn.
 # A missing month total stays missing: only the budget check can rebuild it from the whole
 # month's day hashes, and until then an increment alone would undercount.
 APPLY_SCRIPT = """
 local counters = {COUNTERS}
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
-end
-if tonumber(ARGV[1]) <= tonumber(redis.call('TIME')[1]) then
-  return 2
-end
-local increments = {}
-for increment in string.gmatch(ARGV[6], '[^,]+') do
-  increments[#increments + 1] = increment
-end
-for i = 2, 4 do
-  for j = 1, #counters do
-    redis.call('HINCRBY', KEYS[i], counters[j], increments[j])
+local now = tonumber(redis.call('TIME')[1])
+local results = {}
+for r = 0, #KEYS / 8 - 1 do
+  local k, a = 8 * r, 6 * r
+  local result = 1
+  if redis.call('EXISTS', KEYS[k + 1]) == 1 then
+    result = 0
+  elseif tonumber(ARGV[a + 1]) <= now then
+    result = 2
+  else
+    local increments = {}
+    for increment in string.gmatch(ARGV[a + 6], '[^,]+') do
+      increments[#increments + 1] = increment
+    end
+    for i = k + 2, k + 4 do
+      for j = 1, #counters do
+        redis.call('HINCRBY', KEYS[i], counters[j], increments[j])
+      end
+      redis.call('EXPIREAT', KEYS[i], ARGV[a + 1])
+    end
+    redis.call('SADD', KEYS[k + 5], ARGV[a + 4])
+    redis.call('EXPIREAT', KEYS[k + 5], ARGV[a + 2])
+    redis.call('SADD', KEYS[k + 6], ARGV[a + 3])
+    redis.call('EXPIREAT', KEYS[k + 6], ARGV[a + 2])
+    local operator = string.format('%d', increments[1] - increments[2])
+    for i = k + 7, k + 8 do
+      if redis.call('EXISTS', KEYS[i]) == 1 then
+        redis.call('INCRBY', KEYS[i], operator)
+      end
+    end
+    redis.call('SET', KEYS[k + 1], ARGV[a + 5])
+    redis.call('EXPIREAT', KEYS[k + 1], ARGV[a + 1])
   end
-  redis.call('EXPIREAT', KEYS[i], ARGV[1])
+  results[r + 1] = result
 end
-redis.call('SADD', KEYS[5], ARGV[4])
-redis.call('EXPIREAT', KEYS[5], ARGV[2])
-redis.call('SADD', KEYS[6], ARGV[3])
-redis.call('EXPIREAT', KEYS[6], ARGV[2])
-local operator = string.format('%d', increments[1] - increments[2])
-for i = 7, 8 do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('INCRBY', KEYS[i], operator)
-  end
-end
-redis.call('SET', KEYS[1], ARGV[5])
-redis.call('EXPIREAT', KEYS[1], ARGV[1])
-return 1
+return results
 """.replace("{COUNTERS}", "{" + ", ".join(f"'{name}'" for name in COUNTER_FIELDS) + "}")
 _APPLY_RESULTS = {0: "duplicate", 1: "recorded", 2: "expired"}
 
@@ -132,8 +141,8 @@ def _text(value: Any) -> str | None:
 
 
 class RedisUsageStore:
-    """The usage keys in Redis: one script per record, one per budget check (two when a
-    month total is rebuilt), pipelined reads."""
+    """The usage keys in Redis: one script for the records waiting together, one per budget
+    check (two when a month total is rebuilt), pipelined reads."""
 
     def __init__(self, redis: RedisStore) -> None:
         self._redis = redis
@@ -145,9 +154,19 @@ class RedisUsageStore:
         month_expire_at: int,
         timeout: float | None = None,
     ) -> Deferred[str]:
-        args = _apply_arguments(record, expire_at, month_expire_at)
-        d = self._redis.eval("usage_record", APPLY_SCRIPT, record.keys(), args, timeout)
-        return d.addCallback(lambda reply: _APPLY_RESULTS[int(reply)])
+        d = self.apply_all([(record, expire_at, month_expire_at)], timeout)
+        return d.addCallback(lambda results: results[0])
+
+    def apply_all(
+        self, items: Sequence[tuple[UsageRecord, int, int]], timeout: float | None = None
+    ) -> Deferred[list[str]]:
+        keys: list[str] = []
+        args: list[Any] = []
+        for record, expire_at, month_expire_at in items:
+            keys += record.keys()
+            args += _apply_arguments(record, expire_at, month_expire_at)
+        d = self._redis.eval("usage_record", APPLY_SCRIPT, keys, args, timeout)
+        return d.addCallback(lambda replies: [_APPLY_RESULTS[int(reply)] for reply in replies])
 
     def confirm(self, record: UsageRecord) -> Deferred[bool]:
         """Wait for a replica to have the record: its marker stands for the whole script."""

@@ -41,6 +41,14 @@ class UsageStore(Protocol):
         ``timeout`` overrides the store's own."""
         ...
 
+    def apply_all(
+        self, items: Sequence[tuple[UsageRecord, int, int]], timeout: float | None = None
+    ) -> Deferred[list[str]]:
+        """``apply`` each ``(record, expire_at, month_expire_at)`` in order, in one step where
+        the store can: each record's result; fails as a whole (some may be applied, and are
+        duplicates when applied again)."""
+        ...
+
     def confirm(self, record: UsageRecord) -> Deferred[bool]:
         """Whether the applied ``record`` would survive a failover (is on a replica, or there
         is none to wait for); False leaves it for a replay. Never fails."""
