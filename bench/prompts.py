@@ -2,9 +2,10 @@
 
 Every target runs the same agent, the echo agent, and every prompt is one word, so each
 answer is one ``start``, one ``delta`` and one ``done``: all that differs is the gateway.
-One client per target sends prompts one at a time on a warm connection; rounds are
-interleaved and the order of the targets rotates each round, so a busy neighbour on a shared
-machine hits every target alike. Per round and target:
+One client per target sends prompts one at a time on a warm connection. Within each round
+the targets take turns in blocks of ``BLOCK`` prompts, and the order of the targets rotates
+each round, so a busy neighbour on a shared machine, whose load changes from one second to
+the next, hits every target alike. Per round and target:
 
 - the gateway process's CPU per prompt, from the run time ``/proc`` gives each of its threads
   (in nanoseconds, where ``/proc/PID/stat`` counts 10 ms ticks), and its inverse, prompts
@@ -29,6 +30,8 @@ from bench.procs import Agentd, thread_cpu_ns
 from bench.suite import ECHO, Context, WebSocketTarget, percentile, summary
 
 PERCENTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
+# Prompts a target answers before the next takes its turn: a fraction of a second.
+BLOCK = 100
 # Prompts per target before the first round: the agent starts, Redis loads its scripts.
 WARM_UP = 30
 
@@ -60,16 +63,25 @@ def targets(ctx: Context) -> list[WebSocketTarget]:
     return found
 
 
-def one_round(target: WebSocketTarget, prompts: int, run: int) -> dict[str, float]:
-    """``prompts`` one-word prompts, one at a time: CPU per prompt and done percentiles."""
-    dones = []
-    cpu_before = thread_cpu_ns(target.server.pid)
-    for n in range(prompts):
-        prompt = {"type": "prompt", "id": f"p{run}-{n}", "text": "hello"}
-        dones.append(target.answer(prompt)[1])
-    cpu_ns = thread_cpu_ns(target.server.pid) - cpu_before
-    dones.sort()
-    cpu_us = cpu_ns / prompts / 1000
+def one_round(
+    targets: list[WebSocketTarget], prompts: int, run: int
+) -> dict[str, dict[str, float]]:
+    """``prompts`` one-word prompts to each target, one at a time, the targets taking turns in
+    blocks: each target's CPU per prompt and done percentiles."""
+    dones: dict[str, list[float]] = {target.name: [] for target in targets}
+    cpu_ns = dict.fromkeys(dones, 0)
+    for first in range(0, prompts, BLOCK):
+        for target in targets:
+            cpu_before = thread_cpu_ns(target.server.pid)
+            for n in range(first, min(first + BLOCK, prompts)):
+                prompt = {"type": "prompt", "id": f"p{run}-{n}", "text": "hello"}
+                dones[target.name].append(target.answer(prompt)[1])
+            cpu_ns[target.name] += thread_cpu_ns(target.server.pid) - cpu_before
+    return {name: _figures(cpu_ns[name], sorted(times)) for name, times in dones.items()}
+
+
+def _figures(cpu_ns: int, dones: list[float]) -> dict[str, float]:
+    cpu_us = cpu_ns / len(dones) / 1000
     figures = {"cpu_us_per_prompt": cpu_us, "prompts_per_core_s": 1e6 / cpu_us if cpu_us else 0}
     for name, q in PERCENTILES.items():
         figures[f"done_{name}"] = percentile(dones, q) * 1000
@@ -129,8 +141,9 @@ def run(ctx: Context) -> dict[str, Any]:
         for n in range(ctx.runs):
             load.append(os.getloadavg()[0])
             shift = n % len(all_targets)
-            for target in all_targets[shift:] + all_targets[:shift]:
-                raw[target.name].append(one_round(target, prompts, n))
+            measured = one_round(all_targets[shift:] + all_targets[:shift], prompts, n)
+            for name, figures in measured.items():
+                raw[name].append(figures)
             ctx.log(
                 f"prompts run {n + 1}: "
                 + ", ".join(
@@ -167,7 +180,7 @@ def profile(
             continue
         out = ctx.work / f"profile-{target.name}.txt"
         with profiles.recording(target.server.pid, out):
-            one_round(target, prompts, ctx.runs)
+            one_round([target], prompts, ctx.runs)
         recorded[target.name] = profiles.top(out)
         ctx.log(f"prompts: profiled {target.name} ({out})")
     return recorded
