@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from agentd import metrics
 from agentd.api import JSONTooDeep, parse_json
+from agentd.directwrite import write_now
 from agentd.errors import ErrorCode
 from agentd.route import MAX_SEQ, ConnectionContext
 from agentd.session.registry import SessionRegistry
@@ -273,15 +274,16 @@ class AgentWebSocket(WebSocketServerProtocol):
         if self.state != _OPEN:
             return  # closing: the session's replay log keeps the frame for a resume
         transport: Any = self.transport
-        # One unmasked text frame, written directly: autobahn's sendMessage costs more than
-        # the relay itself, and would refuse a line that fills max_message_bytes once its
-        # seq is added (its payload limit applies to what it sends too).
+        # One unmasked text frame, written directly, and at once when nothing waits before
+        # it: autobahn's sendMessage costs more than the relay itself, and would refuse a line
+        # that fills max_message_bytes once its seq is added (its payload limit applies to
+        # what it sends too).
         if size < 126:
-            transport.write(_SHORT_TEXT_HEADERS[size] + frame)
+            write_now(transport, _SHORT_TEXT_HEADERS[size] + frame)
         elif size < 65536:
-            transport.write(b"\x81\x7e" + size.to_bytes(2, "big") + frame)
+            write_now(transport, b"\x81\x7e" + size.to_bytes(2, "big") + frame)
         else:
-            transport.write(b"\x81\x7f" + size.to_bytes(8, "big") + frame)
+            write_now(transport, b"\x81\x7f" + size.to_bytes(8, "big") + frame)
 
     def close(self, code: int, reason: str) -> None:
         self._uncount()

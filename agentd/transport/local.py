@@ -16,6 +16,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from agentd.config import Config
+from agentd.directwrite import write_now
 from agentd.transport import (
     INHERITED_ENV,
     AgentProcess,
@@ -81,7 +82,10 @@ class _AgentProcessProtocol(ProcessProtocol):
 
     # AgentProcess
     def write_line(self, line: bytes) -> None:
-        self.transport.write(line + b"\n")
+        # Process.write hands the line to the stdin pipe's writer, which would queue it.
+        stdin = self.transport.pipes.get(0)
+        if stdin is not None:
+            write_now(stdin, line + b"\n")
 
     def pause(self) -> None:
         self.transport.pauseProducing()
