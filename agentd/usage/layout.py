@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
+import functools
 import re
 
 KEY_PREFIX = "{usage}"
@@ -50,12 +51,16 @@ def month_of(timestamp: float) -> str:
     return utc_day(timestamp).strftime("%Y-%m")
 
 
-def month_days(month: str) -> list[datetime.date]:
+# Every prompt's budget check and usage record asks about the current day and month:
+# the answers are kept for the few days and months in use.
+@functools.lru_cache(maxsize=8)
+def month_days(month: str) -> tuple[datetime.date, ...]:
     year, number = int(month[:4]), int(month[5:7])
     days = calendar.monthrange(year, number)[1]
-    return [datetime.date(year, number, day) for day in range(1, days + 1)]
+    return tuple(datetime.date(year, number, day) for day in range(1, days + 1))
 
 
+@functools.lru_cache(maxsize=16)
 def day_expiry(day: datetime.date, retention_days: int) -> int:
     """When a day's keys expire: ``retention_days`` full days after the day ends."""
     return calendar.timegm(day.timetuple()) + (retention_days + 1) * DAY_SECONDS

@@ -63,16 +63,16 @@ class MemoryUsageStore:
             return succeed("duplicate")
         if expire_at <= self._now():
             return succeed("expired")
+        counters = record.counters()
         for key in day_keys:
             values = self._hashes[key] if self._live(key) else self._hashes.setdefault(key, {})
-            for name, increment in record.counters().items():
+            for name, increment in counters.items():
                 values[name] = str(int(values.get(name, "0")) + increment)
             self._expiry[key] = expire_at
         for key, member in ((projects, record.project), (users, record.user)):
             members = self._sets[key] if self._live(key) else self._sets.setdefault(key, set())
             members.add(member)
             self._expiry[key] = month_expire_at
-        counters = record.counters()
         for key in (user_total, project_total):
             # As in Redis: a missing total waits for the budget check to rebuild it.
             if self._live(key):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import orjson
+
 from agentd.config import AGENT_NAME_RE, PROJECT_RE, USER_RE
 from agentd.pricing import PriceTable
 from agentd.usage.layout import (
@@ -261,7 +263,7 @@ class UsageRecord:
     def to_line(self) -> bytes:
         """The record as one JSON line: the spool's format and the marker's value in Redis."""
         data = {"v": 1, **{name: getattr(self, name) for name in _RECORD_FIELDS}}
-        return json.dumps(data, separators=(",", ":")).encode("utf-8") + b"\n"
+        return orjson.dumps(data, option=orjson.OPT_APPEND_NEWLINE)
 
     @classmethod
     def from_line(cls, line: bytes) -> UsageRecord:
