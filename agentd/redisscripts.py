@@ -5,7 +5,8 @@ Every prompt runs two scripts (the gate's, and the record of its usage), and txr
 hashes it with SHA-1 on every call, reaches a connection through a generator that waits for one
 (``getConnection``), and encodes each argument through a chain of type checks. Here each script
 is encoded and hashed once, a connection the pool has ready is used at once (only when none is
-does the call wait the pool's own way), and commands are encoded with one format per argument.
+does the call wait the pool's own way), and commands are encoded with one format per argument
+and written at once when nothing waits before them on the connection.
 
 What reaches Redis is what txredisapi's ``eval`` sends: ``EVALSHA`` on a connection that has run
 the script, else ``EVAL``, and ``EVAL`` again after a ``NOSCRIPT`` reply (a restarted or flushed
@@ -24,18 +25,41 @@ import txredisapi
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
+from agentd.directwrite import write_now
 
-class _DirectEncoding:
-    """txredisapi's command encoding with the common argument types done in one step each.
 
-    Byte for byte what ``BaseRedisProtocol._build_command`` makes; any other type, and any
-    string the connection's charset cannot encode, goes through its ``_encode_value``.
+class _WritesNow:
+    """A connection's transport whose ``write`` writes at once when nothing waits before
+    (``agentd.directwrite``); everything else is the transport's own."""
+
+    __slots__ = ("__weakref__", "_transport")
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        write_now(self._transport, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _Leaner:
+    """txredisapi's protocol with its commands encoded with the common argument types done in
+    one step each, and written at once when nothing waits before them.
+
+    The encoding is byte for byte what ``BaseRedisProtocol._build_command`` makes; any other
+    type, and any string the connection's charset cannot encode, goes through its
+    ``_encode_value``.
     """
 
     # txredisapi's protocol has them.
     charset: str | None
     errors: str
     _encode_value: Callable[[Any], bytes]
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(_WritesNow(transport))  # type: ignore[misc]  # the protocol's
 
     def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
         parts = [b"*%d\r\n" % len(args)]
@@ -57,9 +81,10 @@ class _DirectEncoding:
 
 
 @functools.cache
-def with_direct_encoding(protocol: type) -> type:
-    """``protocol`` (a txredisapi protocol class) encoding its commands with ``_DirectEncoding``."""
-    return type(protocol.__name__, (_DirectEncoding, protocol), {})
+def leaner(protocol: type) -> type:
+    """``protocol`` (a txredisapi protocol class) encoding and writing its commands as
+    ``_Leaner`` does."""
+    return type(protocol.__name__, (_Leaner, protocol), {})
 
 
 class Scripts:

@@ -37,7 +37,7 @@ from agentd import metrics
 from agentd.config import ConfigError, RedisConfig, parse_host_port
 from agentd.redisconfirm import NotPrimary, ReplicaConfirmer, Witness
 from agentd.redisprimary import Address, PrimaryRecord
-from agentd.redisscripts import Scripts, with_direct_encoding
+from agentd.redisscripts import Scripts, leaner
 from agentd.redissentinel import SentinelPrimary
 from agentd.redistls import RedisTLS
 from agentd.secrets import SecretError, resolve_secret
@@ -347,7 +347,7 @@ class RedisStore:
             )
             name = t.unix_path or f"{t.host}:{t.port}"
             factory = txredisapi.RedisFactory(name, t.db, size, handler=handler, **common)
-        factory.protocol = with_direct_encoding(factory.protocol)
+        factory.protocol = leaner(factory.protocol)
         # Nobody waits for the whole pool of a lazy factory; txredisapi logs its failures.
         factory.deferred.addErrback(lambda _: None)
         factory.startConnecting(_PrimaryEndpoint(self._locate, self._endpoint, self._reached))

@@ -7,6 +7,7 @@ a real redis-server, whose command statistics show what was sent.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ import pytest_twisted
 import txredisapi
 from twisted.internet import reactor
 
-from agentd.redisscripts import with_direct_encoding
+from agentd.redisscripts import leaner
 from agentd.redisstore import RedisStore
 from tests.servers import RedisServer
 
@@ -44,7 +45,7 @@ def built(protocol: type, *args: Any, charset: str | None = "utf-8") -> bytes:
 
 def test_commands_are_encoded_byte_for_byte_as_txredisapi_encodes_them() -> None:
     original = txredisapi.RedisProtocol
-    direct = with_direct_encoding(original)
+    direct = leaner(original)
     assert built(direct, *ARGUMENTS) == built(original, *ARGUMENTS)
     for argument in ARGUMENTS:
         assert built(direct, argument) == built(original, argument)
@@ -58,7 +59,7 @@ def test_what_txredisapi_refuses_to_encode_is_refused_alike() -> None:
         with pytest.raises(txredisapi.InvalidData) as expected:
             built(txredisapi.RedisProtocol, text, charset=charset)
         with pytest.raises(txredisapi.InvalidData) as got:
-            built(with_direct_encoding(txredisapi.RedisProtocol), text, charset=charset)
+            built(leaner(txredisapi.RedisProtocol), text, charset=charset)
         assert str(got.value) == str(expected.value)
 
 
@@ -111,5 +112,21 @@ async def test_errors_arrive_as_failed_calls(redis_server: RedisServer) -> None:
         with pytest.raises(txredisapi.InvalidData):
             await called
         assert await store.eval("test", ECHO, ["k"], ["still", "fine"]) == ["k", "still", "fine"]
+    finally:
+        await store.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_leaves_before_the_reactor_runs_again(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, reactor, timeout=2.0, poolsize=1)
+    try:
+        await store.eval("test", ECHO, ["k"], ["a", "b"])  # connected, the script known
+        called = store.eval("test", ECHO, ["k"], ["c", "d"])
+        # Without yielding to the reactor: only a command already written can reach Redis.
+        deadline = time.monotonic() + 2
+        while script_calls(redis_server).get("evalsha", 0) < 1:
+            assert time.monotonic() < deadline, "the command waits for the reactor"
+            time.sleep(0.01)
+        assert await called == ["k", "c", "d"]
     finally:
         await store.disconnect()
