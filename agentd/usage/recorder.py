@@ -271,10 +271,9 @@ class UsageRecorder:
                 self._applied(result, record, False)
             if self._spool is None:
                 return
-            confirmed = await gatherResults(
-                [self._confirmed(*applied) for applied in zip(results, records, strict=True)]
-            )
-            unconfirmed = [record for record, ok in zip(records, confirmed, strict=True) if not ok]
+            # All asked before any is awaited: a replica confirms them in the same round.
+            asked = [self._confirmed(*applied) for applied in zip(results, records, strict=True)]
+            unconfirmed = [r for r, ok in zip(records, asked, strict=True) if not await ok]
             if unconfirmed:
                 await gatherResults([self._keep_unconfirmed(record) for record in unconfirmed])
         except Exception:
@@ -421,9 +420,8 @@ class UsageRecorder:
             return 0, len(batch), True
         for result, record in zip(results, batch, strict=True):
             self._applied(result, record, True)
-        confirmed = await gatherResults(
-            [self._confirmed(*applied) for applied in zip(results, batch, strict=True)]
-        )
+        asked = [self._confirmed(*applied) for applied in zip(results, batch, strict=True)]
+        confirmed = [await ok for ok in asked]
         released = next((i for i, ok in enumerate(confirmed) if not ok), len(confirmed))
         for record in batch[:released]:
             self._counted.discard(record.query_id)
