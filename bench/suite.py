@@ -54,6 +54,12 @@ def echo_command(source: Path | None = None) -> str:
     return ECHO.replace(shlex.quote(str(REPO)), shlex.quote(str(source)), 1)
 
 
+def _holds_sessions(source: Path) -> bool:
+    """Whether the revision in ``source`` attaches to session holders (and so takes
+    ``[agents] attach_command``)."""
+    return "attach_command" in (source / "agentd" / "config.py").read_text()
+
+
 class BenchSshServer(SshServer):
     """The tests' sshd (vm-image/sshd_config) with one more substitution for this machine.
 
@@ -131,11 +137,12 @@ class Context:
         then runs the echo agent of that revision too. Without ``wait``, the caller waits
         with ``ready()``, so several can start at once."""
         sections.setdefault("agents", {"names": ["echo"], "command": echo_command(source)})
-        if source is None:
+        if source is None or _holds_sessions(source):
             # Sessions are held in this run's own directory, and their holders end with it.
             # (Revisions before durable sessions run their agents directly.)
-            sessions = self.work / "sessions"
-            sections["agents"].setdefault("attach_command", attach_command(sessions))
+            sessions = self.work / "sessions" / (source.name if source is not None else "now")
+            tree = REPO if source is None else source
+            sections["agents"].setdefault("attach_command", attach_command(sessions, tree))
             self._current.callback(kill_holders, sessions)
         sections["ratelimit"] = {**UNLIMITED, **sections.get("ratelimit", {})}
         sections["server"] = {**ONE_ADDRESS, **sections.get("server", {})}

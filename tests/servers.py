@@ -245,12 +245,12 @@ def agent_command(test_options: bool = True) -> str:
     return f"env PYTHONPATH={shlex.quote(str(REPO))} {script}{flag} {{agent}}"
 
 
-def attach_command(sessions_dir: Path) -> str:
-    """How agentd attaches to a session in tests: ``agentd-agent attach`` of this checkout,
-    with the test's own sessions directory."""
+def attach_command(sessions_dir: Path, repo: Path = REPO) -> str:
+    """How agentd attaches to a session in tests: ``agentd-agent attach`` of this checkout
+    (or of the tree ``repo``), with the test's own sessions directory."""
     script = Path(sys.executable).parent / "agentd-agent"
     return (
-        f"env PYTHONPATH={shlex.quote(str(REPO))} {script} attach"
+        f"env PYTHONPATH={shlex.quote(str(repo))} {script} attach"
         f" --sessions-dir {shlex.quote(str(sessions_dir))}"
     )
 
