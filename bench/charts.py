@@ -47,42 +47,23 @@ PERCENTILE_SHADES = {"p50": 1.0, "p90": 0.7, "p99": 0.45}
 DPI = 110
 
 
-def _bars(
-    ax: Axes,
-    names: Sequence[str],
-    figures: Sequence[dict[str, Any]],
-    unit: str,
-    fmt: str = "{:,.0f}",
-) -> None:
+def _bars(ax: Axes, names: Sequence[str], figures: Sequence[dict[str, Any]], unit: str) -> None:
     """One bar per target: the median, a whisker from the lowest to the highest run."""
     medians = [f["median"] for f in figures]
-    low = [f["median"] - f["min"] for f in figures]
-    high = [f["max"] - f["median"] for f in figures]
-    positions = range(len(names))
+    low, high = _whiskers(figures)
     ax.bar(
-        positions,
+        range(len(names)),
         medians,
         yerr=[low, high],
         capsize=4,
-        color=[COLOURS.get(n, "grey") for n in names],
+        color=_colours(names),
         error_kw={"elinewidth": 1, "ecolor": "#444"},
     )
     for x, (median, top) in enumerate(zip(medians, high, strict=True)):
-        ax.annotate(
-            fmt.format(median),
-            (x, median + top),
-            xytext=(0, 3),
-            textcoords="offset points",
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax.set_xticks(list(positions), [LABELS.get(n, n) for n in names], fontsize=8)
-    ax.set_ylabel(unit)
+        _label(ax, f"{median:,.0f}", (x, median + top), lift=3, fontsize=8)
+    _axes(ax, names, unit)
     ax.yaxis.set_major_formatter(THOUSANDS)
     ax.margins(y=0.15)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
 
 
 def _percentile_groups(
@@ -99,42 +80,79 @@ def _percentile_groups(
     for i, (label, key) in enumerate(keys.items()):
         offsets = [x + (i - (len(keys) - 1) / 2) * width for x in range(len(names))]
         values = [figures[n][key] for n in names]
+        percentile = label.split()[0]
         ax.bar(
             offsets,
             [v["median"] for v in values],
             width,
-            yerr=[
-                [v["median"] - v["min"] for v in values],
-                [v["max"] - v["median"] for v in values],
-            ],
+            yerr=_whiskers(values),
             capsize=2,
-            color=[COLOURS.get(n, "grey") for n in names],
-            alpha=PERCENTILE_SHADES.get(label.split()[0], 1.0),
+            color=_colours(names),
+            alpha=PERCENTILE_SHADES.get(percentile, 1.0),
             edgecolor="black",
             linewidth=0.5,
             error_kw={"elinewidth": 0.8, "ecolor": "#444"},
         )
         for x, v in zip(offsets, values, strict=True):
             cut = f"\n(max {v['max']:.1f})" if v["max"] > top else ""
-            ax.annotate(
-                f"{label.split()[0]}\n{v['median']:.2f}{cut}",
+            _label(
+                ax,
+                f"{percentile}\n{v['median']:.2f}{cut}",
                 (x, min(v["max"], 0.8 * top) if cut else v["max"]),
-                xytext=(0, 2),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
+                lift=2,
                 fontsize=6.5,
             )
-    ax.set_xticks(range(len(names)), [LABELS.get(n, n) for n in names], fontsize=8)
-    ax.set_ylabel("milliseconds (lower is better)")
+    _axes(ax, names, "milliseconds (lower is better)")
     ax.set_ylim(0, top)
+
+
+def _whiskers(figures: Sequence[dict[str, Any]]) -> list[list[float]]:
+    """Error bars from each median down to the lowest run and up to the highest."""
+    return [[f["median"] - f["min"] for f in figures], [f["max"] - f["median"] for f in figures]]
+
+
+def _colours(names: Sequence[str]) -> list[str]:
+    return [COLOURS.get(n, "grey") for n in names]
+
+
+def _label(ax: Axes, text: str, xy: tuple[float, float], lift: float, fontsize: float) -> None:
+    """``text`` centred ``lift`` points above ``xy``, the top of a bar or its whisker."""
+    ax.annotate(
+        text,
+        xy,
+        xytext=(0, lift),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=fontsize,
+    )
+
+
+def _axes(ax: Axes, names: Sequence[str], unit: str) -> None:
+    """One tick per target, named as in every chart; the unit up the side, a light grid."""
+    ax.set_xticks(range(len(names)), [LABELS.get(n, n) for n in names], fontsize=8)
+    ax.set_ylabel(unit)
+    _grid(ax)
+
+
+def _grid(ax: Axes) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
 
 
-def _subtitle(results: dict[str, Any], per_run: str) -> str:
+def _finish(fig: Figure, results: dict[str, Any], per_run: str) -> Figure:
+    """``fig`` laid out, with a line under it on how its figures were taken."""
     runs = results["runs"]
-    return f"median of {runs} interleaved runs, whiskers: lowest to highest run; {per_run}"
+    fig.text(
+        0.5,
+        0.01,
+        f"median of {runs} interleaved runs, whiskers: lowest to highest run; {per_run}",
+        ha="center",
+        fontsize=8,
+        color="#555",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
 
 
 def throughput(results: dict[str, Any]) -> Figure:
@@ -150,16 +168,7 @@ def throughput(results: dict[str, Any]) -> Figure:
             fontsize=10,
         )
     fig.suptitle("Streaming throughput, agent to browser (messages/s, higher is better)")
-    fig.text(
-        0.5,
-        0.01,
-        _subtitle(results, "one client per target"),
-        ha="center",
-        fontsize=8,
-        color="#555",
-    )
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    return fig
+    return _finish(fig, results, "one client per target")
 
 
 def latency(results: dict[str, Any]) -> Figure:
@@ -182,16 +191,7 @@ def latency(results: dict[str, Any]) -> Figure:
     )
     axes[1].set_title("CPU of the server process per prompt\n(ssh: the client)", fontsize=10)
     fig.suptitle("Round-trip latency: echo agent, two-word prompts")
-    fig.text(
-        0.5,
-        0.01,
-        _subtitle(results, f"{lat['prompts_per_run']:,} prompts per run"),
-        ha="center",
-        fontsize=8,
-        color="#555",
-    )
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    return fig
+    return _finish(fig, results, f"{lat['prompts_per_run']:,} prompts per run")
 
 
 def prompts(results: dict[str, Any]) -> Figure:
@@ -231,17 +231,12 @@ def prompts(results: dict[str, Any]) -> Figure:
         "What one prompt costs: the same echo agent behind each gateway "
         "(one start, one delta, one done)"
     )
-    fig.text(
-        0.5,
-        0.01,
-        _subtitle(results, f"{p['prompts_per_run']:,} prompts per target per run")
-        + "; ratios and differences taken within each run",
-        ha="center",
-        fontsize=8,
-        color="#555",
+    return _finish(
+        fig,
+        results,
+        f"{p['prompts_per_run']:,} prompts per target per run; "
+        "ratios and differences taken within each run",
     )
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    return fig
 
 
 def versions(results: dict[str, Any]) -> Figure:
@@ -261,6 +256,8 @@ def versions(results: dict[str, Any]) -> Figure:
     )
     width = 0.38
     for ax, (key, unit, title) in zip(axes, panels, strict=True):
+        cpu = key.startswith("cpu")
+        number = "{:,.0f}" if cpu else "{:.2f}"
         # Scaled to the medians, as in the latency charts; a whisker cut is labelled.
         top = 1.6 * max(p[target(s, label)][key]["median"] for s in stores for label in labels)
         for i, store in enumerate(stores):
@@ -270,25 +267,19 @@ def versions(results: dict[str, Any]) -> Figure:
                 offsets,
                 [v["median"] for v in values],
                 width,
-                yerr=[
-                    [v["median"] - v["min"] for v in values],
-                    [v["max"] - v["median"] for v in values],
-                ],
+                yerr=_whiskers(values),
                 capsize=3,
                 color=COLOURS[f"agentd-{store}"],
                 label=f"agentd, {'in-memory' if store == 'memory' else 'Redis'} store",
                 error_kw={"elinewidth": 0.8, "ecolor": "#444"},
             )
             for x, v in zip(offsets, values, strict=True):
-                text = f"{v['median']:,.0f}" if key.startswith("cpu") else f"{v['median']:.2f}"
                 cut = v["max"] > top
-                ax.annotate(
-                    text + (f"\n(max {v['max']:.0f})" if cut else ""),
+                _label(
+                    ax,
+                    number.format(v["median"]) + (f"\n(max {v['max']:.0f})" if cut else ""),
                     (x, (0.72 + 0.14 * i) * top if cut else v["max"]),
-                    xytext=(0, 2),
-                    textcoords="offset points",
-                    ha="center",
-                    va="bottom",
+                    lift=2,
                     fontsize=7,
                 )
         peer = p["websocketd"][key]["median"]
@@ -297,37 +288,23 @@ def versions(results: dict[str, Any]) -> Figure:
             color=COLOURS["websocketd"],
             linestyle="--",
             linewidth=1.5,
-            label=f"websocketd, same runs: {peer:,.0f}"
-            if key.startswith("cpu")
-            else f"websocketd, same runs: {peer:.2f}",
+            label="websocketd, same runs: " + number.format(peer),
         )
         ax.set_xticks(
             range(len(labels)), [_revision(results, label) for label in labels], fontsize=7
         )
         ax.set_xlabel("agentd revision, oldest first")
         ax.set_ylabel(f"{unit} (lower is better)")
-        if key.startswith("cpu"):
-            ax.yaxis.set_major_formatter(THOUSANDS)
-        peer_note = "" if key.startswith("cpu") else f"\n(dashed: websocketd, {peer:.2f} ms)"
-        ax.set_title(title + peer_note, fontsize=10)
+        ax.set_title(title if cpu else f"{title}\n(dashed: websocketd, {peer:.2f} ms)", fontsize=10)
         ax.set_ylim(0, top)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
-        if key.startswith("cpu"):
+        _grid(ax)
+        if cpu:
+            ax.yaxis.set_major_formatter(THOUSANDS)
             ax.legend(fontsize=8, loc="upper right")
     fig.suptitle(
         "One prompt, revision by revision, in the same runs (echo agent, one-word prompts)"
     )
-    fig.text(
-        0.5,
-        0.01,
-        _subtitle(results, f"{p['prompts_per_run']:,} prompts per target per run"),
-        ha="center",
-        fontsize=8,
-        color="#555",
-    )
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    return fig
+    return _finish(fig, results, f"{p['prompts_per_run']:,} prompts per target per run")
 
 
 def _revision(results: dict[str, Any], label: str) -> str:
