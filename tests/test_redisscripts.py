@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -63,6 +64,14 @@ def test_what_txredisapi_refuses_to_encode_is_refused_alike() -> None:
         assert str(got.value) == str(expected.value)
 
 
+@pytest_twisted.async_yield_fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    """A store on one connection to the test's redis-server."""
+    store = RedisStore(redis_server.url, reactor, timeout=2.0, poolsize=1)
+    yield store
+    await store.disconnect()
+
+
 def script_calls(server: RedisServer) -> dict[str, int]:
     stats = server.cli("--raw", "INFO", "commandstats")
     calls = re.findall(r"^cmdstat_(eval\w*):calls=(\d+)", stats, re.MULTILINE)
@@ -71,62 +80,48 @@ def script_calls(server: RedisServer) -> dict[str, int]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_script_is_sent_once_per_connection_then_called_by_its_sha(
-    redis_server: RedisServer,
+    store: RedisStore, redis_server: RedisServer
 ) -> None:
-    store = RedisStore(redis_server.url, reactor, timeout=2.0, poolsize=1)
-    try:
-        for n in range(5):
-            reply = await store.eval("test", ECHO, ["k"], ["é", n])
-            assert reply == ["k", "é", str(n)]
-        assert script_calls(redis_server) == {"eval": 1, "evalsha": 4}
-    finally:
-        await store.disconnect()
+    for n in range(5):
+        reply = await store.eval("test", ECHO, ["k"], ["é", n])
+        assert reply == ["k", "é", str(n)]
+    assert script_calls(redis_server) == {"eval": 1, "evalsha": 4}
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_server_that_lost_its_scripts_gets_the_script_again(
-    redis_server: RedisServer,
+    store: RedisStore, redis_server: RedisServer
 ) -> None:
-    store = RedisStore(redis_server.url, reactor, timeout=2.0, poolsize=1)
-    try:
-        await store.eval("test", ECHO, ["k"], ["a", "b"])
-        redis_server.cli("SCRIPT", "FLUSH")
-        redis_server.cli("CONFIG", "RESETSTAT")
-        assert await store.eval("test", ECHO, ["k"], ["a", "b"]) == ["k", "a", "b"]
-        assert await store.eval("test", ECHO, ["k"], ["c", "d"]) == ["k", "c", "d"]
-        # One EVALSHA met NOSCRIPT, EVAL loaded the script, the next call used its SHA again.
-        assert script_calls(redis_server) == {"evalsha": 2, "eval": 1}
-    finally:
-        await store.disconnect()
+    await store.eval("test", ECHO, ["k"], ["a", "b"])
+    redis_server.cli("SCRIPT", "FLUSH")
+    redis_server.cli("CONFIG", "RESETSTAT")
+    assert await store.eval("test", ECHO, ["k"], ["a", "b"]) == ["k", "a", "b"]
+    assert await store.eval("test", ECHO, ["k"], ["c", "d"]) == ["k", "c", "d"]
+    # One EVALSHA met NOSCRIPT, EVAL loaded the script, the next call used its SHA again.
+    assert script_calls(redis_server) == {"evalsha": 2, "eval": 1}
 
 
 @pytest_twisted.ensureDeferred
-async def test_errors_arrive_as_failed_calls(redis_server: RedisServer) -> None:
-    store = RedisStore(redis_server.url, reactor, timeout=2.0, poolsize=1)
-    try:
-        await store.eval("test", ECHO, ["k"], ["a", "b"])  # connected, the script known
-        with pytest.raises(txredisapi.ResponseError):
-            await store.eval("test", "return redis.call('NOSUCHCOMMAND')", [], [])
-        # Encoding fails before anything is sent: a failed call too, never an exception.
-        called = store.eval("test", ECHO, ["\ud800"], ["a", "b"])
-        with pytest.raises(txredisapi.InvalidData):
-            await called
-        assert await store.eval("test", ECHO, ["k"], ["still", "fine"]) == ["k", "still", "fine"]
-    finally:
-        await store.disconnect()
+async def test_errors_arrive_as_failed_calls(store: RedisStore) -> None:
+    await store.eval("test", ECHO, ["k"], ["a", "b"])  # connected, the script known
+    with pytest.raises(txredisapi.ResponseError):
+        await store.eval("test", "return redis.call('NOSUCHCOMMAND')", [], [])
+    # Encoding fails before anything is sent: a failed call too, never an exception.
+    called = store.eval("test", ECHO, ["\ud800"], ["a", "b"])
+    with pytest.raises(txredisapi.InvalidData):
+        await called
+    assert await store.eval("test", ECHO, ["k"], ["still", "fine"]) == ["k", "still", "fine"]
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_command_leaves_before_the_reactor_runs_again(redis_server: RedisServer) -> None:
-    store = RedisStore(redis_server.url, reactor, timeout=2.0, poolsize=1)
-    try:
-        await store.eval("test", ECHO, ["k"], ["a", "b"])  # connected, the script known
-        called = store.eval("test", ECHO, ["k"], ["c", "d"])
-        # Without yielding to the reactor: only a command already written can reach Redis.
-        deadline = time.monotonic() + 2
-        while script_calls(redis_server).get("evalsha", 0) < 1:
-            assert time.monotonic() < deadline, "the command waits for the reactor"
-            time.sleep(0.01)
-        assert await called == ["k", "c", "d"]
-    finally:
-        await store.disconnect()
+async def test_a_command_leaves_before_the_reactor_runs_again(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    await store.eval("test", ECHO, ["k"], ["a", "b"])  # connected, the script known
+    called = store.eval("test", ECHO, ["k"], ["c", "d"])
+    # Without yielding to the reactor: only a command already written can reach Redis.
+    deadline = time.monotonic() + 2
+    while script_calls(redis_server).get("evalsha", 0) < 1:
+        assert time.monotonic() < deadline, "the command waits for the reactor"
+        time.sleep(0.01)
+    assert await called == ["k", "c", "d"]
