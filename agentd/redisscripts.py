@@ -87,21 +87,22 @@ def leaner(protocol: type) -> type:
     return type(protocol.__name__, (_Leaner, protocol), {})
 
 
+@functools.cache
+def _encoded(script: str) -> tuple[bytes, str]:
+    """The script's text as ``EVAL`` sends it, and its SHA-1 as ``EVALSHA`` names it."""
+    text = script.encode()
+    return text, hashlib.sha1(text, usedforsecurity=False).hexdigest()
+
+
 class Scripts:
     """Runs scripts on the connections of one txredisapi pool (a ``RedisFactory``)."""
 
     def __init__(self, factory: Any) -> None:
         self._factory = factory
-        self._known: dict[str, tuple[bytes, str]] = {}
 
     def run(self, script: str, keys: Sequence[Any], args: Sequence[Any]) -> Deferred[Any]:
         """The script's reply; fails as txredisapi's ``eval`` would."""
-        known = self._known.get(script)
-        if known is None:
-            text = script.encode()
-            sha = hashlib.sha1(text, usedforsecurity=False).hexdigest()
-            known = self._known[script] = (text, sha)
-        text, sha = known
+        text, sha = _encoded(script)
         connection = self._ready()
         if connection is None:
             # None ready (connecting, or every one lost): the pool's own way waits for one.
