@@ -6,9 +6,11 @@ stdin to the holder, the holder to stdout. It exits when stdin closes or the hol
 away; the holder and its agent live on.
 
 With ``--start``, a session with no live holder gets one: a new session, or one whose holder
-was lost (it carries on from the journal). Without it, a session whose holder is gone is
-served from its journal by the attach itself, ending with ``ended``. Two attaches starting
-the same session at once start one holder: starting happens under the session's start lock.
+was lost (it carries on from the journal). ``--start-only`` does that and, instead of
+relaying, says ``listening`` and exits: agentd then connects to the holder's socket itself.
+Without either, a session whose holder is gone is served from its journal by the attach
+itself, ending with ``ended``. Two attaches starting the same session at once start one
+holder: starting happens under the session's start lock.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ N = TypeVar("N", int, float)
 
 USAGE = (
     "agentd-agent attach --session ID --user USER --project PROJECT --agent AGENT "
-    "[--after SEQ] [--start] [options]"
+    "[--after SEQ] [--start | --start-only] [options]"
 )
 DEFAULT_AGENT_COMMAND = "agentd-agent {agent}"
 DEFAULT_IDLE_SECONDS = 3600.0
@@ -42,7 +44,7 @@ LOCK_SECONDS = 15.0
 RELAY_BYTES = 256 * 1024
 
 
-# Every option that takes a value; ``--start`` is the only flag without one.
+# Every option that takes a value; ``--start`` and ``--start-only`` are the flags without one.
 OPTIONS = (
     "--session",
     "--user",
@@ -66,6 +68,7 @@ class Options(NamedTuple):
     identity: Identity
     after: int
     start: bool
+    start_only: bool
     sessions_dir: str | None
     agent_command: str
     idle_seconds: float
@@ -78,12 +81,13 @@ def parse(argv: list[str], env: Mapping[str, str]) -> Options:
     """The command line, checked. Parsed by hand: argparse and what it imports would cost
     every attach several milliseconds."""
     values: dict[str, str] = {}
-    start = False
+    start = start_only = False
     rest = list(argv)
     while rest:
         word = rest.pop(0)
-        if word == "--start":
+        if word in ("--start", "--start-only"):
             start = True
+            start_only = start_only or word == "--start-only"
             continue
         name, equals, value = word.partition("=")
         if name not in OPTIONS:
@@ -133,6 +137,7 @@ def parse(argv: list[str], env: Mapping[str, str]) -> Options:
         ),
         after=after,
         start=start,
+        start_only=start_only,
         sessions_dir=values.get("--sessions-dir"),
         agent_command=command,
         idle_seconds=idle_seconds,
@@ -394,6 +399,10 @@ def main(argv: list[str]) -> int:
         reached.lost.replay()
         return 0
     assert reached.sock is not None
+    if options.start_only:
+        reached.sock.close()
+        write_all(1, wire.encode({"type": "listening", "started": reached.started}))
+        return 0
     identity = options.identity
     hello = wire.encode(
         {
