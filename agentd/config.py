@@ -61,6 +61,10 @@ class AgentsConfig:
     command: str = "agentd-agent {agent}"
     # What agentd runs (on the VM, or here) to reach a session's holder; see agent-cli.md.
     attach_command: str = "agentd-agent attach"
+    # Where holders keep their sessions (on the VM, or here): agentd gives the attach this
+    # directory and connects to a live holder's socket in it directly. "" is ~/.agentd/sessions
+    # of agentd's user locally, and /home/<[vms] user>/.agentd/sessions on a VM.
+    sessions_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,11 @@ def _validate(config: Config) -> None:
         raise ConfigError("[agents] command", "may only use the {agent} placeholder") from None
     if not config.agents.attach_command.strip():
         raise ConfigError("[agents] attach_command", "must not be empty")
+    if "--sessions-dir" in config.agents.attach_command:
+        raise ConfigError("[agents] attach_command", "give the directory as [agents] sessions_dir")
+    sessions_dir = config.agents.sessions_dir
+    if sessions_dir and (not sessions_dir.startswith("/") or not sessions_dir.isprintable()):
+        raise ConfigError("[agents] sessions_dir", "must be an absolute path")
     if v.transport not in ("local", "ssh"):
         raise ConfigError("[vms] transport", 'must be "local" or "ssh"')
     if not 1 <= v.port <= 65535:

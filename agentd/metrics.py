@@ -150,7 +150,17 @@ SSH_CONNECT_SECONDS = Histogram(
 )
 SSH_CONNECTIONS = Gauge("agentd_ssh_connections", "Live SSH connections to VMs", registry=REGISTRY)
 SSH_CHANNELS = Gauge(
-    "agentd_ssh_channels", "Open SSH exec channels (one per agent process)", registry=REGISTRY
+    "agentd_ssh_channels",
+    "Open SSH channels (one per attached session: an exec or a holder's socket)",
+    registry=REGISTRY,
+)
+ATTACHES = Counter(
+    "agentd_attaches_total",
+    "Attaches to session holders, by how they were made: at the holder's socket, or"
+    " through the attach command (starting a holder, serving a lost one's journal, or a VM"
+    " that refuses socket channels)",
+    ["via"],
+    registry=REGISTRY,
 )
 
 # Rate limiting.
@@ -262,6 +272,8 @@ def initialize(agents: tuple[str, ...], error_codes: tuple[str, ...]) -> None:
             TOKENS.labels(agent, kind)
     for state in ("attached", "detached"):
         SESSIONS.labels(state)
+    for via in ("socket", "command"):
+        ATTACHES.labels(via)
     for event in ("created", "detached", "resumed", "expired", "superseded", "ended"):
         SESSION_EVENTS.labels(event)
     for limit in ("total", "per_address"):

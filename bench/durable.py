@@ -132,7 +132,8 @@ class Servers:
 
     def holder(self, name: str, ssh: bool) -> Agentd:
         """This checkout's agentd: every session through a holder."""
-        sections = self._sections(ssh, {"attach_command": attach_command(self.sessions)})
+        agents = {"attach_command": attach_command(), "sessions_dir": str(self.sessions)}
+        sections = self._sections(ssh, agents)
         return self._add(Agentd(self.work / f"agentd-durable-{name}", sections))
 
     def direct(self, name: str, ssh: bool) -> Agentd:

@@ -142,7 +142,12 @@ class Context:
             # (Revisions before durable sessions run their agents directly.)
             sessions = self.work / "sessions" / (source.name if source is not None else "now")
             tree = REPO if source is None else source
-            sections["agents"].setdefault("attach_command", attach_command(sessions, tree))
+            agents = sections["agents"]
+            if "sessions_dir" in (tree / "agentd" / "config.py").read_text():
+                agents.setdefault("attach_command", attach_command(tree))
+                agents.setdefault("sessions_dir", str(sessions))
+            else:  # revisions before [agents] sessions_dir
+                agents.setdefault("attach_command", attach_command(tree, sessions))
             self._current.callback(kill_holders, sessions)
         sections["ratelimit"] = {**UNLIMITED, **sections.get("ratelimit", {})}
         sections["server"] = {**ONE_ADDRESS, **sections.get("server", {})}

@@ -13,7 +13,7 @@ from twisted.internet import reactor
 from agentd import config as config_module
 from agentd.lifecycle import AgentdService
 from agentd.tap import build
-from tests.servers import SshServer, agent_command, attach_command, free_port
+from tests.servers import SshServer, agent_command, attach_command, free_port, sessions_dir
 
 SECRET = "test-secret-0123456789abcdef-0123456789abcdef"
 
@@ -58,7 +58,8 @@ def base_config(tmp_path: Path) -> dict[str, Any]:
         "agents": {
             "names": ["echo"],
             "command": agent_command(),
-            "attach_command": attach_command(tmp_path / "sessions"),
+            "attach_command": attach_command(),
+            "sessions_dir": str(sessions_dir(tmp_path)),
         },
         "sessions": {"grace_seconds": 0.0},
         "usage": {"spool_dir": str(tmp_path / "spool")},

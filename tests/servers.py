@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -245,14 +246,28 @@ def agent_command(test_options: bool = True) -> str:
     return f"env PYTHONPATH={shlex.quote(str(REPO))} {script}{flag} {{agent}}"
 
 
-def attach_command(sessions_dir: Path, repo: Path = REPO) -> str:
+def attach_command(repo: Path = REPO, sessions_dir: Path | None = None) -> str:
     """How agentd attaches to a session in tests: ``agentd-agent attach`` of this checkout
-    (or of the tree ``repo``), with the test's own sessions directory."""
+    (or of the tree ``repo``). The test's own sessions directory is ``[agents] sessions_dir``;
+    revisions before that key take it here, as ``sessions_dir``."""
     script = Path(sys.executable).parent / "agentd-agent"
-    return (
-        f"env PYTHONPATH={shlex.quote(str(repo))} {script} attach"
-        f" --sessions-dir {shlex.quote(str(sessions_dir))}"
-    )
+    command = f"env PYTHONPATH={shlex.quote(str(repo))} {script} attach"
+    if sessions_dir is not None:
+        command += f" --sessions-dir {shlex.quote(str(sessions_dir))}"
+    return command
+
+
+def sessions_dir(tmp_path: Path) -> Path:
+    """A test's sessions directory, also reached as ``tmp_path / "sessions"``: a directory
+    beside ``tmp_path`` with a short name, so that a holder's socket path fits in the 107
+    bytes a unix socket address holds and agentd connects to it directly, as it would on a
+    VM (``~/.agentd/sessions``); under ``tmp_path`` it would not."""
+    link = tmp_path / "sessions"
+    if link.is_symlink():
+        return link.resolve()
+    short = Path(tempfile.mkdtemp(prefix="s", dir=tmp_path.parent))
+    link.symlink_to(short)
+    return short
 
 
 def is_holder(pid: int) -> bool:
@@ -268,9 +283,11 @@ def is_holder(pid: int) -> bool:
 def holder_pids(sessions_dir: Path) -> set[int]:
     """The live holders of the sessions anywhere under ``sessions_dir``."""
     pids = set()
-    for pid_file in sessions_dir.glob("**/holder.pid"):
+    for directory, _, files in os.walk(sessions_dir, followlinks=True):
+        if "holder.pid" not in files:
+            continue
         try:
-            pid = int(pid_file.read_text())
+            pid = int((Path(directory) / "holder.pid").read_text())
         except (FileNotFoundError, ValueError):
             continue
         if is_holder(pid):

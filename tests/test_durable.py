@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall, deferLater
 
 from agentd.agent.holder.wire import usage_event_id
 from agentd.agent.providers.echo import words
-from bench.procs import Agentd, children, token
+from bench.procs import Agentd, children, descendants, token
 from tests.harness import RunningAgentd, base_config, merge, ssh_config
 from tests.harness import token as harness_token
 from tests.samples import sample
@@ -34,6 +34,7 @@ from tests.servers import (
     attach_command,
     free_port,
     holder_pids,
+    sessions_dir,
 )
 from tests.waiting import eventually
 from tests.wsclient import WsClient, connect
@@ -197,6 +198,14 @@ def deltas_of(prompt_id: str, count: int) -> Callable[[dict[str, Any]], bool]:
     return enough
 
 
+def is_attach(pid: int) -> bool:
+    """Whether ``pid`` runs ``agentd-agent attach``."""
+    try:
+        return b"\0attach\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def agent_pid(holder: int) -> int:
     """The agent a holder runs: its only child."""
     (agent,) = children(holder)
@@ -219,7 +228,8 @@ def twistd_sections(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, dic
         "agents": {
             "names": ["echo"],
             "command": agent_command(),
-            "attach_command": attach_command(tmp_path / "sessions"),
+            "attach_command": attach_command(),
+            "sessions_dir": str(sessions_dir(tmp_path)),
         },
         "sessions": {"grace_seconds": 30.0},
         "log": {"level": "info"},
@@ -333,13 +343,16 @@ async def test_agentd_killed_mid_answer_another_instance_resumes_and_usage_count
 async def test_output_far_beyond_every_buffer_waits_for_a_client_away_five_seconds(
     tmp_path, sshd, agentd
 ):
-    sessions = tmp_path / "sessions"
+    sessions = sessions_dir(tmp_path)
     journal_max = 262_144
     config = merge(
         ssh_config(tmp_path, sshd),
         # The journal's bound is at least 8 lines of the largest size.
         server={"max_message_bytes": journal_max // 8},
-        agents={"attach_command": f"{attach_command(sessions)} --journal-max-bytes {journal_max}"},
+        agents={
+            "attach_command": f"{attach_command()} --journal-max-bytes {journal_max}",
+            "sessions_dir": str(sessions),
+        },
         # agentd's own memory holds far less than the answer too.
         sessions={"grace_seconds": 30.0, "replay_messages": 1000},
     )
@@ -390,13 +403,19 @@ async def test_a_cut_ssh_connection_is_attached_again_and_the_client_sees_no_gap
 ):
     gateway = agentd(merge(ssh_config(tmp_path, sshd), sessions={"grace_seconds": 30.0}))
     reader = Reader(in_process_url(gateway))
+    by_socket = sample("agentd_attaches_total", via="socket")
+    by_command = sample("agentd_attaches_total", via="command")
     await reader.connect()
     text = " ".join(f"w{i}" for i in range(100))
     repeat = 20
     reader.prompt("long", text, repeat=repeat, delay_ms=1)
     assert await reader.read_until(deltas_of("long", 200), resume=False)
+    # The holder was started by the attach command, which then let agentd connect to its
+    # socket through sshd: the stream crosses no process but sshd on the VM.
+    assert sample("agentd_attaches_total", via="socket") == by_socket + 1
     (holder,) = holder_pids(tmp_path / "sessions")
     agent = agent_pid(holder)
+    assert not [pid for pid in descendants(sshd.process.pid) if is_attach(pid)], "one is running"
     reattached = sample("agentd_session_events_total", event="reattached")
     # The sshd processes serving agentd's connection: the listener's children.
     serving = children(sshd.process.pid)
@@ -406,6 +425,8 @@ async def test_a_cut_ssh_connection_is_attached_again_and_the_client_sees_no_gap
     # The client stays connected throughout: resume=False fails on a close.
     assert await reader.read_until(is_done("long"), resume=False)
     assert sample("agentd_session_events_total", event="reattached") > reattached
+    assert sample("agentd_attaches_total", via="socket") >= by_socket + 2
+    assert sample("agentd_attaches_total", via="command") == by_command, "re-attached at the socket"
     assert not set(children(sshd.process.pid)) & set(serving), "the connection was not cut"
     assert reader.text("long") == text * repeat
     assert [m["seq"] for m in reader.messages] == list(range(1, reader.last_seq + 1))
@@ -431,7 +452,9 @@ async def test_a_killed_holder_is_reported_on_resume_and_its_journal_still_serve
     await eventually(lambda: not gateway.registry.by_id, what="agentd letting go")
 
     away = reader.last_seq
+    by_command = sample("agentd_attaches_total", via="command")
     await reader.connect()
+    assert sample("agentd_attaches_total", via="command") == by_command + 1, "the journal"
     hello = reader.resumes[-1]
     assert hello["resumed"] is True and hello["complete"] is False, hello
     assert hello["session"] == reader.session

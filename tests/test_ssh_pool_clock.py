@@ -7,6 +7,7 @@ and their bytes moved by iosim pumps, so only the clock and the network are fake
 
 from __future__ import annotations
 
+import json
 import shlex
 import struct
 from pathlib import Path
@@ -18,7 +19,7 @@ from twisted.conch.avatar import ConchUser
 from twisted.conch.error import ConchError, ValidPublicKey
 from twisted.conch.ssh import common, connection, userauth
 from twisted.conch.ssh.channel import SSHChannel
-from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED
+from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
 from twisted.conch.ssh.factory import SSHFactory
 from twisted.conch.ssh.keys import Key
 from twisted.cred.checkers import ICredentialsChecker
@@ -32,7 +33,7 @@ from twisted.test.iosim import ConnectionCompleter, IOPump
 from zope.interface import implementer
 
 from agentd import config
-from agentd.transport import AgentTarget, TransportError
+from agentd.transport import AgentTarget, AttachCommand, TransportError
 from agentd.transport.ssh.channel import TERMINATE_GRACE_SECONDS
 from agentd.transport.ssh.known_hosts import KnownHosts
 from agentd.transport.ssh.pool import IDLE_CLOSE_SECONDS, MAX_REFUSALS, PARALLEL_CONNECTS
@@ -42,6 +43,7 @@ from tests.samples import sample
 
 PORT = 2222
 USER = "coder"
+SESSIONS = "/home/coder/.agentd/sessions"
 
 
 class VMAgent(SSHChannel):
@@ -79,6 +81,25 @@ class VMAgent(SSHChannel):
         self.loseConnection()
 
 
+class VMSocket(SSHChannel):
+    """The VM's side of a stream-local channel to a holder's socket: notes what it is sent."""
+
+    name = b"direct-streamlocal@openssh.com"
+
+    def __init__(self, vm: MemoryVM, path: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.path = path
+        self.received = b""
+        self.ended = False
+        vm.sockets.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def closed(self) -> None:
+        self.ended = True
+
+
 class VMUser(ConchUser):
     """One login: opens agent channels until the VM's MaxSessions is reached."""
 
@@ -90,6 +111,14 @@ class VMUser(ConchUser):
     def lookupChannel(
         self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes
     ) -> SSHChannel:
+        if channelType == VMSocket.name:
+            # sshd connects to the socket; MaxSessions does not count these channels.
+            path = common.getNS(data)[0].decode()
+            self.vm.socket_opens.append(path)
+            if path not in self.vm.listening:
+                raise ConchError("open failed", OPEN_CONNECT_FAILED)
+            kwargs = {"remoteWindow": windowSize, "remoteMaxPacket": maxPacket, "avatar": self}
+            return VMSocket(self.vm, path, **kwargs)
         if len(self.conn.channels) >= self.vm.max_sessions:
             self.vm.refusals += 1
             raise ConchError("no more sessions", OPEN_ADMINISTRATIVELY_PROHIBITED)
@@ -139,6 +168,10 @@ class MemoryVM:
         self.max_sessions = max_sessions
         self.refusals = 0
         self.agents: list[VMAgent] = []
+        # Holders' sockets that accept stream-local channels, and every such channel asked for.
+        self.listening: set[str] = set()
+        self.socket_opens: list[str] = []
+        self.sockets: list[VMSocket] = []
         self.pumps: list[IOPump] = []
         host_key = Key(ed25519.Ed25519PrivateKey.generate())
         self.client_key = Key(ed25519.Ed25519PrivateKey.generate())
@@ -232,7 +265,7 @@ def make_transport(reactor: MemoryReactorClock, vm: MemoryVM, **settings: Any) -
             user=USER,
             private_key=vm.client_key,
             known_hosts=KnownHosts(str(vm.known_hosts)),
-            **settings,
+            **{"attach": AttachCommand(sessions_dir=SESSIONS), **settings},
         ),
         lambda project: "127.0.0.1",
         PORT,
@@ -389,7 +422,7 @@ def test_sessions_arriving_while_a_connection_is_made_share_it(reactor, tmp_path
     assert vm.open_connections() == 1
     assert [agent.command for agent in vm.agents] == [
         b"agentd-agent attach --session s-user%d --user user%d --project demo --agent echo"
-        b" --after 0" % (i, i)
+        b" --after 0 --sessions-dir=%s" % (i, i, SESSIONS.encode())
         for i in range(3)
     ]
 
@@ -479,7 +512,8 @@ def test_from_config_reaches_the_vm_vms_names_with_its_key_user_and_command(reac
             "agents": {
                 "names": ["echo"],
                 "command": "run-agent {agent}",
-                "attach_command": "run-attach --sessions-dir '/srv/agent sessions'",
+                "attach_command": "run-attach",
+                "sessions_dir": "/srv/agent sessions",
             },
             "sessions": {"idle_seconds": 600},
             "vms": {
@@ -498,11 +532,98 @@ def test_from_config_reaches_the_vm_vms_names_with_its_key_user_and_command(reac
     target = AgentTarget("demo", "echo", "u'; rm -rf ~", "s-1", after=7, start=True)
     d = transport.spawn(target, Sink())
     vm.accept()
-    result(d)  # the host key checked is build-box.internal's, not demo.vms.internal's
-    command = vm.agents[0].command.decode()
+    # the host key checked is build-box.internal's, not demo.vms.internal's
+    assert vm.socket_opens == ["/srv/agent sessions/s-1/sock"]
+    assert vm.agents[0].command is not None
+    assert vm.agents[0].command.decode().endswith(" --start-only")
+    vm.agents[0].exit(2)  # an attach of before --start-only: the plain attach follows
+    vm.flush()
+    result(d)
+    command = vm.agents[1].command.decode()
     assert command == (
-        "run-attach --sessions-dir '/srv/agent sessions' --session s-1 --user 'u'\"'\"'; rm -rf ~'"
-        " --project demo --agent echo --after 7 --start --agent-command 'run-agent {agent}'"
-        " --idle-seconds 600 --max-line 1048576"
+        "run-attach --session s-1 --user 'u'\"'\"'; rm -rf ~'"
+        " --project demo --agent echo --after 7 '--sessions-dir=/srv/agent sessions'"
+        " --start --agent-command 'run-agent {agent}' --idle-seconds 600 --max-line 1048576"
     )
-    assert shlex.split(command)[6] == "u'; rm -rf ~", "every value is one argument to the shell"
+    assert shlex.split(command)[4] == "u'; rm -rf ~", "every value is one argument to the shell"
+
+
+def hello_of(socket: VMSocket) -> dict[str, Any]:
+    line, newline, rest = socket.received.partition(b"\n")
+    assert newline and not rest, socket.received
+    hello: dict[str, Any] = json.loads(line)
+    return hello
+
+
+def test_a_live_holder_is_reached_at_its_socket_without_running_the_attach(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path)
+    vm.listening.add(f"{SESSIONS}/s-u/sock")
+    transport = make_transport(reactor, vm)
+    sink = Sink()
+    d = transport.spawn(AgentTarget("demo", "echo", "u", "s-u", after=12), sink)
+    vm.accept()
+    process = result(d)
+    assert vm.agents == [], "no process runs on the VM"
+    [socket] = vm.sockets
+    assert hello_of(socket) == {
+        "type": "hello",
+        "v": 1,
+        "session": "s-u",
+        "user": "u",
+        "project": "demo",
+        "agent": "echo",
+        "after": 12,
+        "started": False,
+    }
+    socket.write(b'{"type":"attached"}\n{"seq":13,"type":"delta"}\n')
+    vm.flush()
+    assert sink.lines == [b'{"type":"attached"}', b'{"seq":13,"type":"delta"}']
+    process.write_line(b'{"type":"confirm","seq":13}')
+    vm.flush()
+    assert socket.received.endswith(b'\n{"type":"confirm","seq":13}\n')
+    process.terminate()
+    vm.flush()
+    assert socket.ended
+    assert sink.ended == (None, "the session holder's connection closed")
+
+
+def test_a_prompt_with_no_holder_starts_one_then_connects_to_its_socket(reactor, tmp_path):
+    vm = MemoryVM(reactor, tmp_path)
+    transport = make_transport(reactor, vm)
+    sink = Sink()
+    d = transport.spawn(AgentTarget("demo", "echo", "u", "s-u", start=True), sink)
+    vm.accept()
+    path = f"{SESSIONS}/s-u/sock"
+    assert vm.socket_opens == [path]
+    [starter] = vm.agents
+    assert starter.command is not None
+    assert shlex.split(starter.command.decode())[-2:] == ["1048576", "--start-only"]
+    vm.listening.add(path)
+    starter.write(b'{"type":"listening","started":true}\n')
+    starter.exit(0)
+    vm.flush()
+    result(d)
+    assert vm.socket_opens == [path, path]
+    assert hello_of(vm.sockets[0])["started"] is True
+    assert len(vm.agents) == 1, "the attach that started the holder relays nothing"
+
+
+def test_a_vm_refusing_socket_channels_is_attached_through_the_command_from_then_on(
+    reactor, tmp_path
+):
+    vm = MemoryVM(reactor, tmp_path)  # its sshd never connects a socket
+    transport = make_transport(reactor, vm)
+    d = transport.spawn(AgentTarget("demo", "echo", "u", "s-u", start=True), Sink())
+    vm.accept()
+    vm.agents[0].write(b'{"type":"listening","started":true}\n')
+    vm.agents[0].exit(0)
+    vm.flush()
+    result(d)
+    assert len(vm.socket_opens) == 2
+    command = vm.agents[1].command
+    assert command is not None and b" --start " in command and b"--start-only" not in command
+    d, _ = spawn(transport, "v")
+    vm.flush()
+    result(d)
+    assert len(vm.socket_opens) == 2, "not tried again"
+    assert vm.agents[2].command is not None and b"--session s-v " in vm.agents[2].command

@@ -1,20 +1,29 @@
 """How a session reaches its agent: the interface every transport implements.
 
-A transport runs ``agentd-agent attach`` (the configured ``attach_command``) for one session,
-on the project's VM or locally, and hands back an ``AgentProcess``: the attach, which
-connects to the session's holder and relays its lines (docs/agent-cli.md). The holder runs
-the agent and outlives the attach. The attach reports to an ``AgentSink``; output is read
-line by line, and a sink that cannot keep up pauses the attach instead of buffering it.
+A transport connects one session to its holder on the project's VM or locally, and hands
+back an ``AgentProcess``: the attach, which relays the holder's lines (docs/agent-cli.md).
+The holder runs the agent and outlives the attach. A live holder is reached at its socket
+directly (a unix socket here, a stream-local channel over SSH), which takes a round trip;
+otherwise the transport runs ``agentd-agent attach`` (the configured ``attach_command``),
+which starts the holder or serves a lost one's journal. ``attach`` below is that choice,
+shared by both transports. The attach reports to an ``AgentSink``; output is read line by
+line, and a sink that cannot keep up pauses the attach instead of buffering it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from agentd import metrics
+from agentd.agent.holder import wire
 
 if TYPE_CHECKING:
     from agentd.config import Config
@@ -60,6 +69,11 @@ class AgentTarget:
     start: bool = False
 
 
+_log = Logger()
+
+# The longest path a unix socket address holds (sun_path less its terminating NUL).
+MAX_SOCKET_PATH = 107
+
 # A numbered line is the agent's line with ``{"seq":N,`` in front: what agentd reads from an
 # attach may be this much longer than the agent's own limit.
 NUMBERING_ROOM = 64
@@ -70,6 +84,7 @@ class AttachCommand:
     """How to run the attach: its command, and what a holder it starts is told."""
 
     command: str = "agentd-agent attach"
+    sessions_dir: str = os.path.expanduser("~/.agentd/sessions")
     agent_command: str = "agentd-agent {agent}"
     idle_seconds: float = 3600.0
     max_line: int = 1_048_576
@@ -81,8 +96,17 @@ class AttachCommand:
 
     @classmethod
     def from_config(cls, config: Config) -> AttachCommand:
+        sessions_dir = config.agents.sessions_dir
+        if not sessions_dir and config.vms.transport == "ssh":
+            sessions_dir = f"/home/{config.vms.user}/.agentd/sessions"
+        elif not sessions_dir:
+            # Where an attach run with agentd's environment would keep them.
+            from agentd.agent.holder.sessions import sessions_dir as local_default
+
+            sessions_dir = local_default(None, os.environ)
         return cls(
             command=config.agents.attach_command,
+            sessions_dir=sessions_dir,
             agent_command=config.agents.command,
             idle_seconds=config.sessions.idle_seconds,
             max_line=config.server.max_message_bytes,
@@ -106,6 +130,7 @@ class AttachCommand:
             target.agent,
             "--after",
             str(target.after),
+            f"--sessions-dir={self.sessions_dir}",
         ]
         if target.start:
             argv += [
@@ -119,9 +144,28 @@ class AttachCommand:
             ]
         return argv
 
-    def remote(self, target: AgentTarget) -> str:
+    def remote(self, target: AgentTarget, *extra: str) -> str:
         """The command line for an SSH exec: every argument quoted for the remote shell."""
-        return shlex.join(self.arguments(target))
+        return shlex.join([*self.arguments(target), *extra])
+
+    def socket_path(self, session: str) -> str | None:
+        """The session holder's socket, or None when the path is too long to connect to."""
+        path = os.path.join(self.sessions_dir, session, "sock")
+        return path if len(path.encode()) <= MAX_SOCKET_PATH else None
+
+    def hello(self, target: AgentTarget, started: bool) -> bytes:
+        """The line ``agentd-agent attach`` would send the holder first (agent-cli.md)."""
+        hello = {
+            "type": "hello",
+            "v": wire.VERSION,
+            "session": target.session,
+            "user": target.user,
+            "project": target.project,
+            "agent": target.agent,
+            "after": target.after,
+            "started": started,
+        }
+        return json.dumps(hello, separators=(",", ":")).encode() + b"\n"
 
 
 class AgentSink(Protocol):
@@ -262,3 +306,100 @@ def output_splitters(sink: AgentSink, max_line: int) -> tuple[LineSplitter, Line
     )
     stderr = LineSplitter(max_line, sink.agent_log, lambda n: sink.agent_overlong("stderr", n))
     return stdout, stderr
+
+
+class NoHolder(Exception):
+    """No holder answered at the session's socket: none is live, or it cannot be reached
+    there."""
+
+
+class Route(Protocol):
+    """The two ways a transport reaches a session, as ``attach`` uses them."""
+
+    # False once reaching a holder at its socket failed right after it said it listens: the
+    # VM does not allow it (sshd's AllowStreamLocalForwarding), so it is not tried again.
+    direct: bool
+
+    @property
+    def where(self) -> str:
+        """The VM (or "local"), for the log."""
+
+    def connect(
+        self, target: AgentTarget, sink: AgentSink, started: bool
+    ) -> Deferred[AgentProcess]:
+        """The holder's socket, the hello sent; errbacks with ``NoHolder``."""
+
+    def run(self, target: AgentTarget, sink: AgentSink, *extra: str) -> Deferred[AgentProcess]:
+        """``agentd-agent attach`` with ``extra`` arguments; errbacks with ``TransportError``."""
+
+
+async def attach(route: Route, target: AgentTarget, sink: AgentSink) -> AgentProcess:
+    """Connect ``sink`` to the session's holder: directly when it is live; else, when the
+    target asks for a start, start it with ``--start-only`` and connect directly; else (or
+    when that fails) through ``agentd-agent attach``, which starts holders and serves the
+    journals of lost ones."""
+    if route.direct:
+        try:
+            return _counted("socket", await route.connect(target, sink, False))
+        except NoHolder:
+            pass
+        if target.start:
+            started = await _start_only(route, target)
+            if started is not None:
+                try:
+                    return _counted("socket", await route.connect(target, sink, started))
+                except NoHolder:
+                    route.direct = False
+                    _log.warn(
+                        "{where}: a session holder listens but its socket cannot be reached;"
+                        " attaching through attach_command from now on (is"
+                        " AllowStreamLocalForwarding off in sshd_config?)",
+                        where=route.where,
+                    )
+    return _counted("command", await route.run(target, sink))
+
+
+def _counted(via: str, process: AgentProcess) -> AgentProcess:
+    metrics.ATTACHES.labels(via).inc()
+    return process
+
+
+async def _start_only(route: Route, target: AgentTarget) -> bool | None:
+    """Start the session's holder unless one is live: whether this started it, or None when
+    the attach refused (the plain attach that follows reports why)."""
+    said = _Said()
+    try:
+        await route.run(target, said, "--start-only")
+    except TransportError:
+        return None
+    lines = await said.done
+    try:
+        line = json.loads(lines[0]) if lines else None
+    except ValueError:
+        return None
+    if not isinstance(line, dict) or line.get("type") != "listening":
+        return None
+    return line.get("started") is True
+
+
+class _Said:
+    """A sink that keeps the first lines of an attach that only answers, until it ends."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.done: Deferred[list[bytes]] = Deferred()
+
+    def agent_lines(self, lines: list[bytes]) -> None:
+        self.lines.extend(lines[: 4 - len(self.lines)])
+
+    def agent_line(self, line: bytes) -> None:
+        self.agent_lines([line])
+
+    def agent_log(self, line: bytes) -> None:
+        pass  # the plain attach that follows a refusal reports it
+
+    def agent_overlong(self, stream: str, size: int) -> None:
+        pass
+
+    def agent_ended(self, exit_status: int | None, reason: str) -> None:
+        self.done.callback(self.lines)

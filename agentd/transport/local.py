@@ -9,10 +9,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from twisted.internet import error, main
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IReactorProcess, IReactorUNIX, ITransport
 from twisted.internet.process import Process, ProcessReader
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.python.failure import Failure
 
 from agentd.config import Config
@@ -23,7 +24,9 @@ from agentd.transport import (
     AgentSink,
     AgentTarget,
     AttachCommand,
+    NoHolder,
     TransportError,
+    attach,
     forwarded_env,
     output_splitters,
 )
@@ -101,6 +104,41 @@ class _AgentProcessProtocol(ProcessProtocol):
             pass
 
 
+class _HolderConnection(Protocol):
+    """A session holder's unix socket, connected straight from agentd: the attach, without
+    a process in between."""
+
+    transport: ITransport
+
+    def __init__(self, sink: AgentSink, max_line: int, hello: bytes) -> None:
+        self._sink = sink
+        self._stdout, _ = output_splitters(sink, max_line)
+        self._hello = hello
+
+    def connectionMade(self) -> None:
+        write_now(self.transport, self._hello)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._stdout.feed(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._stdout.flush()
+        self._sink.agent_ended(None, "the session holder's connection closed")
+
+    # AgentProcess
+    def write_line(self, line: bytes) -> None:
+        write_now(self.transport, line + b"\n")
+
+    def pause(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def terminate(self) -> None:
+        self.transport.loseConnection()
+
+
 class LocalTransport:
     """Runs the attach as a child process of agentd, without a shell; a holder it starts is
     detached from agentd, so sessions outlive agentd here as on a VM.
@@ -125,6 +163,8 @@ class LocalTransport:
         )
         # An agent without PATH could not find the programs it runs: the system's default.
         self._env.setdefault("PATH", os.defpath)
+        self.direct = True
+        self.where = "local"
 
     @classmethod
     def from_config(cls, config: Config, reactor: IReactorProcess) -> LocalTransport:
@@ -141,7 +181,28 @@ class LocalTransport:
         return [found, *argv[1:]]
 
     def spawn(self, target: AgentTarget, sink: AgentSink) -> Deferred[AgentProcess]:
-        argv = self._argv(target)
+        return Deferred.fromCoroutine(attach(self, target, sink))
+
+    def connect(
+        self, target: AgentTarget, sink: AgentSink, started: bool
+    ) -> Deferred[AgentProcess]:
+        path = self._attach.socket_path(target.session)
+        if path is None:
+            return fail(NoHolder())
+        holder = _HolderConnection(sink, self._max_line, self._attach.hello(target, started))
+        endpoint = UNIXClientEndpoint(IReactorUNIX(self._reactor), path)
+
+        def refused(failure: Failure) -> Failure:
+            failure.trap(error.ConnectError)
+            raise NoHolder()
+
+        connected: Deferred[AgentProcess] = connectProtocol(endpoint, holder).addCallback(
+            lambda _: holder
+        )
+        return connected.addErrback(refused)
+
+    def run(self, target: AgentTarget, sink: AgentSink, *extra: str) -> Deferred[AgentProcess]:
+        argv = [*self._argv(target), *extra]
         env = {**self._env, **target.env}
         protocol = _AgentProcessProtocol(sink, self._max_line)
         try:

@@ -1,7 +1,8 @@
-"""One agent process on a VM: an exec channel, its environment, flow control and exit status.
+"""One attach on a VM: an exec channel running ``agentd-agent attach`` (its environment,
+exit status), or a stream-local channel straight to a live holder's socket.
 
 Output flow control is explicit: while a session is paused the channel's receive window is
-not re-opened, so sshd stops reading from the agent.
+not re-opened, so sshd stops reading from the attach or the socket.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from agentd.transport import AgentSink, TransportError, output_splitters
+from agentd.transport import AgentSink, NoHolder, TransportError, output_splitters
 from agentd.transport.ssh.connection import VMConnection
 
 TERMINATE_GRACE_SECONDS = 5.0
@@ -26,11 +27,85 @@ class ChannelRefused(Exception):
     """sshd would not open another session channel on this connection (MaxSessions)."""
 
 
-class AgentChannel(SSHChannel):
-    """One agent process on a VM: stdin/stdout/stderr of an exec request."""
+class _Relay(SSHChannel):
+    """What both kinds of attach channel do with the holder's lines and the session's."""
+
+    conn: VMConnection
+    paused = False
+
+    def __init__(self, sink: AgentSink, max_line: int, conn: VMConnection) -> None:
+        super().__init__(conn=conn)
+        self.sink = sink
+        self._stdout, self._stderr = output_splitters(sink, max_line)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._stdout.feed(data)
+
+    # AgentProcess
+    def write_line(self, line: bytes) -> None:
+        if not self.closing:
+            self.write(line + b"\n")
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            wanted = self.localWindowSize - self.localWindowLeft
+            if wanted > 0 and not self.localClosed:
+                self.conn.adjustWindow(self, wanted)
+
+
+class HolderChannel(_Relay):
+    """A live holder's socket on the VM, reached through sshd (``direct-streamlocal``): the
+    attach without a process on the VM, ready once sshd connected it and the hello is sent."""
+
+    name = b"direct-streamlocal@openssh.com"
+
+    def __init__(
+        self,
+        sink: AgentSink,
+        hello: bytes,
+        max_line: int,
+        conn: VMConnection,
+        on_closed: Callable[[], None],
+    ) -> None:
+        super().__init__(sink, max_line, conn)
+        self.ready: Deferred[HolderChannel] = Deferred()
+        self._hello = hello
+        self._on_closed = on_closed
+
+    @staticmethod
+    def open_data(path: str) -> bytes:
+        """The channel-open data: the socket's path, then two fields OpenSSH reserves."""
+        return common.NS(path.encode()) + common.NS(b"") + struct.pack(">L", 0)
+
+    def openFailed(self, reason: Failure | BaseException) -> None:
+        self._on_closed()
+        self.ready.errback(NoHolder())
+
+    def channelOpen(self, specificData: bytes) -> None:
+        self.write(self._hello)
+        self.ready.callback(self)
+
+    def closed(self) -> None:
+        self._on_closed()
+        self._stdout.flush()
+        reason = "the session holder's connection closed"
+        if getattr(self.conn, "lost", False):
+            reason = "connection to the VM lost"
+        self.sink.agent_ended(None, reason)
+
+    def terminate(self) -> None:
+        if not (self.closing or self.localClosed):
+            self.loseConnection()
+
+
+class AgentChannel(_Relay):
+    """``agentd-agent attach`` on a VM: stdin/stdout/stderr of an exec request."""
 
     name = b"session"
-    conn: VMConnection
 
     def __init__(
         self,
@@ -45,18 +120,15 @@ class AgentChannel(SSHChannel):
         """``on_closed`` is called when the channel of an agent that started closes, before
         the sink hears of it: the pool's count of channels is right by the time a session
         reacts to its agent's end."""
-        super().__init__(conn=conn)
-        self.sink = sink
+        super().__init__(sink, max_line, conn)
         self.ready: Deferred[AgentChannel] = Deferred()
         self.ready.addCallback(self._agent_started)
-        self.paused = False
         self._command = command
         self._env = env
         self._clock = clock
         self._exit_status: int | None = None
         self._exit_reason = "channel closed"
         self._kill_call: IDelayedCall | None = None
-        self._stdout, self._stderr = output_splitters(sink, max_line)
         self._on_closed = on_closed
         self._started = False
 
@@ -94,9 +166,6 @@ class AgentChannel(SSHChannel):
             return
         self.ready.callback(self)
 
-    def dataReceived(self, data: bytes) -> None:
-        self._stdout.feed(data)
-
     def extReceived(self, dataType: int, data: bytes) -> None:
         self._stderr.feed(data)
 
@@ -124,20 +193,6 @@ class AgentChannel(SSHChannel):
             self.sink.agent_ended(self._exit_status, reason)
 
     # AgentProcess
-    def write_line(self, line: bytes) -> None:
-        if not self.closing:
-            self.write(line + b"\n")
-
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self) -> None:
-        if self.paused:
-            self.paused = False
-            wanted = self.localWindowSize - self.localWindowLeft
-            if wanted > 0 and not self.localClosed:
-                self.conn.adjustWindow(self, wanted)
-
     def terminate(self) -> None:
         if self.closing or self.localClosed:
             return

@@ -18,8 +18,8 @@ from twisted.python.failure import Failure
 
 from agentd import metrics
 from agentd.retry import retry
-from agentd.transport import AgentSink, AgentTarget, TransportError
-from agentd.transport.ssh.channel import AgentChannel, ChannelRefused
+from agentd.transport import AgentProcess, AgentSink, AgentTarget, NoHolder, TransportError
+from agentd.transport.ssh.channel import AgentChannel, ChannelRefused, HolderChannel
 from agentd.transport.ssh.connection import ClientTransport, VMConnection
 from agentd.transport.ssh.settings import SSHSettings
 
@@ -86,10 +86,13 @@ class VMPool:
         self._refused_at: int | None = None
         self._idle_calls: dict[VMConnection, IDelayedCall] = {}
         self.last_failure: tuple[float, str] | None = None
+        self.direct = True
 
     @property
     def vm(self) -> str:
         return f"{self.host}:{self.port}"
+
+    where = vm
 
     async def _connect_once(self) -> VMConnection:
         metrics.SSH_CONNECT_ATTEMPTS.inc()
@@ -183,9 +186,40 @@ class VMPool:
                 call.cancel()
             _log.info("SSH connection to {vm} closed", vm=self.vm)
 
-    async def open(self, target: AgentTarget, sink: AgentSink) -> AgentChannel:
+    def connect(
+        self, target: AgentTarget, sink: AgentSink, started: bool
+    ) -> Deferred[AgentProcess]:
+        return Deferred.fromCoroutine(self._connect_holder(target, sink, started))
+
+    async def _connect_holder(
+        self, target: AgentTarget, sink: AgentSink, started: bool
+    ) -> AgentProcess:
+        """A stream-local channel to the session holder's socket (no process on the VM);
+        raises NoHolder when sshd cannot connect it. sshd's MaxSessions does not count these
+        channels, but they keep their connection from closing idle like the others."""
         s = self._settings
-        command = s.attach.remote(target)
+        path = s.attach.socket_path(target.session)
+        if path is None:
+            raise NoHolder()
+        conn = next((c for c in self.connections if not c.lost), None)
+        if conn is None:
+            conn = await self._connect()
+        hello = s.attach.hello(target, started)
+        channel = HolderChannel(
+            sink, hello, s.max_line, conn, on_closed=partial(self._channel_closed, conn)
+        )
+        conn.agent_channels += 1
+        metrics.SSH_CHANNELS.inc()
+        self._cancel_idle(conn)
+        conn.openChannel(channel, HolderChannel.open_data(path))
+        return await channel.ready
+
+    def run(self, target: AgentTarget, sink: AgentSink, *extra: str) -> Deferred[AgentProcess]:
+        return Deferred.fromCoroutine(self.open(target, sink, *extra))
+
+    async def open(self, target: AgentTarget, sink: AgentSink, *extra: str) -> AgentChannel:
+        s = self._settings
+        command = s.attach.remote(target, *extra)
         env = {**s.forward_env, **target.env}
         refusals = 0
         while refusals < MAX_REFUSALS:

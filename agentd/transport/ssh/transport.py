@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
@@ -18,6 +17,7 @@ from agentd.transport import (
     AgentTarget,
     AttachCommand,
     TransportError,
+    attach,
     forwarded_env,
 )
 from agentd.transport.ssh.known_hosts import KnownHosts
@@ -102,7 +102,7 @@ class SSHTransport:
             pool = self.pool(target.project)
         except (KeyError, ValueError) as e:
             return fail(TransportError("unreachable", str(e)))
-        return defer.ensureDeferred(pool.open(target, sink))
+        return Deferred.fromCoroutine(attach(pool, target, sink))
 
     def stop(self) -> Deferred[None]:
         for pool in self._pools.values():
