@@ -11,6 +11,7 @@ import os
 import queue
 import shlex
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -239,6 +240,34 @@ def test_attach_starts_a_detached_holder_that_numbers_the_agents_lines(sessions:
     os.kill(holder, signal.SIGHUP)
     time.sleep(0.2)
     assert is_holder(holder) and alive(agent)
+
+
+def test_start_only_starts_the_holder_and_leaves_it_to_a_connection_at_its_socket(
+    sessions: Sessions,
+):
+    first = sessions.attach(start=False, options=("--start-only",))
+    assert first.rest() == [{"type": "listening", "started": True}]
+    assert first.process.wait(timeout=10) == 0
+    again = sessions.attach(start=False, options=("--start-only",))
+    assert again.rest() == [{"type": "listening", "started": False}], "one holder"
+    # What agentd does next: connect to the socket and say the attach's hello itself.
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(sessions.directory() / "sock"))
+        hello = {"type": "hello", "v": 1, "session": SESSION, "user": "ada"}
+        hello |= {"project": "demo", "agent": "echo", "after": 0, "started": True}
+        sock.sendall(json.dumps(hello).encode() + b"\n")
+        reader = sock.makefile("rb")
+        attached = json.loads(reader.readline())
+        sessions.holders.add(attached["holderPid"])
+        assert attached["type"] == "attached" and attached["live"] is True
+        assert attached["started"] is True and attached["lastSeq"] == 0
+        sock.sendall(b'{"type":"prompt","id":"p1","text":"at the socket"}\n')
+        lines = []
+        while not lines or lines[-1].get("type") != "done":
+            line = json.loads(reader.readline())
+            if "seq" in line:
+                lines.append(line)
+        assert text_of(lines) == "at the socket" and seqs(lines)[0] == 1
 
 
 def test_a_session_id_that_begins_with_a_dash_starts_its_holder(sessions: Sessions):
