@@ -205,6 +205,9 @@ class FakeClient:
     def send_frame(self, frame: bytes) -> None:
         self.frames.append(orjson.loads(frame))
 
+    def send_frames(self, frames: list[bytes]) -> None:
+        self.frames.extend(map(orjson.loads, frames))
+
     def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
 

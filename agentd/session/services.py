@@ -26,6 +26,9 @@ class Client(Protocol):
 
     def send_frame(self, frame: bytes) -> None: ...
 
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Like ``send_frame`` for each, in one write."""
+
     def close(self, code: int, reason: str) -> None: ...
 
 

@@ -222,8 +222,7 @@ class Session:
         self._greeted = True
         frames, complete = self.replay.since(last_seq, self.seq)
         self._hello(client, resumed=True, complete=complete, last_seq=self.seq)
-        for frame in frames:
-            client.send_frame(frame)
+        client.send_frames(frames)
         self._sent = self.seq
         self.confirm(last_seq)
 
@@ -286,8 +285,7 @@ class Session:
             # What came before the hello could be sent.
             self._greeted = True
             early, self._early = self._early, []
-            for frame in early:
-                client.send_frame(frame)
+            client.send_frames(early)
             return "resumed"
 
         return self._open_link(start=False).addCallback(linked)
@@ -650,9 +648,11 @@ class Session:
         parsed once and sent as it came; the metrics are counted once per call.
         """
         replay = self.replay
-        sent = size = 0
+        out: list[bytes] = []  # frames for the client, written together
+        size = 0
         for line in lines:
             if not line.startswith(SEQ_PREFIX):
+                self._flush(out)
                 self._control(line)
                 continue
             try:
@@ -675,17 +675,26 @@ class Session:
             if client is not None and seq > self._sent:
                 self._sent = seq
                 if self._greeted:
-                    client.send_frame(line)
-                    sent += 1
+                    out.append(line)
                     size += len(line)
                 else:
                     self._early.append(line)
             if new and (kind == "done" or kind == "error"):
                 # After forwarding: recording usage never delays the answer.
+                self._flush(out)
                 self._finish_query(obj, kind)
-        if sent:
-            _MESSAGES_TO_CLIENT.inc(sent)
+        self._flush(out)
+        if size:
             _BYTES_TO_CLIENT.inc(size)
+
+    def _flush(self, out: list[bytes]) -> None:
+        """Send the frames ``holder_lines`` gathered (before anything else may reach the
+        client), and empty the list."""
+        if out:
+            if self.client is not None:
+                self.client.send_frames(out)
+            _MESSAGES_TO_CLIENT.inc(len(out))
+            out.clear()
 
     def _control(self, line: bytes) -> None:
         try:
