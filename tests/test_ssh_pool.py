@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest_twisted
 from twisted.internet import defer
 
@@ -53,6 +55,19 @@ async def test_sessions_on_one_vm_share_a_connection(tmp_path, sshd, agentd):
         await client.recv_until("done")
         client.close()
     assert sample("agentd_ssh_connect_attempts_total") - before == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_connection_sends_small_messages_at_once(tmp_path, sshd, agentd):
+    gateway = agentd(ssh_config(tmp_path, sshd))
+    client = await one_session(gateway, "nagle")
+    await client.recv_until("done")
+    (pool,) = gateway.service.transport._pools.values()
+    (connection,) = pool._transports.values()
+    tcp = connection.transport.getHandle()
+    assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert connection._socket is tcp, "each read is acknowledged at once"
+    client.close()
 
 
 @pytest_twisted.ensureDeferred
