@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import selectors
 import shlex
 import signal
 import socket
@@ -25,7 +26,9 @@ import pytest
 
 from agentd.agent.holder import attach as attach_command
 from agentd.agent.holder import names, wire
+from agentd.agent.holder.child import AgentChild
 from agentd.agent.holder.journal import Journal, Position, Syncer
+from agentd.agent.log import Log
 from tests.fake_providers import REPO, agent_env
 
 AGENT_COMMAND = f"{shlex.quote(sys.executable)} -m agentd.agent.cli --test-options {{agent}}"
@@ -788,6 +791,64 @@ def test_the_syncer_fsyncs_a_write_within_100_ms_and_batches_writes(tmp_path: Pa
     finally:
         syncer.retire(fd)
         syncer.stop()
+
+
+# -- the agent's pipes on their own -------------------------------------------------------
+
+
+class _Events:
+    """What an AgentChild reports, recorded."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.stderr: list[bytes] = []
+        self.dropped: list[tuple[str, int]] = []
+
+    def agent_lines(self, lines: list[bytes]) -> None:
+        self.lines += lines
+
+    def agent_stderr(self, lines: list[bytes]) -> None:
+        self.stderr += lines
+
+    def agent_changed(self) -> None:
+        pass
+
+    def agent_dropped(self, reason: str, size: int) -> None:
+        self.dropped.append((reason, size))
+
+
+def test_the_agents_lines_are_cut_whole_across_reads_and_overlong_ones_dropped(tmp_path: Path):
+    # Each write is read on its own (the pauses), so lines and an overlong one span reads.
+    script = (
+        "import os, sys, time\n"
+        "for part in sys.argv[1:]:\n"
+        "    fd = 2 if part.startswith('!') else 1\n"
+        "    os.write(fd, part.lstrip('!').encode().decode('unicode_escape').encode())\n"
+        "    time.sleep(0.05)\n"
+    )
+    parts = [
+        r'{"a":1}\n{"b":',
+        r"2}\n",
+        "x" * 1500,
+        "x" * 600 + r'\n{"c":3}\n',
+        r"!warn one\n\nwarn",
+        r'{"d":4}',
+    ]
+    sel = selectors.DefaultSelector()
+    events = _Events()
+    child = AgentChild.start(
+        [sys.executable, "-c", script, *parts], str(tmp_path), sel, 1024, Log("t"), "t", events
+    )
+    deadline = time.monotonic() + 10
+    while not child.ended and time.monotonic() < deadline:
+        for key, mask in sel.select(0.1):
+            key.data(mask)
+    assert child.ended
+    child.release()
+    assert events.lines == [b'{"a":1}\n', b'{"b":2}\n', b'{"c":3}\n', b'{"d":4}\n']
+    assert events.dropped == [("overlong", 2100)]
+    assert events.stderr == [b"warn one", b"warn"]
+    sel.close()
 
 
 # -- the journal on its own ---------------------------------------------------------------

@@ -8,6 +8,7 @@ holder's log; its stdin takes the lines the client sends. The holder learns thro
 
 from __future__ import annotations
 
+import io
 import os
 import selectors
 import subprocess
@@ -25,7 +26,7 @@ class ChildEvents(Protocol):
     """What the holder does with what the agent does."""
 
     def agent_lines(self, lines: list[bytes]) -> None:
-        """Complete lines from the agent's stdout, in order."""
+        """Complete lines from the agent's stdout, in order, each with its newline."""
 
     def agent_stderr(self, lines: list[bytes]) -> None:
         """Non-blank lines from the agent's stderr, already in the holder's log."""
@@ -105,21 +106,15 @@ class AgentChild:
     # -- stdout -----------------------------------------------------------------------------
 
     def _out(self, mask: int) -> None:
-        try:
-            data = os.read(self.stdout, READ_BYTES)
-        except BlockingIOError:
+        data = _read(self.stdout)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._stdout_closed()
             return
-        if self.partial:
-            data = self.partial + data
-        lines = data.split(b"\n")
-        tail = lines.pop()
+        lines, tail = _split_lines(self.partial, data)
         if self.discarding and lines:
-            self._overlong(self.discarding + len(lines[0]))
+            self._overlong(self.discarding + len(lines[0]) - 1)
             self.discarding = 0
             del lines[0]
         if len(tail) > self.max_line or self.discarding:
@@ -127,15 +122,15 @@ class AgentChild:
             tail = b""
         self.partial = tail
         if lines:
-            if max(map(len, lines)) > self.max_line:
+            if max(map(len, lines)) > self.max_line + 1:
                 lines = self._without_overlong(lines)
             self.events.agent_lines(lines)
 
     def _without_overlong(self, lines: list[bytes]) -> list[bytes]:
         kept = []
         for line in lines:
-            if len(line) > self.max_line:
-                self._overlong(len(line))
+            if len(line) - 1 > self.max_line:
+                self._overlong(len(line) - 1)
             else:
                 kept.append(line)
         return kept
@@ -152,7 +147,7 @@ class AgentChild:
         if self.discarding:
             self._overlong(self.discarding)
         elif self.partial:
-            self.events.agent_lines([self.partial])
+            self.events.agent_lines([self.partial + b"\n"])
         self.partial = b""
         self.events.agent_changed()
 
@@ -170,33 +165,35 @@ class AgentChild:
     # -- stderr -----------------------------------------------------------------------------
 
     def _err(self, mask: int) -> None:
-        try:
-            data = os.read(self.stderr, READ_BYTES)
-        except BlockingIOError:
+        data = _read(self.stderr)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.sel.unregister(self.stderr)
-            if self.err_partial:
-                self._log([self.err_partial])
-            self.err_partial = b""
+            self._log_rest(b"")
             return
-        lines = (self.err_partial + data).split(b"\n")
-        self.err_partial = lines.pop()[: self.max_line]
+        lines, tail = _split_lines(self.err_partial, data)
+        self.err_partial = tail[: self.max_line]
         self._log(lines)
 
+    def _log_rest(self, data: bytes) -> None:
+        """The last of stderr, an unterminated line included."""
+        lines, tail = _split_lines(self.err_partial, data)
+        self.err_partial = b""
+        self._log([*lines, tail + b"\n"])
+
     def _log(self, lines: list[bytes]) -> None:
-        """The agent's stderr: into the holder's log, and on to the holder."""
+        """The agent's stderr (lines with their newlines): into the holder's log, and on to
+        the holder."""
         lines = [line for line in lines if line.strip()]
         if not lines:
             return
         try:
-            os.write(2, b"".join(line + b"\n" for line in lines))
+            os.write(2, b"".join(lines))
         except OSError:
             pass
         _rotate_log()
-        self.events.agent_stderr(lines)
+        self.events.agent_stderr([line[:-1] for line in lines])
 
     # -- stdin ------------------------------------------------------------------------------
 
@@ -256,12 +253,7 @@ class AgentChild:
     def release(self) -> tuple[str, int | None]:
         """Once ``ended``: log the rest of stderr, close the pipes, and say how the agent
         ended (a reason, and its exit status unless a signal killed it)."""
-        try:
-            rest = os.read(self.stderr, READ_BYTES)
-        except OSError:
-            rest = b""
-        if rest or self.err_partial:
-            self._log((self.err_partial + rest).split(b"\n"))
+        self._log_rest(_read(self.stderr) or b"")
         for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None and not pipe.closed:
                 self._unregister(pipe.fileno())
@@ -276,6 +268,28 @@ class AgentChild:
             self.sel.unregister(fd)
         except (KeyError, ValueError):
             pass
+
+
+def _read(fd: int) -> bytes | None:
+    """What the pipe holds (b"" at its end, or when it failed), or None when it is empty."""
+    try:
+        return os.read(fd, READ_BYTES)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def _split_lines(partial: bytes, data: bytes) -> tuple[list[bytes], bytes]:
+    """``partial + data`` as its complete lines, each with its newline, and the unterminated
+    rest. BytesIO finds each newline with memchr, where bytes.split compares byte by byte."""
+    lines = io.BytesIO(data).readlines()
+    if not lines:
+        return [], partial
+    if partial:
+        lines[0] = partial + lines[0]
+    tail = b"" if lines[-1].endswith(b"\n") else lines.pop()
+    return lines, tail
 
 
 def _rotate_log() -> None:

@@ -78,7 +78,8 @@ class Ledger:
         return time.monotonic() + max(0.0, expiry - time.time())
 
     def take(self, lines: list[bytes]) -> None:
-        """Journal the agent's lines, holding back (and pausing the agent) what has no room."""
+        """Journal the agent's lines (each with its newline), holding back (and pausing the
+        agent) what has no room."""
         if self.held:
             self.held += lines
             return
@@ -110,14 +111,14 @@ class Ledger:
         size = used = 0
         for line in lines:
             if line.startswith(wire.DELTA_PREFIX) and line.endswith(wire.DELTA_SUFFIX):
-                numbered = b'{"seq":%d,%s\n' % (seq, line[1:])
+                numbered = b'{"seq":%d,%s' % (seq, line[1:])
                 obj = None
             else:
                 obj = self._parse_agent_line(line)
                 if obj is None:
                     used += 1
                     continue
-                numbered = wire.number(line, seq, obj)
+                numbered = wire.number(line[:-1], seq, obj)
             size += len(numbered)
             if size > room:
                 break
@@ -140,12 +141,11 @@ class Ledger:
             obj = None
         if type(obj) is not dict:
             if line.strip():
+                size = len(line) - 1  # without its newline
                 self.log.warn(
-                    "agent wrote a line that is not a JSON object",
-                    session=self._short,
-                    size=len(line),
+                    "agent wrote a line that is not a JSON object", session=self._short, size=size
                 )
-                self.attaches.forward_dropped("not_json", len(line))
+                self.attaches.forward_dropped("not_json", size)
             return None
         return obj
 

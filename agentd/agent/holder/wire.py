@@ -14,10 +14,11 @@ from typing import Any
 
 VERSION = 1
 SEQ_PREFIX = b'{"seq":'
-# The line the agent CLI writes for every delta begins so; such lines are numbered without
-# being parsed (the CLI encodes them with json.dumps), everything else is parsed first.
+# The line the agent CLI writes for every delta begins so and ends so (newline included);
+# such lines are numbered without being parsed (the CLI encodes them with json.dumps),
+# everything else is parsed first.
 DELTA_PREFIX = b'{"type":"delta","id":"'
-DELTA_SUFFIX = b'"}'
+DELTA_SUFFIX = b'"}\n'
 
 
 class Refusal(enum.StrEnum):
