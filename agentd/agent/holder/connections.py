@@ -236,8 +236,14 @@ class Attaches:
         if attach is None or attach.cursor is None:
             return
         if attach is caught_up:
-            attach.out += data
             attach.cursor = self.journal.end()
+            if not attach.out:
+                # Sent as it is, only what the socket does not take is copied to ``out``.
+                try:
+                    data = data[attach.sock.send(data) :]
+                except OSError:
+                    pass  # a full socket waits in ``out``; flush deals with the others
+            attach.out += data
         self.flush(attach)
 
     def flush(self, attach: Attach) -> None:
