@@ -8,6 +8,7 @@ holder's log; its stdin takes the lines the client sends. The holder learns thro
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import selectors
@@ -18,8 +19,10 @@ from typing import Protocol
 from agentd.agent.holder import sessions
 from agentd.agent.log import Log
 
-# The agent's stdout is read this much at a time: what a full pipe holds.
-READ_BYTES = 65536
+# The agent's stdout is read this much at a time: what its pipe is made to hold. Twice the
+# default, so that a fast agent's lines come in fewer, larger batches (each costs the holder
+# a wakeup, a journal write and a send besides its lines); larger still measured slower.
+READ_BYTES = 131072
 
 
 class ChildEvents(Protocol):
@@ -72,6 +75,10 @@ class AgentChild:
         self.reading = True
         for fd in (self.stdin, self.stdout, self.stderr):
             os.set_blocking(fd, False)
+        try:
+            fcntl.fcntl(self.stdout, fcntl.F_SETPIPE_SZ, READ_BYTES)
+        except OSError:
+            pass  # over the user's allowance for pipes: the default size takes more reads
         sel.register(self.stdout, selectors.EVENT_READ, self._out)
         sel.register(self.stderr, selectors.EVENT_READ, self._err)
         sel.register(self.pidfd, selectors.EVENT_READ, self._gone)
