@@ -237,7 +237,7 @@ class Attaches:
             return
         if attach is caught_up:
             attach.cursor = self.journal.end()
-            if not attach.out:
+            if not attach.out and not attach.unwritable:
                 # Sent as it is, only what the socket does not take is copied to ``out``.
                 try:
                     data = data[attach.sock.send(data) :]
