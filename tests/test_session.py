@@ -25,7 +25,7 @@ from agentd.keys.source import AgentKeys
 from agentd.session.registry import SessionRegistry
 from agentd.session.replay import ReplayLog, splice_seq
 from agentd.session.services import SessionServices
-from agentd.session.session import Session, SessionKey
+from agentd.session.session import RECORDED_DELAY, Session, SessionKey
 from agentd.transport import AgentSink, AgentTarget, TransportError
 from agentd.usage.records import UsageEvent
 from tests.samples import sample
@@ -90,6 +90,7 @@ class FakeAttach:
         self.target = target
         self.holder = holder
         self.written: list[dict[str, Any]] = []
+        self.writes = 0
         self.forwarded: list[dict[str, Any]] = []
         self.paused = False
         self.terminated = False
@@ -105,10 +106,13 @@ class FakeAttach:
 
     # AgentProcess
     def write_line(self, line: bytes) -> None:
-        message = orjson.loads(line)
-        self.written.append(message)
-        if self.holder is not None and self.holder.attach is self:
-            self.holder.received(self, message)
+        """One write: a line, or several joined (the holder splits them)."""
+        self.writes += 1
+        for part in line.split(b"\n"):
+            message = orjson.loads(part)
+            self.written.append(message)
+            if self.holder is not None and self.holder.attach is self:
+                self.holder.received(self, message)
 
     def pause(self) -> None:
         self.paused = True
@@ -571,7 +575,7 @@ def test_a_full_journal_refuses_the_prompt_with_its_id_until_the_client_confirms
 
 def test_usage_is_recorded_under_the_derived_id_then_the_holder_is_told():
     usage = FakeUsage()
-    _, transport, registry = make(usage=usage, usage_event=UsageEvent.from_agent_usage)
+    clock, transport, registry = make(usage=usage, usage_event=UsageEvent.from_agent_usage)
     client = FakeClient()
     session = opened(registry, KEY, client)
     session.prompt("a", "x")
@@ -580,7 +584,18 @@ def test_usage_is_recorded_under_the_derived_id_then_the_holder_is_told():
     assert [e.query_id for e in usage.events] == [usage_event_id(session.id, "a")]
     assert holder.recorded == []  # not before the store has it
     usage.settle()
+    # The holder hears of it with the next line it is sent, in the same write...
+    writes = transport.current.writes
+    session.prompt("b", "y")
+    assert holder.recorded == ["a"] and transport.current.writes == writes + 1
+    assert [m["type"] for m in transport.current.written[-2:]] == ["recorded", "prompt"]
+    # ...or on its own, when nothing else goes to the holder for RECORDED_DELAY.
+    holder.say(type="done", id="b", agent="echo", usage=USAGE)
+    usage.settle()
+    clock.advance(RECORDED_DELAY - 0.01)
     assert holder.recorded == ["a"]
+    clock.advance(0.01)
+    assert holder.recorded == ["a", "b"]
 
 
 def test_usage_a_departed_agentd_did_not_record_is_recorded_by_the_next_attach():
@@ -593,12 +608,15 @@ def test_usage_a_departed_agentd_did_not_record_is_recorded_by_the_next_attach()
     holder.unrecorded = [
         {"id": "a", "event": event, "outcome": "done", "usage": USAGE, "timestamp": 1.7e9}
     ]
-    _, elsewhere_transport, elsewhere = make(usage=usage, usage_event=UsageEvent.from_agent_usage)
+    clock, elsewhere_transport, elsewhere = make(
+        usage=usage, usage_event=UsageEvent.from_agent_usage
+    )
     elsewhere_transport.holders = transport.holders
     opened(elsewhere, KEY, FakeClient(), session.id, 1)
     assert [e.query_id for e in usage.events] == [event]
     assert usage.events[0].timestamp == 1.7e9
     usage.settle()
+    clock.advance(RECORDED_DELAY)
     assert holder.recorded == ["a"]
 
 

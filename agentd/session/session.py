@@ -64,6 +64,10 @@ REMEMBERED_PROMPT_IDS = 10_000
 # within 0.1 s, then backing off to this cap, for as long as the session is held here.
 REATTACH_BACKOFF_BASE = 0.1
 REATTACH_BACKOFF_CAP = 5.0
+# How long a ``recorded`` may wait for the next line to the holder to go with: a client that
+# prompts again at once costs the holder one wakeup, not two. Until then the holder keeps the
+# usage, and an attach meanwhile would record it again under the same event id (once).
+RECORDED_DELAY = 0.5
 
 
 class SessionKey(NamedTuple):
@@ -173,6 +177,9 @@ class Session:
         self.queries: OrderedDict[str, Query] = OrderedDict()
         self._grace_call: IDelayedCall | None = None
         self._reattach_call: IDelayedCall | None = None
+        # ``recorded`` lines for the current link, sent with the next line or RECORDED_DELAY.
+        self._recorded_lines: list[bytes] = []
+        self._recorded_call: IDelayedCall | None = None
         self._reattach_attempts = 0
         self._leaving = False
         self._paused = False
@@ -350,7 +357,7 @@ class Session:
         and reports usage) and removes the session."""
         link = self.link
         if link is not None and link.process is not None and not self.ended:
-            link.process.write_line(b'{"type":"end"}')
+            self._to_holder(link, b'{"type":"end"}')
         self.leave(why)
         metrics.SESSION_EVENTS.labels("ended").inc()
 
@@ -359,6 +366,24 @@ class Session:
             if call is not None and call.active():
                 call.cancel()
         self._grace_call = self._reattach_call = None
+
+    def _to_holder(self, link: _Link, line: bytes) -> None:
+        """Write ``line`` to the holder, after the ``recorded`` lines waiting for a ride."""
+        assert link.process is not None
+        if self._recorded_lines:
+            line = b"\n".join([*self._recorded_lines, line])
+            self._recorded_lines.clear()
+        link.process.write_line(line)
+
+    def _send_recorded(self) -> None:
+        """Send the waiting ``recorded`` lines on their own."""
+        call, self._recorded_call = self._recorded_call, None
+        if call is not None and call.active():
+            call.cancel()
+        link = self.link
+        if self._recorded_lines and link is not None and link.process is not None:
+            lines, self._recorded_lines = self._recorded_lines, []
+            link.process.write_line(b"\n".join(lines))
 
     def pause_output(self) -> None:
         self._paused = True
@@ -394,7 +419,7 @@ class Session:
         self.confirmed = seq
         link = self.link
         if link is not None and link.process is not None and link.hello is not None:
-            link.process.write_line(b'{"type":"confirm","seq":%d}' % seq)
+            self._to_holder(link, b'{"type":"confirm","seq":%d}' % seq)
 
     @property
     def sent(self) -> int:
@@ -442,6 +467,9 @@ class Session:
             start=start,
         )
         link = _Link(self)
+        # What waits for the link before this one is not sent: this attach reports it as
+        # ``unrecorded``, and it is recorded again under the same event id, once.
+        self._recorded_lines.clear()
         self.link = link
         self._last_refusal = None
         try:
@@ -503,6 +531,7 @@ class Session:
             self._drop_link()
 
     def _drop_link(self) -> None:
+        self._send_recorded()
         link, self.link = self.link, None
         if link is not None and link.process is not None and not link.ended:
             link.process.terminate()
@@ -627,7 +656,7 @@ class Session:
             query = self.queries.get(prompt_id)
             if query is not None:
                 query.line = line
-            link.process.write_line(line)
+            self._to_holder(link, line)
             _MESSAGES_TO_AGENT.inc()
             _BYTES_TO_AGENT.inc(len(line) + 1)
         finally:
@@ -636,7 +665,7 @@ class Session:
     def abort(self) -> None:
         link = self.link
         if link is not None and link.process is not None:
-            link.process.write_line(b'{"type":"abort"}')
+            self._to_holder(link, b'{"type":"abort"}')
             _MESSAGES_TO_AGENT.inc()
 
     # -- the holder's lines ---------------------------------------------------------------
@@ -886,7 +915,9 @@ class Session:
         # Only on the attach the usage came from: another would not know the query yet,
         # and the next attach is told of it again, and records it again, once.
         if link is not None and link is self.link and link.process is not None:
-            link.process.write_line(orjson.dumps({"type": "recorded", "id": prompt_id}))
+            self._recorded_lines.append(orjson.dumps({"type": "recorded", "id": prompt_id}))
+            if self._recorded_call is None:
+                self._recorded_call = self._clock.callLater(RECORDED_DELAY, self._send_recorded)
 
     # -- the agent's logs -----------------------------------------------------------------
 
