@@ -511,8 +511,9 @@ def render(r: dict[str, Any]) -> list[str]:
                     f"throughput, holder / direct ({r['baseline']}), {label} deltas, {side} "
                     f"(agentd CPU per line: {cpu['median']:.2f}x)",
                     f"{_span(s)}x",
-                    f"≥ {TARGET_RATIO}x",
-                    _met(s["median"] >= TARGET_RATIO),
+                    # The target is over SSH; locally the holder shares agentd's machine.
+                    f"≥ {TARGET_RATIO}x" if side == "ssh" else "—",
+                    _met(s["median"] >= TARGET_RATIO) if side == "ssh" else "",
                 ]
             )
     for label in SIZES:
