@@ -332,6 +332,24 @@ def test_the_newest_attach_supersedes_the_older(sessions: Sessions):
     assert text_of(lines) == "still here"
 
 
+def test_a_new_session_replaces_the_users_earlier_one_with_the_same_project_and_agent(
+    sessions: Sessions,
+):
+    old, old_hello = sessions.attached(session="old-session-0123456789")
+    other_user, _ = sessions.attached(session="bobs-session-0123456789", user="bob")
+    other_agent, _ = sessions.attached(session="claude-session-0123456789", agent="claude")
+    # A fresh session of ada's for demo/echo, started through any agentd.
+    new, _ = sessions.attached(session="new-session-0123456789")
+    # The old one's attach is superseded (agentd closes its client with 4001), then it ends.
+    assert old.read_until(lambda m: True) == [{"type": "superseded"}]
+    wait_for(lambda: not is_holder(old_hello["holderPid"]), what="the old holder to end")
+    # It ended, rather than died: with nothing owed, its directory goes with it.
+    wait_for(lambda: not sessions.directory("old-session-0123456789").exists(), what="removal")
+    for attach in (other_user, other_agent):
+        assert attach.process.poll() is None, "another user's or agent's session lives on"
+    assert text_of(prompt(new, "p1", "the new one")) == "the new one"
+
+
 def test_a_superseded_attach_that_fell_behind_still_learns_it_whole(sessions: Sessions):
     argv = sessions.attach().process.args  # the same command line, for a process read later
     sessions.attaches[-1].kill()

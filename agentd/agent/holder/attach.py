@@ -41,6 +41,7 @@ DEFAULT_JOURNAL_BYTES = 64 << 20
 DEFAULT_JOURNAL_AGE = 86400.0
 DEFAULT_MAX_LINE = 1 << 20
 LOCK_SECONDS = 15.0
+REPLACE_SCAN = 1000
 RELAY_BYTES = 256 * 1024
 
 
@@ -229,7 +230,40 @@ def _reach_locked(options: Options, base: str, cwd: str) -> Reached:
     sock = sessions.connect()
     if sock is None:
         raise Refused(wire.Refusal.UNAVAILABLE, "the session holder is not listening")
+    if stored is None:
+        replace_others(base, options.identity)
     return Reached(sock, started=True)
+
+
+def replace_others(base: str, identity: Identity) -> None:
+    """A new session replaces the user's earlier ones with the same project and agent,
+    whichever agentd holds them: each live one is attached to (so its attach, on any agentd,
+    is superseded and its client closed with 4001) and told to end. Looks at the first
+    REPLACE_SCAN entries of the sessions directory; the current directory is the new
+    session's, so each socket is named relative to it, short enough for any address."""
+    try:
+        entries = os.listdir(base)[:REPLACE_SCAN]
+    except OSError:
+        return
+    for name in entries:
+        if name == identity.session or not names.SESSION_ID_RE.fullmatch(name):
+            continue
+        try:
+            other = read_identity(os.path.join(base, name))
+        except ValueError:
+            continue
+        if other is None or other._replace(session=identity.session) != identity:
+            continue
+        hello = {"type": "hello", "v": wire.VERSION, **other._asdict(), "after": 0}
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(1.0)
+        try:
+            sock.connect(os.path.join("..", name, sessions.SOCKET))
+            sock.sendall(wire.encode({**hello, "started": False}) + wire.encode({"type": "end"}))
+        except OSError:
+            pass  # no live holder: it ends on its own, or is swept
+        finally:
+            sock.close()
 
 
 def _agent_argv(options: Options) -> list[str]:
