@@ -36,7 +36,12 @@ from agentd import config
 from agentd.transport import AgentTarget, AttachCommand, TransportError
 from agentd.transport.ssh.channel import TERMINATE_GRACE_SECONDS
 from agentd.transport.ssh.known_hosts import KnownHosts
-from agentd.transport.ssh.pool import IDLE_CLOSE_SECONDS, MAX_REFUSALS, PARALLEL_CONNECTS
+from agentd.transport.ssh.pool import (
+    DIRECT_RETRY_SECONDS,
+    IDLE_CLOSE_SECONDS,
+    MAX_REFUSALS,
+    PARALLEL_CONNECTS,
+)
 from agentd.transport.ssh.settings import SSHSettings
 from agentd.transport.ssh.transport import SSHTransport
 from tests.samples import sample
@@ -608,7 +613,7 @@ def test_a_prompt_with_no_holder_starts_one_then_connects_to_its_socket(reactor,
     assert len(vm.agents) == 1, "the attach that started the holder relays nothing"
 
 
-def test_a_vm_refusing_socket_channels_is_attached_through_the_command_from_then_on(
+def test_a_vm_refusing_socket_channels_is_attached_through_the_command_for_a_while(
     reactor, tmp_path
 ):
     vm = MemoryVM(reactor, tmp_path)  # its sshd never connects a socket
@@ -627,3 +632,10 @@ def test_a_vm_refusing_socket_channels_is_attached_through_the_command_from_then
     result(d)
     assert len(vm.socket_opens) == 2, "not tried again"
     assert vm.agents[2].command is not None and b"--session s-v " in vm.agents[2].command
+    # The VM's image may have been updated since: after a while, sockets are tried again.
+    reactor.advance(DIRECT_RETRY_SECONDS)
+    vm.listening.add(f"{SESSIONS}/s-w/sock")
+    d, _ = spawn(transport, "w")
+    vm.flush()
+    result(d)
+    assert len(vm.socket_opens) == 3 and len(vm.agents) == 3

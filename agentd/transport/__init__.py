@@ -317,7 +317,7 @@ class Route(Protocol):
     """The two ways a transport reaches a session, as ``attach`` uses them."""
 
     # False once reaching a holder at its socket failed right after it said it listens: the
-    # VM does not allow it (sshd's AllowStreamLocalForwarding), so it is not tried again.
+    # VM does not allow it (sshd's AllowStreamLocalForwarding), so it is not tried for a while.
     direct: bool
 
     @property
@@ -352,7 +352,7 @@ async def attach(route: Route, target: AgentTarget, sink: AgentSink) -> AgentPro
                     route.direct = False
                     _log.warn(
                         "{where}: a session holder listens but its socket cannot be reached;"
-                        " attaching through attach_command from now on (is"
+                        " attaching through attach_command for now (is"
                         " AllowStreamLocalForwarding off in sshd_config?)",
                         where=route.where,
                     )

@@ -31,6 +31,7 @@ IDLE_CLOSE_SECONDS = 60.0
 PARALLEL_CONNECTS = 4
 # Refused channels one session tolerates before giving up (a VM that refuses every channel).
 MAX_REFUSALS = 64
+DIRECT_RETRY_SECONDS = 600.0
 
 
 def _classify(e: BaseException) -> TransportError:
@@ -86,13 +87,25 @@ class VMPool:
         self._refused_at: int | None = None
         self._idle_calls: dict[VMConnection, IDelayedCall] = {}
         self.last_failure: tuple[float, str] | None = None
-        self.direct = True
+        self._direct_refused_at: float | None = None
 
     @property
     def vm(self) -> str:
         return f"{self.host}:{self.port}"
 
     where = vm
+
+    @property
+    def direct(self) -> bool:
+        """Whether to try the holder's socket: not for DIRECT_RETRY_SECONDS after sshd
+        refused a socket channel to a holder that had just said it listens (its
+        AllowStreamLocalForwarding is off, unless a VM image was updated since)."""
+        refused = self._direct_refused_at
+        return refused is None or self._clock.seconds() - refused >= DIRECT_RETRY_SECONDS
+
+    @direct.setter
+    def direct(self, usable: bool) -> None:
+        self._direct_refused_at = None if usable else self._clock.seconds()
 
     async def _connect_once(self) -> VMConnection:
         metrics.SSH_CONNECT_ATTEMPTS.inc()
