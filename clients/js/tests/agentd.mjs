@@ -83,11 +83,10 @@ export async function startAgentd(config = "") {
   // Sessions are held in the test's own directory; their holders outlive agentd by design,
   // so stop() ends them.
   const sessions = join(dir, "sessions");
-  const attach = `${agent} attach --sessions-dir ${shellQuote(sessions)}`;
   writeFileSync(
     join(dir, "agentd.toml"),
     `[server]\ndrain_seconds = 0.0\n[agents]\ncommand = ${JSON.stringify(`${agent} --test-options {agent}`)}\n` +
-      `attach_command = ${JSON.stringify(attach)}\n${config}`,
+      `attach_command = ${JSON.stringify(`${agent} attach`)}\nsessions_dir = ${JSON.stringify(sessions)}\n${config}`,
   );
   const log = join(dir, "agentd.log");
   const child = spawn(
