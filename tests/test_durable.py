@@ -476,6 +476,47 @@ async def test_a_killed_holder_is_reported_on_resume_and_its_journal_still_serve
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_fresh_session_on_another_instance_replaces_the_users_earlier_one(tmp_path, agentd):
+    config = merge(base_config(tmp_path), sessions={"grace_seconds": 30.0})
+    first = agentd(config)
+    second = agentd(
+        merge(
+            config,
+            server={"listen": [f"tcp:{free_port()}:interface=127.0.0.1"]},
+            usage={"spool_dir": str(tmp_path / "spool-second")},
+        )
+    )
+    old = Reader(in_process_url(first, "alice"))
+    await old.connect()
+    old.prompt("one", "the old session", turn=True)
+    assert await old.read_until(is_done("one"))
+    (old_holder,) = holder_pids(tmp_path / "sessions")
+    bob = Reader(in_process_url(first, "bob"))
+    await bob.connect()
+    bob.prompt("b1", "bob's own", turn=True)
+    assert await bob.read_until(is_done("b1"))
+
+    # Alice opens a fresh session (no session id) through the other instance.
+    new = Reader(in_process_url(second, "alice"))
+    await new.connect()
+    assert new.session != old.session
+    new.prompt("two", "the new session", turn=True)
+    assert await new.read_until(is_done("two"))
+    assert new.of("two", "done")[0]["turn"] == 1
+    # Her old session's client, on the first instance, is closed as replaced, and its
+    # agent ends.
+    assert not await old.read_until(lambda m: False, resume=False)
+    assert old.closes[-1] == 4001
+    await eventually(
+        lambda: old_holder not in holder_pids(tmp_path / "sessions"), what="the old holder"
+    )
+    # Bob's session, on the same VM and instance, goes on.
+    bob.prompt("b2", "still bob's", turn=True)
+    assert await bob.read_until(is_done("b2"), resume=False)
+    assert bob.of("b2", "done")[0]["turn"] == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_another_users_token_with_a_session_id_gets_a_fresh_session_elsewhere(
     tmp_path, agentd
 ):
