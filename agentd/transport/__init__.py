@@ -155,17 +155,18 @@ class AttachCommand:
 
     def hello(self, target: AgentTarget, started: bool) -> bytes:
         """The line ``agentd-agent attach`` would send the holder first (agent-cli.md)."""
-        hello = {
-            "type": "hello",
-            "v": wire.VERSION,
-            "session": target.session,
-            "user": target.user,
-            "project": target.project,
-            "agent": target.agent,
-            "after": target.after,
-            "started": started,
-        }
-        return json.dumps(hello, separators=(",", ":")).encode() + b"\n"
+        return wire.encode(
+            {
+                "type": "hello",
+                "v": wire.VERSION,
+                "session": target.session,
+                "user": target.user,
+                "project": target.project,
+                "agent": target.agent,
+                "after": target.after,
+                "started": started,
+            }
+        )
 
 
 class AgentSink(Protocol):
@@ -367,30 +368,31 @@ def _counted(via: str, process: AgentProcess) -> AgentProcess:
 async def _start_only(route: Route, target: AgentTarget) -> bool | None:
     """Start the session's holder unless one is live: whether this started it, or None when
     the attach refused (the plain attach that follows reports why)."""
-    said = _Said()
+    answer = _FirstLine()
     try:
-        await route.run(target, said, "--start-only")
+        await route.run(target, answer, "--start-only")
     except TransportError:
         return None
-    lines = await said.done
+    line = await answer.done
     try:
-        line = json.loads(lines[0]) if lines else None
+        said = json.loads(line) if line is not None else None
     except ValueError:
         return None
-    if not isinstance(line, dict) or line.get("type") != "listening":
+    if not isinstance(said, dict) or said.get("type") != "listening":
         return None
-    return line.get("started") is True
+    return said.get("started") is True
 
 
-class _Said:
-    """A sink that keeps the first lines of an attach that only answers, until it ends."""
+class _FirstLine:
+    """A sink for an attach that only answers: its first line, once it has ended."""
 
     def __init__(self) -> None:
-        self.lines: list[bytes] = []
-        self.done: Deferred[list[bytes]] = Deferred()
+        self.line: bytes | None = None
+        self.done: Deferred[bytes | None] = Deferred()
 
     def agent_lines(self, lines: list[bytes]) -> None:
-        self.lines.extend(lines[: 4 - len(self.lines)])
+        if self.line is None and lines:
+            self.line = lines[0]
 
     def agent_line(self, line: bytes) -> None:
         self.agent_lines([line])
@@ -402,4 +404,4 @@ class _Said:
         pass
 
     def agent_ended(self, exit_status: int | None, reason: str) -> None:
-        self.done.callback(self.lines)
+        self.done.callback(self.line)
