@@ -155,18 +155,8 @@ class AttachCommand:
 
     def hello(self, target: AgentTarget, started: bool) -> bytes:
         """The line ``agentd-agent attach`` would send the holder first (agent-cli.md)."""
-        return wire.encode(
-            {
-                "type": "hello",
-                "v": wire.VERSION,
-                "session": target.session,
-                "user": target.user,
-                "project": target.project,
-                "agent": target.agent,
-                "after": target.after,
-                "started": started,
-            }
-        )
+        t = target
+        return wire.hello(t.session, t.user, t.project, t.agent, after=t.after, started=started)
 
 
 class AgentSink(Protocol):

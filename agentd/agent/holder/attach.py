@@ -254,12 +254,11 @@ def replace_others(base: str, identity: Identity) -> None:
             continue
         if other is None or other._replace(session=identity.session) != identity:
             continue
-        hello = {"type": "hello", "v": wire.VERSION, **other._asdict(), "after": 0}
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(1.0)
         try:
             sock.connect(os.path.join("..", name, sessions.SOCKET))
-            sock.sendall(wire.encode({**hello, "started": False}) + wire.encode({"type": "end"}))
+            sock.sendall(wire.hello(*other, after=0, started=False) + wire.encode({"type": "end"}))
         except OSError:
             pass  # no live holder: it ends on its own, or is swept
         finally:
@@ -437,17 +436,5 @@ def main(argv: list[str]) -> int:
         reached.sock.close()
         write_all(1, wire.encode({"type": "listening", "started": reached.started}))
         return 0
-    identity = options.identity
-    hello = wire.encode(
-        {
-            "type": "hello",
-            "v": wire.VERSION,
-            "session": identity.session,
-            "user": identity.user,
-            "project": identity.project,
-            "agent": identity.agent,
-            "after": options.after,
-            "started": reached.started,
-        }
-    )
+    hello = wire.hello(*options.identity, after=options.after, started=reached.started)
     return relay(reached.sock, hello)

@@ -37,6 +37,22 @@ def encode(message: dict[str, Any]) -> bytes:
     return (json.dumps(message, separators=(",", ":")) + "\n").encode("ascii")
 
 
+def hello(session: str, user: str, project: str, agent: str, *, after: int, started: bool) -> bytes:
+    """An attach's first line: whose session it is, and the last seq its client has."""
+    return encode(
+        {
+            "type": "hello",
+            "v": VERSION,
+            "session": session,
+            "user": user,
+            "project": project,
+            "agent": agent,
+            "after": after,
+            "started": started,
+        }
+    )
+
+
 def refusal(code: Refusal, text: str, prompt_id: str | None = None) -> bytes:
     """A control ``error`` line; ``prompt_id`` when it refuses a prompt."""
     message = {"type": "error", "code": code.value, "error": text}
