@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -97,7 +98,26 @@ def redis_cli(port: int, *args: str, tls: ServerTLS | None = None) -> str:
     return out.stdout
 
 
-class RedisServer:
+class ServerProcess:
+    """A server a test runs on ``port``: started, waited for, and stopped at the end."""
+
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def run(self, argv: list[str], log: Path | None = None) -> None:
+        """Start ``argv`` (its stderr to ``log``) and wait until it listens on ``port``."""
+        stderr = open(log, "ab") if log is not None else subprocess.DEVNULL
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+class RedisServer(ServerProcess):
     """A private redis-server on a free loopback port that tests can stop, kill and restart.
 
     ``args`` are more command-line options (``--replicaof``, ``--enable-debug-command``);
@@ -112,7 +132,6 @@ class RedisServer:
         self.binary = require_binary("redis-server", "/usr/sbin")
         self.args = list(args)
         self.tls = tls
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -121,7 +140,7 @@ class RedisServer:
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         listen = self.tls.server_args(self.port) if self.tls else ["--port", str(self.port)]
-        self.process = subprocess.Popen(
+        self.run(
             [
                 self.binary,
                 *listen,
@@ -136,17 +155,8 @@ class RedisServer:
                 "--logfile",
                 str(self.directory / "redis.log"),
                 *self.args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            ]
         )
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
 
     def kill(self) -> None:
         if self.process is not None:
@@ -162,8 +172,15 @@ class RedisServer:
         """Run redis-cli against this server and return its output."""
         return redis_cli(self.port, *args, tls=self.tls)
 
+    def command_calls(self) -> dict[str, int]:
+        """Calls per command since the server started or its last CONFIG RESETSTAT;
+        subcommands (``config|resetstat``, the reset itself) left out."""
+        stats = self.cli("--raw", "INFO", "commandstats")
+        calls = re.findall(r"^cmdstat_(\w+):calls=(\d+)", stats, re.MULTILINE)
+        return {name: int(count) for name, count in calls}
 
-class RedisSentinel:
+
+class RedisSentinel(ServerProcess):
     """A Redis Sentinel on a free loopback port, watching one master with short timeouts so
     that a failover takes seconds: down after ``down_after_ms``, a quorum of ``quorum``."""
 
@@ -181,7 +198,6 @@ class RedisSentinel:
         self.port = free_port()
         self.binary = require_binary("redis-server", "/usr/sbin")
         self.tls = tls
-        self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
         self.log = directory / "sentinel.log"
         self.config = directory / "sentinel.conf"
@@ -206,18 +222,7 @@ class RedisSentinel:
 
     def start(self) -> None:
         listen = self.tls.server_args(self.port) if self.tls else ["--port", str(self.port)]
-        self.process = subprocess.Popen(
-            [self.binary, str(self.config), "--sentinel", *listen],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
+        self.run([self.binary, str(self.config), "--sentinel", *listen])
 
     def cli(self, *args: str) -> str:
         return redis_cli(self.port, *args, tls=self.tls)
@@ -317,7 +322,7 @@ def keygen(path: Path, comment: str = "agentd-test") -> Path:
     return path
 
 
-class SshServer:
+class SshServer(ServerProcess):
     """OpenSSH sshd on a free loopback port, configured from vm-image/sshd_config.
 
     Only the lines that must differ on a test machine are replaced: the port and listen
@@ -336,7 +341,6 @@ class SshServer:
         self.binary = require_binary("sshd", "/usr/sbin")
         self.max_sessions = max_sessions
         self.overrides = overrides or {}
-        self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o755)
         self.host_key = keygen(directory / "ssh_host_ed25519_key", "host")
@@ -377,18 +381,7 @@ class SshServer:
     def start(self) -> None:
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        self.process = subprocess.Popen(
-            [self.binary, "-D", "-e", "-f", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.directory / "sshd.log", "ab"),
-        )
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
+        self.run([self.binary, "-D", "-e", "-f", str(self.config)], self.directory / "sshd.log")
 
     def vms_section(self, **extra: Any) -> dict[str, Any]:
         """The ``[vms]`` configuration that reaches this sshd."""
@@ -411,7 +404,7 @@ def pwd_name() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
-class HaProxy:
+class HaProxy(ServerProcess):
     """HAProxy on a free loopback port balancing round-robin over backends, no stickiness,
     as a load balancer in front of agentd instances is configured (docs/operations.md)."""
 
@@ -420,7 +413,6 @@ class HaProxy:
         self.port = free_port()
         self.binary = require_binary("haproxy", "/usr/sbin")
         self.backends = backends
-        self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
         self.config = directory / "haproxy.cfg"
         servers = "\n".join(
@@ -450,15 +442,4 @@ class HaProxy:
         )
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "-db", "-f", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.directory / "haproxy.log", "ab"),
-        )
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
+        self.run([self.binary, "-db", "-f", str(self.config)], self.directory / "haproxy.log")

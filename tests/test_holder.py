@@ -30,6 +30,7 @@ from agentd.agent.holder.child import AgentChild
 from agentd.agent.holder.journal import Journal, Position, Syncer
 from agentd.agent.log import Log
 from tests.fake_providers import REPO, agent_env
+from tests.servers import is_holder
 
 AGENT_COMMAND = f"{shlex.quote(sys.executable)} -m agentd.agent.cli --test-options {{agent}}"
 SESSION = "s3ss10n-0123456789"
@@ -174,16 +175,6 @@ class Sessions:
             wait_for(lambda pid=pid: not is_holder(pid), what=f"holder {pid} to go")
         for log in self.base.glob("*/holder.log*"):
             assert b"Traceback" not in log.read_bytes(), log.read_text()
-
-
-def is_holder(pid: int) -> bool:
-    """Whether ``pid`` is a live session holder (not a zombie, not a reused pid)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return b"agentd.agent.holder" in cmdline and state != "Z"
 
 
 def alive(pid: int) -> bool:
