@@ -100,15 +100,6 @@ def info(server: RedisServer, section: str) -> dict[str, str]:
     return fields
 
 
-def command_calls(server: RedisServer) -> dict[str, int]:
-    """Calls per command since the last CONFIG RESETSTAT."""
-    calls = {}
-    for name, value in info(server, "commandstats").items():
-        stats = dict(part.split("=") for part in value.split(","))
-        calls[name.removeprefix("cmdstat_")] = int(stats["calls"])
-    return calls
-
-
 def redis_errors(operation: str) -> float:
     return sample("agentd_redis_errors_total", operation=operation)
 
@@ -360,7 +351,7 @@ async def test_each_check_is_one_redis_command(connect: Connect, redis_server: R
     redis_server.cli("config", "resetstat")
     for n in range(40):
         await (limiter.check_prompt("alice") if n % 2 else limiter.check_handshake("bob"))
-    calls = {name: n for name, n in command_calls(redis_server).items() if "config" not in name}
+    calls = {name: n for name, n in redis_server.command_calls().items() if "config" not in name}
     # One EVALSHA per check; the rest ran inside it. No check here reached its limit, so
     # none read the oldest counted hit: the one LINDEX each is the clock-step guard.
     assert calls == {
@@ -391,7 +382,7 @@ async def test_script_flush_is_not_an_outage(
     assert redis_errors("ratelimit") == errors
     # The first EVALSHA met NOSCRIPT and the pool sent the script again with EVAL.
     assert info(redis_server, "errorstats")["errorstat_NOSCRIPT"] == "count=1"
-    calls = command_calls(redis_server)
+    calls = redis_server.command_calls()
     assert (calls["evalsha"], calls["eval"]) == (4, 1)
     assert integer(redis_server.cli("llen", "rl:{alice}:prompts")) == 5
 

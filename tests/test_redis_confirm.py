@@ -104,10 +104,7 @@ def connection_ids(server: RedisServer) -> set[str]:
 
 
 def command_calls(server: RedisServer, command: str) -> int:
-    for line in server.cli("--raw", "INFO", "commandstats").splitlines():
-        if line.startswith(f"cmdstat_{command}:"):
-            return int(line.split("calls=")[1].split(",")[0])
-    return 0
+    return server.command_calls().get(command, 0)
 
 
 @pytest_twisted.ensureDeferred

@@ -30,7 +30,7 @@ from agentd.usage.layout import (
 from agentd.usage.redis_store import RedisUsageStore
 from tests.samples import sample
 from tests.servers import RedisServer
-from tests.test_ratelimit_redis import command_calls, integer
+from tests.test_ratelimit_redis import integer
 from tests.waiting import eventually
 
 reactor = cast(IReactorTime, _reactor)
@@ -82,7 +82,7 @@ def set_totals(
 
 
 def scripts_run(server: RedisServer) -> int:
-    calls = command_calls(server)
+    calls = server.command_calls()
     return calls.get("evalsha", 0) + calls.get("eval", 0)
 
 

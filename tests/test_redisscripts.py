@@ -6,7 +6,6 @@ a real redis-server, whose command statistics show what was sent.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -73,9 +72,7 @@ async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
 
 
 def script_calls(server: RedisServer) -> dict[str, int]:
-    stats = server.cli("--raw", "INFO", "commandstats")
-    calls = re.findall(r"^cmdstat_(eval\w*):calls=(\d+)", stats, re.MULTILINE)
-    return {name: int(n) for name, n in calls}
+    return {name: n for name, n in server.command_calls().items() if name.startswith("eval")}
 
 
 @pytest_twisted.ensureDeferred

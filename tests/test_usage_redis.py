@@ -6,7 +6,6 @@ import calendar
 import datetime
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -531,12 +530,6 @@ async def test_a_deleted_month_total_is_rebuilt_by_the_next_budget_check_and_kep
         await recorders.close()
 
 
-def command_calls(redis_server: RedisServer) -> dict[str, int]:
-    stats = redis_server.cli("--raw", "INFO", "commandstats")
-    calls = re.findall(r"^cmdstat_(\w+):calls=(\d+)", stats, re.MULTILINE)
-    return {name: int(count) for name, count in calls}
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_budget_check_reads_the_month_totals_in_one_script_and_no_day_keys(
     redis_server: RedisServer, tmp_path: Path
@@ -552,7 +545,7 @@ async def test_a_budget_check_reads_the_month_totals_in_one_script_and_no_day_ke
         assert decision.spent_usd == 0.001234
         # One round trip: one script (EVAL until this connection has sent it once), reading
         # the two totals and the overrides hash.
-        calls = command_calls(redis_server)
+        calls = redis_server.command_calls()
         assert calls.pop("eval", 0) + calls.pop("evalsha", 0) == 1
         assert calls == {"get": 2, "hmget": 1}
     finally:
@@ -577,7 +570,7 @@ async def test_records_waiting_together_are_applied_in_one_script_call_each_once
         events = [event(f"q{i}", now, reported_cost=i / 1e4) for i in range(8)]
         events += [event("q3", now), event("early", now)]
         await gatherResults([recorder.record(e) for e in events])
-        calls = command_calls(redis_server)
+        calls = redis_server.command_calls()
         assert calls.pop("eval", 0) + calls.pop("evalsha", 0) == 1
         assert calls["set"] == 8  # a marker per query recorded, none for the duplicates
         assert (counter("recorded"), counter("duplicate")) == (recorded + 8, duplicates + 2)
