@@ -268,6 +268,19 @@ def in_process_url(gateway: RunningAgentd, user: str = "alice") -> Callable[[dic
     return lambda params: gateway.ws_url(token=harness_token(user), **params)
 
 
+def two_instances(
+    tmp_path: Path, agentd: Callable[[dict[str, Any]], RunningAgentd]
+) -> tuple[RunningAgentd, RunningAgentd]:
+    """Two in-process agentd on the same (local) VM, each with its own port and spool."""
+    config = merge(base_config(tmp_path), sessions={"grace_seconds": 30.0})
+    second = merge(
+        config,
+        server={"listen": [f"tcp:{free_port()}:interface=127.0.0.1"]},
+        usage={"spool_dir": str(tmp_path / "spool-second")},
+    )
+    return agentd(config), agentd(second)
+
+
 async def usage_totals(instance: Agentd, user: str) -> dict[str, Any]:
     response = await treq.get(
         f"http://127.0.0.1:{instance.port}/api/usage",
@@ -477,15 +490,7 @@ async def test_a_killed_holder_is_reported_on_resume_and_its_journal_still_serve
 
 @pytest_twisted.ensureDeferred
 async def test_a_fresh_session_on_another_instance_replaces_the_users_earlier_one(tmp_path, agentd):
-    config = merge(base_config(tmp_path), sessions={"grace_seconds": 30.0})
-    first = agentd(config)
-    second = agentd(
-        merge(
-            config,
-            server={"listen": [f"tcp:{free_port()}:interface=127.0.0.1"]},
-            usage={"spool_dir": str(tmp_path / "spool-second")},
-        )
-    )
+    first, second = two_instances(tmp_path, agentd)
     old = Reader(in_process_url(first, "alice"))
     await old.connect()
     old.prompt("one", "the old session", turn=True)
@@ -520,15 +525,7 @@ async def test_a_fresh_session_on_another_instance_replaces_the_users_earlier_on
 async def test_another_users_token_with_a_session_id_gets_a_fresh_session_elsewhere(
     tmp_path, agentd
 ):
-    config = merge(base_config(tmp_path), sessions={"grace_seconds": 30.0})
-    first = agentd(config)
-    second = agentd(
-        merge(
-            config,
-            server={"listen": [f"tcp:{free_port()}:interface=127.0.0.1"]},
-            usage={"spool_dir": str(tmp_path / "spool-second")},
-        )
-    )
+    first, second = two_instances(tmp_path, agentd)
     alice = Reader(in_process_url(first, "alice"))
     await alice.connect()
     alice.prompt("secret", "alice private words", turn=True)
