@@ -473,17 +473,15 @@ export class AgentClient {
     }
     const delay = Math.max(reconnectDelay(this.attempt, this._random, this._delays), minimumDelay);
     this.attempt += 1;
-    this.nextRetryAt = this._now() + delay;
-    this._retryTimer = this._setTimeout(() => {
-      this._retryTimer = null;
-      this._dial("reconnecting");
-    }, delay);
-    this._setStatus("reconnecting");
+    this._redialAfter(delay);
   }
 
   /** agentd is restarting: resume elsewhere at once; this is not a failed attempt. */
   _scheduleRestart() {
-    const delay = Math.round(this._random() * this._restartJitterMs);
+    this._redialAfter(Math.round(this._random() * this._restartJitterMs));
+  }
+
+  _redialAfter(delay) {
     this.nextRetryAt = this._now() + delay;
     this._retryTimer = this._setTimeout(() => {
       this._retryTimer = null;
