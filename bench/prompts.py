@@ -10,7 +10,9 @@ the next, hits every target alike. Per round and target:
 - the gateway process's CPU per prompt, from the run time ``/proc`` gives each of its threads
   (in nanoseconds, where ``/proc/PID/stat`` counts 10 ms ticks), and its inverse, prompts
   per second per core of that process;
-- prompt to ``done`` latency, p50, p90 and p99, as the client sees it.
+- prompt to ``done`` latency, p50, p90 and p99, as the client sees it;
+- for agentd on Redis, redis-server's CPU per prompt: what the gate's script and the record
+  of the prompt's usage cost the Redis all instances share (each target's own blocks).
 
 Ratios and differences are taken within each round (side by side), then the median over
 rounds is reported with its range. With ``--baseline REV`` (repeatable), agentd at that
@@ -36,7 +38,8 @@ BLOCK = 100
 WARM_UP = 30
 
 
-def targets(ctx: Context) -> list[WebSocketTarget]:
+def targets(ctx: Context) -> tuple[list[WebSocketTarget], int]:
+    """The targets, and the pid of the redis-server the agentd on Redis share."""
     redis = ctx.redis()
     websocketd = ctx.websocketd(shlex.split(ECHO.replace("{agent}", "echo")))
     found = [WebSocketTarget("websocketd", websocketd, websocketd.port, "/", False)]
@@ -60,24 +63,34 @@ def targets(ctx: Context) -> list[WebSocketTarget]:
     for target in found[1:]:
         assert isinstance(target.server, Agentd)
         target.server.ready()
-    return found
+    assert redis.process is not None
+    return found, redis.process.pid
 
 
 def one_round(
-    targets: list[WebSocketTarget], prompts: int, run: int
+    targets: list[WebSocketTarget], prompts: int, run: int, redis_pid: int
 ) -> dict[str, dict[str, float]]:
     """``prompts`` one-word prompts to each target, one at a time, the targets taking turns in
-    blocks: each target's CPU per prompt and done percentiles."""
+    blocks: each target's CPU per prompt and done percentiles, and for those on Redis,
+    redis-server's CPU per prompt during their blocks."""
     dones: dict[str, list[float]] = {target.name: [] for target in targets}
     cpu_ns = dict.fromkeys(dones, 0)
+    redis_ns = dict.fromkeys(dones, 0)
     for first in range(0, prompts, BLOCK):
         for target in targets:
             cpu_before = thread_cpu_ns(target.server.pid)
+            redis_before = thread_cpu_ns(redis_pid)
             for n in range(first, min(first + BLOCK, prompts)):
                 prompt = {"type": "prompt", "id": f"p{run}-{n}", "text": "hello"}
                 dones[target.name].append(target.answer(prompt)[1])
             cpu_ns[target.name] += thread_cpu_ns(target.server.pid) - cpu_before
-    return {name: _figures(cpu_ns[name], sorted(times)) for name, times in dones.items()}
+            redis_ns[target.name] += thread_cpu_ns(redis_pid) - redis_before
+    figures = {}
+    for name, times in dones.items():
+        figures[name] = _figures(cpu_ns[name], sorted(times))
+        if name.startswith("agentd-redis"):
+            figures[name]["redis_cpu_us_per_prompt"] = redis_ns[name] / len(times) / 1000
+    return figures
 
 
 def _figures(cpu_ns: int, dones: list[float]) -> dict[str, float]:
@@ -114,8 +127,15 @@ def compare(raw: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
             for n in rounds
             if raw[peer][n]["cpu_us_per_prompt"]
         ]
+        redis = "redis_cpu_us_per_prompt"
+        redis_ratios = [
+            raw[side][n][redis] / raw[peer][n][redis]
+            for n in rounds
+            if raw[peer][n].get(redis) and redis in raw[side][n]
+        ]
         compared[label] = {
             "cpu_ratio": summary(cpu_ratios, 2) if cpu_ratios else None,
+            "redis_cpu_ratio": summary(redis_ratios, 2) if redis_ratios else None,
             **{
                 f"done_{name}_added_ms": summary(
                     [raw[side][n][f"done_{name}"] - raw[peer][n][f"done_{name}"] for n in rounds],
@@ -129,7 +149,7 @@ def compare(raw: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
 
 def run(ctx: Context) -> dict[str, Any]:
     prompts = 20 if ctx.smoke else 2000
-    all_targets = targets(ctx)
+    all_targets, redis_pid = targets(ctx)
     for target in all_targets:
         target.open()
         for n in range(3 if ctx.smoke else WARM_UP):
@@ -141,7 +161,7 @@ def run(ctx: Context) -> dict[str, Any]:
         for n in range(ctx.runs):
             load.append(os.getloadavg()[0])
             shift = n % len(all_targets)
-            measured = one_round(all_targets[shift:] + all_targets[:shift], prompts, n)
+            measured = one_round(all_targets[shift:] + all_targets[:shift], prompts, n, redis_pid)
             for name, figures in measured.items():
                 raw[name].append(figures)
             ctx.log(
@@ -153,7 +173,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 )
             )
         if ctx.profile:
-            recorded = profile(ctx, all_targets, prompts)
+            recorded = profile(ctx, all_targets, prompts, redis_pid)
     finally:
         for target in all_targets:
             target.close()
@@ -170,7 +190,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def profile(
-    ctx: Context, all_targets: list[WebSocketTarget], prompts: int
+    ctx: Context, all_targets: list[WebSocketTarget], prompts: int, redis_pid: int
 ) -> dict[str, dict[str, Any]]:
     """One more round of each agentd under py-spy, after the measured ones (sampling slows
     the process it samples): the shares of its time by owner and by function."""
@@ -180,7 +200,7 @@ def profile(
             continue
         out = ctx.work / f"profile-{target.name}.txt"
         with profiles.recording(target.server.pid, out):
-            one_round([target], prompts, ctx.runs)
+            one_round([target], prompts, ctx.runs, redis_pid)
         recorded[target.name] = profiles.top(out)
         ctx.log(f"prompts: profiled {target.name} ({out})")
     return recorded

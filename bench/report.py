@@ -209,12 +209,14 @@ def prompts(p: dict[str, Any]) -> list[str]:
     rows = []
     for name in [n for n, r in p.items() if isinstance(r, dict) and "done_p99" in r]:
         r = p[name]
+        redis = r.get("redis_cpu_us_per_prompt")
         rows.append(
             [
                 name,
                 _range(r["cpu_us_per_prompt"]),
                 _range(r["prompts_per_core_s"]),
                 *(_range(r[f"done_{q}"], "", "{:.3f}") for q in ("p50", "p90", "p99")),
+                "" if redis is None else _range(redis),
             ]
         )
     lines = [
@@ -232,21 +234,24 @@ def prompts(p: dict[str, Any]) -> list[str]:
             "done p50",
             "done p90",
             "done p99",
+            "redis-server CPU per prompt, µs",
         ],
         rows,
     )
     rows = []
     for label, c in p["compared"].items():
-        ratio = c["cpu_ratio"]
+        ratio, redis = c["cpu_ratio"], c.get("redis_cpu_ratio")
         rows.append(
             [
                 label.replace("_vs_", " vs "),
                 "n/a" if ratio is None else _range(ratio, "x", "{:.2f}"),
                 *(_range(c[f"done_{q}_added_ms"], " ms", "{:+.3f}") for q in ("p50", "p90", "p99")),
+                "" if redis is None else _range(redis, "x", "{:.2f}"),
             ]
         )
     lines += ["Side by side, within each run (median over the runs, range):", ""]
-    lines += _table(["", "CPU ratio", "done p50 added", "p90 added", "p99 added"], rows)
+    header = ["", "CPU ratio", "done p50 added", "p90 added", "p99 added", "redis-server CPU ratio"]
+    lines += _table(header, rows)
     for name, profile in p.get("profiles", {}).items():
         owners = ", ".join(f"{owner} {share}%" for owner, share in profile["owners"])
         own = ", ".join(f"`{f}` {share}%" for f, share in profile["self"][:8])
