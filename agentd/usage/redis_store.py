@@ -36,6 +36,7 @@ _READ_TIMEOUT = 2.0
 #           project's users); the user's and the project's month-to-date operator-paid totals
 # ARGV      day expiry, month expiry (UNIX seconds), user, project, the record (a JSON line),
 #           the increments of the counters in the table below, in its order, comma-separated
+#           (a zero increment is skipped: a counter never incremented reads as 0)
 # Returns   per record, 0: duplicate (nothing written), 2: older than retention (nothing
 #           written), or 1: recorded. The marker is written here with the increments, never
 #           before, so a record repeated in one call is a duplicate the second time. Integer
@@ -60,7 +61,9 @@ for r = 0, #KEYS / 8 - 1 do
     end
     for i = k + 2, k + 4 do
       for j = 1, #counters do
-        redis.call('HINCRBY', KEYS[i], counters[j], increments[j])
+        if increments[j] ~= '0' then
+          redis.call('HINCRBY', KEYS[i], counters[j], increments[j])
+        end
       end
       redis.call('EXPIREAT', KEYS[i], ARGV[a + 1])
     end
