@@ -27,11 +27,13 @@ from agentd.usage.layout import (
     day_expiry,
     month_days,
     month_expiry,
+    month_of,
     month_total_expiry,
     parse_month,
     project_month_total_key,
     user_day_key,
     user_month_total_key,
+    utc_day,
 )
 from agentd.usage.memory_store import MemoryUsageStore
 from agentd.usage.recorder import UsageRecorder
@@ -575,6 +577,21 @@ def test_report_as_json_and_csv() -> None:
     assert rows[4] == "project,,p2,0.250000,0.250000,1,2,0,0,1,0,0"
     assert rows[5] == ""
     json.dumps(data)
+
+
+def test_utc_days_and_months_agree_with_the_calendar_at_every_edge() -> None:
+    midnights = [
+        calendar.timegm(datetime.date(year, month, 1).timetuple())
+        for year in (1970, 2024, 2026, 2100, 9999)
+        for month in (1, 2, 3, 12)
+    ]
+    for midnight in midnights:
+        for timestamp in (midnight, midnight + 0.5, midnight - 0.000_001, midnight - 1):
+            if timestamp <= 0:
+                continue
+            expected = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+            assert utc_day(timestamp) == expected.date(), timestamp
+            assert month_of(timestamp) == expected.strftime("%Y-%m"), timestamp
 
 
 def test_month_helpers() -> None:

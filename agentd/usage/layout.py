@@ -32,6 +32,7 @@ COUNTER_FIELDS = (
 SCOPES = ("user", "project")
 
 DAY_SECONDS = 86_400
+_EPOCH = datetime.date(1970, 1, 1)
 # ASCII digits: a str pattern's \d also matches the digits of other scripts.
 _MONTH_RE = re.compile(r"^([0-9]{4})-(0[1-9]|1[0-2])$")
 
@@ -48,7 +49,7 @@ def parse_month(text: str) -> str:
 
 
 def month_of(timestamp: float) -> str:
-    return utc_day(timestamp).strftime("%Y-%m")
+    return month_name(utc_day(timestamp))
 
 
 # Every prompt's budget check and usage record asks about the current day and month:
@@ -79,7 +80,19 @@ def month_total_expiry(month: str) -> int:
 
 def utc_day(timestamp: float) -> datetime.date:
     """The UTC date of a UNIX timestamp: usage days and months are UTC."""
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).date()
+    return _day(int(timestamp // DAY_SECONDS))
+
+
+@functools.lru_cache(maxsize=8)
+def _day(number: int) -> datetime.date:
+    """Day ``number`` since 1970-01-01 (UNIX time has no leap seconds: each day is 86,400)."""
+    return _EPOCH + datetime.timedelta(days=number)
+
+
+@functools.lru_cache(maxsize=8)
+def month_name(day: datetime.date) -> str:
+    """``YYYY-MM`` of ``day``."""
+    return f"{day.year:04d}-{day.month:02d}"
 
 
 # --- Key layout (docs/usage.md) ------------------------------------------------------------

@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred, succeed
 from agentd.usage.layout import (
     BUDGETS_KEY,
     budget_field,
+    month_name,
     month_total_expiry,
     project_day_key,
     project_month_total_key,
@@ -101,7 +102,7 @@ class MemoryUsageStore:
         return succeed(True)  # this process is the only copy there is
 
     def spend(self, user: str, project: str, days: Sequence[datetime.date]) -> Deferred[MonthSpend]:
-        month = days[0].strftime("%Y-%m")
+        month = month_name(days[0])
 
         def spent(key: str, day_keys: Iterable[str]) -> int:
             if not self._live(key):

@@ -22,6 +22,7 @@ import orjson
 from agentd.config import AGENT_NAME_RE, PROJECT_RE, USER_RE
 from agentd.pricing import PriceTable
 from agentd.usage.layout import (
+    month_name,
     project_day_key,
     project_month_total_key,
     project_users_key,
@@ -244,7 +245,7 @@ class UsageRecord:
 
     @cached_property
     def month(self) -> str:
-        return self.day.strftime("%Y-%m")
+        return month_name(self.day)
 
     def counters(self) -> dict[str, int]:
         """This query's increments to every day hash it touches."""

@@ -16,6 +16,7 @@ from agentd.usage.layout import (
     BUDGETS_KEY,
     COUNTER_FIELDS,
     budget_field,
+    month_name,
     month_total_expiry,
     project_day_key,
     project_month_total_key,
@@ -176,7 +177,7 @@ class RedisUsageStore:
         return self._redis.confirm(Witness.key_exists(query_key(record.query_id)))
 
     def spend(self, user: str, project: str, days: Sequence[datetime.date]) -> Deferred[MonthSpend]:
-        month = days[0].strftime("%Y-%m")
+        month = month_name(days[0])
         totals = [user_month_total_key(user, month), project_month_total_key(project, month)]
         keys = [BUDGETS_KEY, *totals]
         args = [budget_field("user", user), budget_field("project", project)]
