@@ -304,9 +304,11 @@ class QueueingTransport(StringTransport):
         return sent
 
 
-def open_connection(registry: Any, limit: int = 4096) -> tuple[AgentWebSocket, QueueingTransport]:
+def open_connection(
+    registry: Any, limit: int = 4096, max_message_bytes: int = MiB
+) -> tuple[AgentWebSocket, QueueingTransport]:
     protocol = AgentWebSocket()
-    protocol.factory = AgentWebSocketFactory(registry, MiB, 0)
+    protocol.factory = AgentWebSocketFactory(registry, max_message_bytes, 0)
     protocol.context = CONTEXT
     transport = QueueingTransport(limit)
     transport.registerProducer(StringTransport(), True)  # twisted.web's, until the upgrade
