@@ -4,7 +4,7 @@ Every prompt runs two scripts (the gate's, and the record of its usage), and txr
 ``eval`` costs more Python than Redis takes to run either: it encodes the script's text and
 hashes it with SHA-1 on every call, reaches a connection through a generator that waits for one
 (``getConnection``), and encodes each argument through a chain of type checks. Here each script
-is encoded and hashed once, a connection the pool has ready is used at once (only when none is
+is encoded and hashed once, the pool's first ready connection is used at once (only when none is
 does the call wait the pool's own way), and commands are encoded with one format per argument
 and written at once when nothing waits before them on the connection.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -118,12 +117,16 @@ class Scripts:
         return called.addErrback(self._flushed, connection, text, keys, args)
 
     def _ready(self) -> Any | None:
-        """A connection of the pool that is connected, chosen as txredisapi's peek chooses."""
-        ready = self._factory.connectionQueue.pending
-        if not ready:
-            return None
-        connection = random.choice(ready)  # noqa: S311 (spreading calls, not a secret)
-        return connection if connection.connected else None
+        """The pool's first connected connection.
+
+        Always the same one while it lasts, not one at random: the calls of one reactor turn
+        (a prompt's gate and the previous prompt's usage record) then reach Redis together,
+        which answers them in one write, and agentd wakes once for both replies.
+        """
+        for connection in self._factory.connectionQueue.pending:
+            if connection.connected:
+                return connection
+        return None
 
     def _flushed(
         self,

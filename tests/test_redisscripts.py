@@ -122,3 +122,21 @@ async def test_a_command_leaves_before_the_reactor_runs_again(
         assert time.monotonic() < deadline, "the command waits for the reactor"
         time.sleep(0.01)
     assert await called == ["k", "c", "d"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_calls_of_one_reactor_turn_share_one_connection(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore(redis_server.url, reactor, timeout=2.0, poolsize=3)
+    try:
+        await store.eval("test", ECHO, ["k"], ["a", "b"])  # connected, the script known
+        for n in range(10):
+            pair = [store.eval("test", ECHO, ["k"], [n, side]) for side in ("gate", "usage")]
+            assert [await d for d in pair] == [["k", str(n), "gate"], ["k", str(n), "usage"]]
+        clients = redis_server.cli("CLIENT", "LIST").splitlines()
+        scripting = [c for c in clients if " cmd=eval" in c]
+        assert len(clients) >= 3, "the pool has three connections"
+        assert len(scripting) == 1, "every script call went to the one connection"
+    finally:
+        await store.disconnect()
