@@ -65,9 +65,10 @@ class MemoryUsageStore:
         if expire_at <= self._now():
             return succeed("expired")
         counters = record.counters()
+        increments = [(name, increment) for name, increment in counters.items() if increment]
         for key in day_keys:
             values = self._hashes[key] if self._live(key) else self._hashes.setdefault(key, {})
-            for name, increment in counters.items():
+            for name, increment in increments:  # as in Redis, a zero adds no field
                 values[name] = str(int(values.get(name, "0")) + increment)
             self._expiry[key] = expire_at
         for key, member in ((projects, record.project), (users, record.user)):

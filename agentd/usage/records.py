@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import re
@@ -280,17 +281,22 @@ class UsageRecord:
 
     def keys(self) -> list[str]:
         """Every key one application touches, in the recording script's KEYS order."""
-        day, month = self.day, self.month
-        return [
-            query_key(self.query_id),
-            user_day_key(self.user, day),
-            project_day_key(self.project, day),
-            user_project_day_key(self.user, self.project, day),
-            user_projects_key(self.user, month),
-            project_users_key(self.project, month),
-            user_month_total_key(self.user, month),
-            project_month_total_key(self.project, month),
-        ]
+        return [query_key(self.query_id), *_totals_keys(self.user, self.project, self.day)]
+
+
+# A user's queries in a project on one day all add to the same totals.
+@functools.lru_cache(maxsize=256)
+def _totals_keys(user: str, project: str, day: datetime.date) -> tuple[str, ...]:
+    month = month_name(day)
+    return (
+        user_day_key(user, day),
+        project_day_key(project, day),
+        user_project_day_key(user, project, day),
+        user_projects_key(user, month),
+        project_users_key(project, month),
+        user_month_total_key(user, month),
+        project_month_total_key(project, month),
+    )
 
 
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
