@@ -159,7 +159,12 @@ class AgentWebSocket(WebSocketServerProtocol):
         return not (self.held or self.input_held) and super().processData()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == _OPEN and not self.data and self.current_frame is None:
+        if (
+            self.state == _OPEN
+            and not self.data
+            and self.current_frame is None
+            and not self.inside_message
+        ):
             data = self._whole_text_messages(data)
             if not data:
                 return
@@ -183,7 +188,9 @@ class AgentWebSocket(WebSocketServerProtocol):
         Whatever else comes (a control frame, a fragment, a frame cut by the read, a 64-bit
         length, bad UTF-8, an oversized or unmasked frame), from there on, goes through
         autobahn, which handles or refuses it as always. It stops, too, when the connection
-        stops taking messages (held, or closing), leaving the rest in autobahn's buffer.
+        stops taking messages (held, or closing), leaving the rest in autobahn's buffer. The
+        caller only calls it with autobahn between frames and messages: nothing buffered, no
+        frame begun, no fragmented message open.
         """
         at, size_limit = 0, self.maxMessagePayloadSize
         while len(data) - at > 5 and data[at] == 0x81 and self.state == _OPEN:

@@ -110,6 +110,22 @@ CASES = {
         + frame(ping(3)),
         [1, 2, 3],
     ),
+    "a reserved opcode": (
+        frame(ping(1)) + frame(ping(2), opcode=3),
+        [1, ("close", 1002)],
+    ),
+    "a continuation with no message begun": (
+        frame(ping(1)) + frame(ping(2), opcode=CONTINUATION),
+        [1, ("close", 1002)],
+    ),
+    "a whole text frame inside a fragmented message": (
+        frame(ping(1)) + frame(b'{"type":', fin=False) + frame(ping(2)),
+        [1, ("close", 1002)],
+    ),
+    "UTF-8 cut between the fragments of a message": (
+        frame(b'"\xc3', fin=False) + frame(b'\xa9"', opcode=CONTINUATION) + frame(ping(2)),
+        ["message must be a JSON object", 2],
+    ),
     "a ping control frame between messages": (
         frame(ping(1)) + frame(b"hi", opcode=PING) + frame(ping(2)),
         [1, ("pong", b"hi"), 2],
@@ -172,6 +188,18 @@ def test_a_frame_cut_by_the_read_is_answered_once_whole_after_those_before_it() 
     protocol.dataReceived(frame(ping(4)))
     assert answers(transport.value()) == [1, 2, 3, 4]
     assert protocol.data == b""
+
+
+def test_a_fragmented_message_is_read_to_its_end_across_reads() -> None:
+    protocol, transport = connection()
+    protocol.dataReceived(frame(b'{"type":"ping",', fin=False))
+    protocol.dataReceived(frame(b'"id":1}', opcode=CONTINUATION))
+    assert answers(transport.value()) == [1]
+    # A whole text frame in the next read, while another message is still open: refused as
+    # autobahn refuses it, not read as a message of its own.
+    protocol.dataReceived(frame(b'{"type":"ping",', fin=False))
+    protocol.dataReceived(frame(ping(2)))
+    assert answers(transport.value()) == [1, ("close", 1002)]
 
 
 def test_nothing_after_a_close_frame_is_answered() -> None:
