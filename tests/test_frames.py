@@ -1,9 +1,13 @@
 """The client's frames: whole masked text frames, which agentd reads itself, and everything
-else, which autobahn's parser handles, give the same answers and refusals in the same order."""
+else, which autobahn's parser handles, give the same answers and refusals in the same order.
+
+Each case is read whole, and one byte per read, which only autobahn's parser can read; seeded
+random sequences of frames are also read a frame per read and cut at random."""
 
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import orjson
@@ -76,17 +80,19 @@ def ping(ping_id: Any, pad: int = 0) -> bytes:
 
 
 def read_whole(data: bytes, **options: Any) -> list[Any]:
+    return read_in_parts([data], **options)
+
+
+def read_in_parts(parts: list[bytes], **options: Any) -> list[Any]:
     protocol, transport = connection(**options)
-    protocol.dataReceived(data)
+    for part in parts:
+        protocol.dataReceived(part)
     return answers(transport.value())
 
 
 def read_byte_by_byte(data: bytes, **options: Any) -> list[Any]:
     """Every frame cut by the reads: autobahn's parser alone reads them."""
-    protocol, transport = connection(**options)
-    for i in range(len(data)):
-        protocol.dataReceived(data[i : i + 1])
-    return answers(transport.value())
+    return read_in_parts([data[i : i + 1] for i in range(len(data))], **options)
 
 
 # Each: the client's bytes, and agentd's answers to them, in order.
@@ -223,3 +229,37 @@ def test_whole_text_frames_are_read_without_autobahns_parser(
     assert parsed == []
     protocol.dataReceived(frame(b"", opcode=PING))
     assert len(parsed) == 1, "a control frame goes to autobahn"
+
+
+def some_frames(rng: random.Random) -> list[bytes]:
+    """One to five frames, mostly whole pings, among them every kind autobahn must read."""
+    kinds = [
+        lambda: frame(ping(rng.randrange(1000), pad=rng.choice([0, 10, 130, 300]))),
+        lambda: frame(b'{"type":"ping",', fin=False) + frame(b'"id":5}', opcode=CONTINUATION),
+        lambda: frame(b'{"type":"ping",', fin=False),
+        lambda: frame(b"x", opcode=PING),
+        lambda: frame(ping(1), opcode=BINARY),
+        lambda: frame(b'"\xff"'),
+        lambda: frame(ping(1), mask=b""),
+        lambda: frame(ping(2), length_bytes=2),
+        lambda: frame(ping(3), opcode=CONTINUATION),
+        lambda: bytes([0xC1]) + frame(ping(4))[1:],
+        lambda: frame(ping(5, pad=300), length_bytes=8),
+    ]
+    weights = [10, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    return [rng.choices(kinds, weights)[0]() for _ in range(rng.randrange(1, 6))]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_frames_are_answered_alike_however_the_reads_cut_them(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(50):
+        frames = some_frames(rng)
+        data = b"".join(frames)
+        cuts = sorted(rng.sample(range(1, len(data)), min(3, len(data) - 1)))
+        at_random = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        for limit in (1 << 20, 200):
+            expected = read_byte_by_byte(data, max_message_bytes=limit)
+            assert read_whole(data, max_message_bytes=limit) == expected, frames
+            assert read_in_parts(frames, max_message_bytes=limit) == expected, frames
+            assert read_in_parts(at_random, max_message_bytes=limit) == expected, frames
