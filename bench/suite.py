@@ -54,12 +54,6 @@ def echo_command(source: Path | None = None) -> str:
     return ECHO.replace(shlex.quote(str(REPO)), shlex.quote(str(source)), 1)
 
 
-def _holds_sessions(source: Path) -> bool:
-    """Whether the revision in ``source`` attaches to session holders (and so takes
-    ``[agents] attach_command``)."""
-    return "attach_command" in (source / "agentd" / "config.py").read_text()
-
-
 class BenchSshServer(SshServer):
     """The tests' sshd (vm-image/sshd_config) with one more substitution for this machine.
 
@@ -137,13 +131,16 @@ class Context:
         then runs the echo agent of that revision too. Without ``wait``, the caller waits
         with ``ready()``, so several can start at once."""
         sections.setdefault("agents", {"names": ["echo"], "command": echo_command(source)})
-        if source is None or _holds_sessions(source):
+        tree = REPO if source is None else source
+        # What the revision's configuration knows: holders (``attach_command``) came with
+        # durable sessions, and ``sessions_dir`` after them.
+        config_source = (tree / "agentd" / "config.py").read_text()
+        if "attach_command" in config_source:
             # Sessions are held in this run's own directory, and their holders end with it.
             # (Revisions before durable sessions run their agents directly.)
             sessions = self.work / "sessions" / (source.name if source is not None else "now")
-            tree = REPO if source is None else source
             agents = sections["agents"]
-            if "sessions_dir" in (tree / "agentd" / "config.py").read_text():
+            if "sessions_dir" in config_source:
                 agents.setdefault("attach_command", attach_command(tree))
                 agents.setdefault("sessions_dir", str(sessions))
             else:  # revisions before [agents] sessions_dir

@@ -27,6 +27,7 @@ from agentd.ratelimit import Decision
 from agentd.route import ConnectionContext
 from agentd.session.gate import PromptLimits
 from agentd.usage.budgets import BudgetDecision
+from bench.ws import split
 from tests.harness import base_config, merge, token
 from tests.samples import sample
 from tests.servers import free_port
@@ -55,16 +56,7 @@ def masked_frame(payload: bytes) -> bytes:
 
 def server_messages(data: bytes) -> list[dict[str, Any]]:
     """The JSON of every whole text frame in what agentd wrote (server frames are unmasked)."""
-    messages, at = [], 0
-    while at + 2 <= len(data):
-        size, at = data[at + 1] & 0x7F, at + 2
-        if size == 126:
-            size, at = int.from_bytes(data[at : at + 2], "big"), at + 2
-        elif size == 127:
-            size, at = int.from_bytes(data[at : at + 8], "big"), at + 8
-        messages.append(orjson.loads(data[at : at + size]))
-        at += size
-    return messages
+    return [orjson.loads(data[start:end]) for _, start, end in split(data)[0]]
 
 
 # A ping answered with the longest id agentd echoes, and a message it refuses: each costs

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from agentd.gateway import AgentWebSocket
+from bench.ws import split
 from tests.test_flood import QueueingTransport, open_connection
 from tests.test_session import make
 
@@ -42,16 +43,7 @@ def frame(
 
 def frames_sent(data: bytes) -> list[tuple[int, bytes]]:
     """(opcode, payload) of every whole frame agentd wrote (server frames are unmasked)."""
-    found, at = [], 0
-    while at + 2 <= len(data):
-        opcode, size, at = data[at] & 0x0F, data[at + 1] & 0x7F, at + 2
-        if size == 126:
-            size, at = int.from_bytes(data[at : at + 2], "big"), at + 2
-        elif size == 127:
-            size, at = int.from_bytes(data[at : at + 8], "big"), at + 8
-        found.append((opcode, data[at : at + size]))
-        at += size
-    return found
+    return [(opcode, data[start:end]) for opcode, start, end in split(data)[0]]
 
 
 def answers(data: bytes) -> list[Any]:
