@@ -346,8 +346,11 @@ async def test_a_flood_of_rejected_prompts_changes_nothing_in_redis(
 
 @pytest_twisted.ensureDeferred
 async def test_each_check_is_one_redis_command(connect: Connect, redis_server: RedisServer) -> None:
-    limiter = connect(prompts=20, poolsize=1)
+    limiter = connect(prompts=20, poolsize=1, timeout=5.0)
     await limiter.check_prompt("warmup")
+    # The store's two pools (checks, replica confirmations) connect side by side: wait for
+    # both SELECTs, so that a late one does not land in the count.
+    await eventually(lambda: redis_server.command_calls().get("select") == 2, what="2 SELECTs")
     redis_server.cli("config", "resetstat")
     for n in range(40):
         await (limiter.check_prompt("alice") if n % 2 else limiter.check_handshake("bob"))
