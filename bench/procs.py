@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt
 
@@ -64,22 +64,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def thread_cpu_ns(pid: int) -> int:
-    """Nanoseconds on a CPU, user and system, summed over the process's live threads.
+class Sched(NamedTuple):
+    """What the scheduler counted for a process, summed over its live threads."""
 
-    ``/proc/PID/stat`` counts in clock ticks (10 ms), a few per cent of what websocketd
-    spends on a round of prompts; each thread's ``schedstat`` counts in nanoseconds.
-    Gateways keep their threads (Twisted's pool, Go's Ms), so none of the time leaves
-    with a thread that ended.
+    cpu_ns: int  # on a CPU, user and system
+    waiting_ns: int  # ready to run, waiting for a CPU
+    runs: int  # times put on a CPU: each wake-up, and each return after being preempted
+
+    def since(self, earlier: Sched) -> Sched:
+        return Sched(*(now - then for now, then in zip(self, earlier, strict=True)))
+
+
+def sched(pid: int) -> Sched:
+    """The scheduler's counts of ``pid`` from each thread's ``schedstat``.
+
+    ``/proc/PID/stat`` counts CPU time in clock ticks (10 ms), a few per cent of what
+    websocketd spends on a round of prompts; ``schedstat`` counts in nanoseconds. Gateways
+    keep their threads (Twisted's pool, Go's Ms), so none of the counts leave with a thread
+    that ended.
     """
-    total = 0
+    total = [0, 0, 0]
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
+                fields = f.read().split()
         except (FileNotFoundError, ProcessLookupError):
             continue
-    return total
+        for n in range(3):
+            total[n] += int(fields[n])
+    return Sched(*total)
 
 
 def children(pid: int) -> list[int]:

@@ -10,6 +10,12 @@ the next, hits every target alike. Per round and target:
 - the gateway process's CPU per prompt, from the run time ``/proc`` gives each of its threads
   (in nanoseconds, where ``/proc/PID/stat`` counts 10 ms ticks), and its inverse, prompts
   per second per core of that process;
+- how often per prompt the scheduler put the gateway on a CPU (its wake-ups: each is a
+  sleep in ``epoll_wait`` and a wake-up the kernel pays for), and how long per prompt it
+  waited for a CPU once ready to run (on a machine of two cores, time the client, the
+  gateway, the holder, the agent and Redis take from each other);
+- for agentd with durable sessions, the CPU per prompt of the session's holder, which
+  agentd adds between itself and the agent (websocketd runs the agent as its child);
 - prompt to ``done`` latency, p50, p90 and p99, as the client sees it;
 - for agentd on Redis, redis-server's CPU per prompt: what the gate's script and the record
   of the prompt's usage cost the Redis all instances share (each target's own blocks).
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import profiles
-from bench.procs import Agentd, thread_cpu_ns
+from bench.procs import Agentd, Sched, sched
 from bench.suite import ECHO, Context, WebSocketTarget, percentile, summary
 
 PERCENTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
@@ -67,35 +73,68 @@ def targets(ctx: Context) -> tuple[list[WebSocketTarget], int]:
     return found, redis.process.pid
 
 
+def holders(ctx: Context, targets: list[WebSocketTarget]) -> dict[str, int]:
+    """The pid of each target's session holder, for agentd revisions with durable sessions
+    (the holder starts at the session's first prompt)."""
+    found = {}
+    for target in targets:
+        if isinstance(target.server, Agentd) and target.session:
+            pid_files = list((ctx.work / "sessions").glob(f"*/{target.session}/holder.pid"))
+            if pid_files:
+                found[target.name] = int(pid_files[0].read_text())
+    return found
+
+
 def one_round(
-    targets: list[WebSocketTarget], prompts: int, run: int, redis_pid: int
+    targets: list[WebSocketTarget],
+    prompts: int,
+    run: int,
+    redis_pid: int,
+    holder_pids: dict[str, int],
 ) -> dict[str, dict[str, float]]:
     """``prompts`` one-word prompts to each target, one at a time, the targets taking turns in
-    blocks: each target's CPU per prompt and done percentiles, and for those on Redis,
-    redis-server's CPU per prompt during their blocks."""
+    blocks: each target's figures (see the module's description), with its holder's CPU per
+    prompt when it has one, and for those on Redis, redis-server's CPU per prompt during
+    their blocks."""
     dones: dict[str, list[float]] = {target.name: [] for target in targets}
-    cpu_ns = dict.fromkeys(dones, 0)
+    gateway = dict.fromkeys(dones, Sched(0, 0, 0))
     redis_ns = dict.fromkeys(dones, 0)
+    holder_ns = dict.fromkeys(dones, 0)
     for first in range(0, prompts, BLOCK):
         for target in targets:
-            cpu_before = thread_cpu_ns(target.server.pid)
-            redis_before = thread_cpu_ns(redis_pid)
+            name = target.name
+            holder = holder_pids.get(name)
+            before = sched(target.server.pid)
+            redis_before = sched(redis_pid).cpu_ns
+            holder_before = 0 if holder is None else sched(holder).cpu_ns
             for n in range(first, min(first + BLOCK, prompts)):
                 prompt = {"type": "prompt", "id": f"p{run}-{n}", "text": "hello"}
-                dones[target.name].append(target.answer(prompt)[1])
-            cpu_ns[target.name] += thread_cpu_ns(target.server.pid) - cpu_before
-            redis_ns[target.name] += thread_cpu_ns(redis_pid) - redis_before
+                dones[name].append(target.answer(prompt)[1])
+            used = sched(target.server.pid).since(before)
+            gateway[name] = Sched(*(a + b for a, b in zip(gateway[name], used, strict=True)))
+            redis_ns[name] += sched(redis_pid).cpu_ns - redis_before
+            if holder is not None:
+                holder_ns[name] += sched(holder).cpu_ns - holder_before
     figures = {}
     for name, times in dones.items():
-        figures[name] = _figures(cpu_ns[name], sorted(times))
+        count = len(times)
+        figures[name] = _figures(gateway[name], sorted(times))
+        if name in holder_pids:
+            figures[name]["holder_cpu_us_per_prompt"] = holder_ns[name] / count / 1000
         if name.startswith("agentd-redis"):
-            figures[name]["redis_cpu_us_per_prompt"] = redis_ns[name] / len(times) / 1000
+            figures[name]["redis_cpu_us_per_prompt"] = redis_ns[name] / count / 1000
     return figures
 
 
-def _figures(cpu_ns: int, dones: list[float]) -> dict[str, float]:
-    cpu_us = cpu_ns / len(dones) / 1000
-    figures = {"cpu_us_per_prompt": cpu_us, "prompts_per_core_s": 1e6 / cpu_us if cpu_us else 0}
+def _figures(used: Sched, dones: list[float]) -> dict[str, float]:
+    count = len(dones)
+    cpu_us = used.cpu_ns / count / 1000
+    figures = {
+        "cpu_us_per_prompt": cpu_us,
+        "prompts_per_core_s": 1e6 / cpu_us if cpu_us else 0,
+        "wakeups_per_prompt": used.runs / count,
+        "cpu_wait_us_per_prompt": used.waiting_ns / count / 1000,
+    }
     for name, q in PERCENTILES.items():
         figures[f"done_{name}"] = percentile(dones, q) * 1000
     return figures
@@ -122,20 +161,17 @@ def compare(raw: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     rounds = range(len(raw["websocketd"]))
     compared: dict[str, Any] = {}
     for label, (side, peer) in pairs(list(raw)).items():
-        cpu_ratios = [
-            raw[side][n]["cpu_us_per_prompt"] / raw[peer][n]["cpu_us_per_prompt"]
+        with_holder = [
+            (raw[side][n]["cpu_us_per_prompt"] + raw[side][n]["holder_cpu_us_per_prompt"])
+            / raw[peer][n]["cpu_us_per_prompt"]
             for n in rounds
-            if raw[peer][n]["cpu_us_per_prompt"]
-        ]
-        redis = "redis_cpu_us_per_prompt"
-        redis_ratios = [
-            raw[side][n][redis] / raw[peer][n][redis]
-            for n in rounds
-            if raw[peer][n].get(redis) and redis in raw[side][n]
+            if peer == "websocketd" and "holder_cpu_us_per_prompt" in raw[side][n]
         ]
         compared[label] = {
-            "cpu_ratio": summary(cpu_ratios, 2) if cpu_ratios else None,
-            "redis_cpu_ratio": summary(redis_ratios, 2) if redis_ratios else None,
+            "cpu_ratio": _ratio(raw, side, peer, "cpu_us_per_prompt"),
+            "with_holder_cpu_ratio": summary(with_holder, 2) if with_holder else None,
+            "holder_cpu_ratio": _ratio(raw, side, peer, "holder_cpu_us_per_prompt"),
+            "redis_cpu_ratio": _ratio(raw, side, peer, "redis_cpu_us_per_prompt"),
             **{
                 f"done_{name}_added_ms": summary(
                     [raw[side][n][f"done_{name}"] - raw[peer][n][f"done_{name}"] for n in rounds],
@@ -147,6 +183,19 @@ def compare(raw: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     return compared
 
 
+def _ratio(
+    raw: dict[str, list[dict[str, float]]], side: str, peer: str, key: str
+) -> dict[str, Any] | None:
+    """The median and range over the rounds of ``side``'s ``key`` over ``peer``'s, where
+    both have it."""
+    ratios = [
+        mine[key] / theirs[key]
+        for mine, theirs in zip(raw[side], raw[peer], strict=True)
+        if theirs.get(key) and key in mine
+    ]
+    return summary(ratios, 2) if ratios else None
+
+
 def run(ctx: Context) -> dict[str, Any]:
     prompts = 20 if ctx.smoke else 2000
     all_targets, redis_pid = targets(ctx)
@@ -154,6 +203,7 @@ def run(ctx: Context) -> dict[str, Any]:
         target.open()
         for n in range(3 if ctx.smoke else WARM_UP):
             target.answer({"type": "prompt", "id": f"warm{n}", "text": "hello"})
+    holder_pids = holders(ctx, all_targets)
     raw: dict[str, list[dict[str, float]]] = {t.name: [] for t in all_targets}
     load = []
     recorded: dict[str, dict[str, Any]] = {}
@@ -161,7 +211,8 @@ def run(ctx: Context) -> dict[str, Any]:
         for n in range(ctx.runs):
             load.append(os.getloadavg()[0])
             shift = n % len(all_targets)
-            measured = one_round(all_targets[shift:] + all_targets[:shift], prompts, n, redis_pid)
+            turns = all_targets[shift:] + all_targets[:shift]
+            measured = one_round(turns, prompts, n, redis_pid, holder_pids)
             for name, figures in measured.items():
                 raw[name].append(figures)
             ctx.log(
@@ -173,7 +224,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 )
             )
         if ctx.profile:
-            recorded = profile(ctx, all_targets, prompts, redis_pid)
+            recorded = profile(ctx, all_targets, prompts, redis_pid, holder_pids)
     finally:
         for target in all_targets:
             target.close()
@@ -190,7 +241,11 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def profile(
-    ctx: Context, all_targets: list[WebSocketTarget], prompts: int, redis_pid: int
+    ctx: Context,
+    all_targets: list[WebSocketTarget],
+    prompts: int,
+    redis_pid: int,
+    holder_pids: dict[str, int],
 ) -> dict[str, dict[str, Any]]:
     """One more round of each agentd under py-spy, after the measured ones (sampling slows
     the process it samples): the shares of its time by owner and by function."""
@@ -200,7 +255,7 @@ def profile(
             continue
         out = ctx.work / f"profile-{target.name}.txt"
         with profiles.recording(target.server.pid, out):
-            one_round([target], prompts, ctx.runs, redis_pid)
+            one_round([target], prompts, ctx.runs, redis_pid, holder_pids)
         recorded[target.name] = profiles.top(out)
         ctx.log(f"prompts: profiled {target.name} ({out})")
     return recorded

@@ -15,6 +15,18 @@ def _range(s: dict[str, Any], unit: str = "", fmt: str = "{:,.0f}") -> str:
     )
 
 
+def _optional(s: dict[str, Any], key: str, unit: str = "", fmt: str = "{:,.0f}") -> str:
+    """``s[key]``'s median and range, or nothing when this target or pair has no such figure."""
+    figure = s.get(key)
+    return "" if figure is None else _range(figure, unit, fmt)
+
+
+def _median(s: dict[str, Any], key: str, fmt: str) -> str:
+    """``s[key]``'s median alone, or nothing when this target has no such figure."""
+    figure = s.get(key)
+    return "" if figure is None else fmt.format(figure["median"])
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -209,19 +221,22 @@ def prompts(p: dict[str, Any]) -> list[str]:
     rows = []
     for name in [n for n, r in p.items() if isinstance(r, dict) and "done_p99" in r]:
         r = p[name]
-        redis = r.get("redis_cpu_us_per_prompt")
         rows.append(
             [
                 name,
                 _range(r["cpu_us_per_prompt"]),
                 _range(r["prompts_per_core_s"]),
                 *(_range(r[f"done_{q}"], "", "{:.3f}") for q in ("p50", "p90", "p99")),
-                "" if redis is None else _range(redis),
+                _median(r, "wakeups_per_prompt", "{:.1f}"),
+                _median(r, "cpu_wait_us_per_prompt", "{:,.0f}"),
+                _optional(r, "holder_cpu_us_per_prompt"),
+                _optional(r, "redis_cpu_us_per_prompt"),
             ]
         )
     lines = [
         f"{p['prompts_per_run']:,} one-word prompts per target per run, one at a time; CPU is "
-        "the gateway process's own (all its threads), latency in milliseconds. "
+        "the gateway process's own (all its threads), latency in milliseconds. Wake-ups and "
+        "the wait for a CPU are the gateway's, medians over the runs. "
         f"Load average (1 min) during the runs: {p['load_average_1m']['min']}.."
         f"{p['load_average_1m']['max']}.",
         "",
@@ -234,23 +249,37 @@ def prompts(p: dict[str, Any]) -> list[str]:
             "done p50",
             "done p90",
             "done p99",
+            "wake-ups per prompt",
+            "waiting for a CPU, µs",
+            "holder CPU per prompt, µs",
             "redis-server CPU per prompt, µs",
         ],
         rows,
     )
     rows = []
     for label, c in p["compared"].items():
-        ratio, redis = c["cpu_ratio"], c.get("redis_cpu_ratio")
+        ratio = c["cpu_ratio"]
         rows.append(
             [
                 label.replace("_vs_", " vs "),
                 "n/a" if ratio is None else _range(ratio, "x", "{:.2f}"),
+                _optional(c, "with_holder_cpu_ratio", "x", "{:.2f}"),
                 *(_range(c[f"done_{q}_added_ms"], " ms", "{:+.3f}") for q in ("p50", "p90", "p99")),
-                "" if redis is None else _range(redis, "x", "{:.2f}"),
+                _optional(c, "holder_cpu_ratio", "x", "{:.2f}"),
+                _optional(c, "redis_cpu_ratio", "x", "{:.2f}"),
             ]
         )
     lines += ["Side by side, within each run (median over the runs, range):", ""]
-    header = ["", "CPU ratio", "done p50 added", "p90 added", "p99 added", "redis-server CPU ratio"]
+    header = [
+        "",
+        "CPU ratio",
+        "with its holder",
+        "done p50 added",
+        "p90 added",
+        "p99 added",
+        "holder CPU ratio",
+        "redis-server CPU ratio",
+    ]
     lines += _table(header, rows)
     for name, profile in p.get("profiles", {}).items():
         owners = ", ".join(f"{owner} {share}%" for owner, share in profile["owners"])

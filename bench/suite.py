@@ -295,11 +295,12 @@ class WebSocketTarget(Target):
         self.path = path
         self.extra_messages = 1 if ack else 0
         self.client: BlockingClient | None = None
+        self.session = ""  # agentd's session id, once open
 
     def open(self) -> None:
         self.client = BlockingClient("127.0.0.1", self.port, self.path)
         if self.extra_messages:
-            self.client.recv()  # agentd's session message
+            self.session = json.loads(self.client.recv()).get("session", "")
 
     def send(self, line: bytes) -> None:
         assert self.client is not None

@@ -40,6 +40,15 @@ def test_prompt_cost_scenario_compares_websocketd_and_both_stores(tmp_path: Path
         assert figures["cpu_us_per_prompt"]["median"] > 0
         assert figures["prompts_per_core_s"]["median"] > 0
         assert 0 < figures["done_p50"]["median"] <= figures["done_p99"]["median"]
+        # Each prompt wakes the gateway at least once: for the prompt, and for the answer.
+        assert figures["wakeups_per_prompt"]["median"] >= 1
+        assert figures["cpu_wait_us_per_prompt"]["median"] >= 0
+    # agentd holds its sessions in holders of their own; websocketd has none.
+    assert "holder_cpu_us_per_prompt" not in scenario["websocketd"]
+    for target in ("agentd-memory", "agentd-redis"):
+        assert scenario[target]["holder_cpu_us_per_prompt"]["median"] > 0
+    beside = scenario["compared"]["agentd-redis_vs_websocketd"]
+    assert beside["with_holder_cpu_ratio"]["median"] > beside["cpu_ratio"]["median"]
     for pair in (
         "agentd-memory_vs_websocketd",
         "agentd-redis_vs_websocketd",
@@ -49,6 +58,7 @@ def test_prompt_cost_scenario_compares_websocketd_and_both_stores(tmp_path: Path
     markdown = next(tmp_path.glob("*-smoke.md")).read_text()
     assert "## 7. What one prompt costs, beside websocketd" in markdown
     assert "agentd (Redis) / websocketd, CPU per prompt" in markdown
+    assert "| holder CPU per prompt, µs |" in markdown
     if importlib.util.find_spec("matplotlib") is not None:
         [chart] = tmp_path.glob("*-smoke-prompts.png")
         assert chart.read_bytes().startswith(b"\x89PNG")
