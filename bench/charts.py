@@ -106,6 +106,30 @@ def _percentile_groups(
     ax.set_ylim(0, top)
 
 
+def _holders(ax: Axes, names: Sequence[str], figures: dict[str, dict[str, Any]]) -> bool:
+    """On each agentd bar, its session holder's CPU per prompt, hatched, with the sum above;
+    False when no target has a holder (revisions before durable sessions)."""
+    held = [(x, n) for x, n in enumerate(names) if "holder_cpu_us_per_prompt" in figures[n]]
+    for x, name in held:
+        gateway = figures[name]["cpu_us_per_prompt"]["median"]
+        holder = figures[name]["holder_cpu_us_per_prompt"]["median"]
+        ax.bar(
+            x,
+            holder,
+            bottom=gateway,
+            color=COLOURS.get(name, "grey"),
+            alpha=0.35,
+            hatch="//",
+            edgecolor="#444",
+            linewidth=0.5,
+            label="its session holder" if x == held[0][0] else None,
+        )
+        _label(ax, f"with holder {gateway + holder:,.0f}", (x, gateway + holder), 3, 8)
+    if held:
+        ax.legend(loc="upper left", fontsize=8, frameon=False)
+    return bool(held)
+
+
 def _whiskers(figures: Sequence[dict[str, Any]]) -> list[list[float]]:
     """Error bars from each median down to the lowest run and up to the highest."""
     return [[f["median"] - f["min"] for f in figures], [f["max"] - f["median"] for f in figures]]
@@ -202,12 +226,15 @@ def prompts(results: dict[str, Any]) -> Figure:
     _bars(axes[0], names, [p[n]["cpu_us_per_prompt"] for n in names], "µs of CPU per prompt")
     memory = compared["agentd-memory_vs_websocketd"]["cpu_ratio"]
     redis = compared["agentd-redis_vs_websocketd"]["cpu_ratio"]
-    axes[0].set_title(
+    title = (
         "Gateway CPU per prompt (lower is better)\n"
         f"agentd / websocketd, in-memory: {_ratio(memory)}\n"
-        f"Redis: {_ratio(redis)} (goal ≤ 4x)",
-        fontsize=10,
+        f"Redis: {_ratio(redis)} (goal ≤ 4x)"
     )
+    if _holders(axes[0], names, p):
+        with_holder = compared["agentd-redis_vs_websocketd"]["with_holder_cpu_ratio"]
+        title += f"; with its holder: {with_holder['median']:.1f}x"
+    axes[0].set_title(title, fontsize=10)
     _bars(axes[1], names, [p[n]["prompts_per_core_s"] for n in names], "prompts/s")
     axes[1].set_title(
         "Prompts per second per core of the gateway\n(1 / CPU per prompt; higher is better)",
