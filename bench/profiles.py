@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ REACTOR = "Twisted reactor and system calls"
 # Leaf frames of a thread waiting, which py-spy's idle detection lets through on some
 # kernels: the reactor in epoll_wait, a thread-pool worker waiting for work.
 WAITING = frozenset({"EPollReactor.doPoll", "Condition.wait"})
+_DSO_LINE = re.compile(r"^\s*(?P<share>\d+\.\d+)%\s+(?P<dso>\S.*?)\s*$", re.MULTILINE)
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^():]*)(?::(?P<line>\d+))?\)$")
 
 
@@ -139,6 +141,62 @@ def recording(pid: int, out: Path, rate: int = 500) -> Iterator[None]:
         _, errors = spy.communicate(timeout=60)
     if not out.exists():
         raise RuntimeError(f"py-spy wrote nothing: {errors.decode()[-300:]}")
+
+
+@contextlib.contextmanager
+def cpu_recording(pid: int, out: Path) -> Iterator[None]:
+    """perf samples ``pid`` while the block runs, only while it is on a CPU (``cpu-clock``),
+    into ``out``: what ``cpu_by_object`` reads. py-spy samples a process whenever it is not
+    idle in a known wait, including while it waits for a CPU or is preempted in a system call
+    by the peer it woke, so its shares are of time, not of CPU."""
+    binary = shutil.which("perf")
+    if binary is None:
+        raise RuntimeError("perf is not installed (Debian: linux-perf)")
+    argv = [binary, "record", "-e", "cpu-clock", "-F", "999", "-p", str(pid), "-o", str(out)]
+    perf = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # perf creates its file once it has attached; the block's work is all recorded.
+        deadline = time.monotonic() + 10
+        while not out.exists() and perf.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # and a moment more: the file comes a little before the sampling
+        yield
+    finally:
+        perf.send_signal(signal.SIGINT)
+        _, errors = perf.communicate(timeout=60)
+    if not out.exists():
+        raise RuntimeError(f"perf recorded nothing: {errors.decode()[-300:]}")
+
+
+def cpu_by_object(path: Path) -> list[tuple[str, float]]:
+    """The shares (percent of CPU samples) of the binaries the process ran in: the Python
+    interpreter, the kernel, libc, each extension module."""
+    report = subprocess.run(
+        [
+            "perf",
+            "report",
+            "-i",
+            str(path),
+            "--stdio",
+            "--no-children",
+            "-g",
+            "none",
+            "--sort",
+            "dso",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [
+        (_object_name(match["dso"]), float(match["share"])) for match in _DSO_LINE.finditer(report)
+    ]
+
+
+def _object_name(dso: str) -> str:
+    if dso == "[kernel.kallsyms]":
+        return "kernel"
+    return dso.split(".cpython-")[0].split(".so")[0]
 
 
 def top(path: Path, count: int = 15) -> dict[str, list[tuple[str, float]]]:

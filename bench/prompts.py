@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -247,15 +248,25 @@ def profile(
     redis_pid: int,
     holder_pids: dict[str, int],
 ) -> dict[str, dict[str, Any]]:
-    """One more round of each agentd under py-spy, after the measured ones (sampling slows
-    the process it samples): the shares of its time by owner and by function."""
-    recorded = {}
+    """Two more rounds of each agentd, after the measured ones (sampling slows the process it
+    samples): one under py-spy, the shares of its time by owner and by function; one under
+    perf, the shares of its CPU by binary (the interpreter, the kernel, libc, extensions),
+    when perf is there and allowed to record."""
+    recorded: dict[str, dict[str, Any]] = {}
     for target in all_targets:
         if not target.name.startswith("agentd"):
             continue
         out = ctx.work / f"profile-{target.name}.txt"
         with profiles.recording(target.server.pid, out):
             one_round([target], prompts, ctx.runs, redis_pid, holder_pids)
-        recorded[target.name] = profiles.top(out)
+        recorded[target.name] = dict(profiles.top(out))
         ctx.log(f"prompts: profiled {target.name} ({out})")
+        cpu = ctx.work / f"perf-{target.name}.data"
+        try:
+            with profiles.cpu_recording(target.server.pid, cpu):
+                # New prompt ids: a repeated one is acknowledged again, not answered.
+                one_round([target], prompts, ctx.runs + 1, redis_pid, holder_pids)
+            recorded[target.name]["cpu_by_object"] = profiles.cpu_by_object(cpu)
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+            ctx.log(f"prompts: no perf recording of {target.name}: {e}")
     return recorded

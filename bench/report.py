@@ -286,10 +286,13 @@ def prompts(p: dict[str, Any]) -> list[str]:
         own = ", ".join(f"`{f}` {share}%" for f, share in profile["self"][:8])
         below = ", ".join(f"`{f}` {share}%" for f, share in profile["agentd_inclusive"][:10])
         lines += [
-            f"py-spy, {name}: by owner {owners}. Self time: {own}. "
-            f"agentd's functions, inclusive: {below}.",
+            f"py-spy, {name} (time while not idle, waits for a CPU included): by owner "
+            f"{owners}. Self time: {own}. agentd's functions, inclusive: {below}.",
             "",
         ]
+        if "cpu_by_object" in profile:
+            split = ", ".join(f"{o} {share}%" for o, share in profile["cpu_by_object"][:6])
+            lines += [f"perf, {name} (CPU time only), by binary: {split}.", ""]
     return lines
 
 
