@@ -42,7 +42,7 @@ def test_prompt_cost_scenario_compares_websocketd_and_both_stores(tmp_path: Path
         assert 0 < figures["done_p50"]["median"] <= figures["done_p99"]["median"]
         # Each prompt wakes the gateway at least once: for the prompt, and for the answer.
         assert figures["wakeups_per_prompt"]["median"] >= 1
-        assert figures["cpu_wait_us_per_prompt"]["median"] >= 0
+        assert "cpu_wait_us_per_prompt" in figures
     # agentd holds its sessions in holders of their own; websocketd has none.
     assert "holder_cpu_us_per_prompt" not in scenario["websocketd"]
     for target in ("agentd-memory", "agentd-redis"):
