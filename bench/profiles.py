@@ -171,26 +171,14 @@ def cpu_recording(pid: int, out: Path) -> Iterator[None]:
 def cpu_by_object(path: Path) -> list[tuple[str, float]]:
     """The shares (percent of CPU samples) of the binaries the process ran in: the Python
     interpreter, the kernel, libc, each extension module."""
-    report = subprocess.run(
-        [
-            "perf",
-            "report",
-            "-i",
-            str(path),
-            "--stdio",
-            "--no-children",
-            "-g",
-            "none",
-            "--sort",
-            "dso",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return [
-        (_object_name(match["dso"]), float(match["share"])) for match in _DSO_LINE.finditer(report)
-    ]
+    argv = ["perf", "report", "-i", str(path), "--stdio", "--no-children", "-g", "none"]
+    report = subprocess.run([*argv, "--sort", "dso"], capture_output=True, text=True, check=True)
+    return dso_shares(report.stdout)
+
+
+def dso_shares(report: str) -> list[tuple[str, float]]:
+    """The (binary, percent) rows of ``perf report --no-children -g none --sort dso``."""
+    return [(_object_name(m["dso"]), float(m["share"])) for m in _DSO_LINE.finditer(report)]
 
 
 def _object_name(dso: str) -> str:
