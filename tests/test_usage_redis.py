@@ -547,6 +547,9 @@ async def test_a_budget_check_reads_the_month_totals_in_one_script_and_no_day_ke
         # the two totals and the overrides hash.
         calls = redis_server.command_calls()
         assert calls.pop("eval", 0) + calls.pop("evalsha", 0) == 1
+        # A pool connection still being set up on a loaded machine says SELECT once: not part
+        # of the check.
+        calls.pop("select", None)
         assert calls == {"get": 2, "hmget": 1}
     finally:
         await recorders.close()
