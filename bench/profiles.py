@@ -133,14 +133,8 @@ def recording(pid: int, out: Path, rate: int = 500) -> Iterator[None]:
     if binary is None:
         raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
     argv = [binary, "record", "-r", str(rate), "-f", "raw", "-o", str(out), "-p", str(pid)]
-    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    with _sampling(argv, out, "py-spy wrote nothing"):
         yield
-    finally:
-        spy.send_signal(signal.SIGINT)
-        _, errors = spy.communicate(timeout=60)
-    if not out.exists():
-        raise RuntimeError(f"py-spy wrote nothing: {errors.decode()[-300:]}")
 
 
 @contextlib.contextmanager
@@ -153,19 +147,29 @@ def cpu_recording(pid: int, out: Path) -> Iterator[None]:
     if binary is None:
         raise RuntimeError("perf is not installed (Debian: linux-perf)")
     argv = [binary, "record", "-e", "cpu-clock", "-F", "999", "-p", str(pid), "-o", str(out)]
-    perf = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with _sampling(argv, out, "perf recorded nothing", attach=True):
+        yield
+
+
+@contextlib.contextmanager
+def _sampling(argv: list[str], out: Path, failed: str, attach: bool = False) -> Iterator[None]:
+    """Run the sampler ``argv`` while the block runs, then stop it with SIGINT (both py-spy
+    and perf write their file then); ``failed`` and the sampler's last words when there is no
+    ``out``. With ``attach``, the block waits until the sampler has attached: perf creates
+    ``out`` once it has, a moment before it samples."""
+    sampler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        # perf creates its file once it has attached; the block's work is all recorded.
-        deadline = time.monotonic() + 10
-        while not out.exists() and perf.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)  # and a moment more: the file comes a little before the sampling
+        if attach:
+            deadline = time.monotonic() + 10
+            while not out.exists() and sampler.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.2)
         yield
     finally:
-        perf.send_signal(signal.SIGINT)
-        _, errors = perf.communicate(timeout=60)
+        sampler.send_signal(signal.SIGINT)
+        _, errors = sampler.communicate(timeout=60)
     if not out.exists():
-        raise RuntimeError(f"perf recorded nothing: {errors.decode()[-300:]}")
+        raise RuntimeError(f"{failed}: {errors.decode()[-300:]}")
 
 
 def cpu_by_object(path: Path) -> list[tuple[str, float]]:
