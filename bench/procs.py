@@ -74,6 +74,9 @@ class Sched(NamedTuple):
     def since(self, earlier: Sched) -> Sched:
         return Sched(*(now - then for now, then in zip(self, earlier, strict=True)))
 
+    def plus(self, more: Sched) -> Sched:
+        return Sched(*(mine + theirs for mine, theirs in zip(self, more, strict=True)))
+
 
 def sched(pid: int) -> Sched:
     """The scheduler's counts of ``pid`` from each thread's ``schedstat``.

@@ -111,8 +111,7 @@ def one_round(
             for n in range(first, min(first + BLOCK, prompts)):
                 prompt = {"type": "prompt", "id": f"p{run}-{n}", "text": "hello"}
                 dones[name].append(target.answer(prompt)[1])
-            used = sched(target.server.pid).since(before)
-            gateway[name] = Sched(*(a + b for a, b in zip(gateway[name], used, strict=True)))
+            gateway[name] = gateway[name].plus(sched(target.server.pid).since(before))
             redis_ns[name] += sched(redis_pid).cpu_ns - redis_before
             if holder is not None:
                 holder_ns[name] += sched(holder).cpu_ns - holder_before
@@ -259,7 +258,7 @@ def profile(
         out = ctx.work / f"profile-{target.name}.txt"
         with profiles.recording(target.server.pid, out):
             one_round([target], prompts, ctx.runs, redis_pid, holder_pids)
-        recorded[target.name] = dict(profiles.top(out))
+        recorded[target.name] = profiles.top(out)
         ctx.log(f"prompts: profiled {target.name} ({out})")
         cpu = ctx.work / f"perf-{target.name}.data"
         try:
