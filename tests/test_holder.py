@@ -542,6 +542,33 @@ def test_a_resume_from_before_the_trimmed_lines_is_incomplete(sessions: Sessions
     )
 
 
+# Answers each prompt after two seconds: the first line an agent writes can be that late.
+SLOW_AGENT = """
+import json, sys, time
+for line in sys.stdin:
+    prompt_id = json.loads(line)["id"]
+    time.sleep(2)
+    start = json.dumps({"type": "start", "id": prompt_id})
+    done = json.dumps({"type": "done", "id": prompt_id})
+    sys.stdout.write(start + "\\n" + done + "\\n")
+    sys.stdout.flush()
+"""
+
+
+def test_the_ack_waits_for_the_agents_first_line_only_briefly(sessions: Sessions):
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(SLOW_AGENT)} {{agent}}"
+    attach, _ = sessions.attached(options=("--agent-command", command))
+    sent = time.monotonic()
+    attach.send({"type": "prompt", "id": "p1", "text": "slow"})
+    [ack] = attach.read_until(lambda m: m["type"] == "ack")
+    acked = time.monotonic() - sent
+    lines = attach.read_until(lambda m: m["type"] == "done")
+    answered = time.monotonic() - sent
+    assert ack == {"seq": 1, "type": "ack", "id": "p1"}
+    assert acked < 1.0 <= answered  # well before the answer, which took two seconds
+    assert [(m["seq"], m["type"]) for m in lines] == [(2, "start"), (3, "done")]
+
+
 def test_a_prompt_is_forwarded_once_whoever_sends_it_again(sessions: Sessions):
     first, _ = sessions.attached()
     assert text_of(prompt(first, "p1", "once only")) == "once only"

@@ -337,7 +337,7 @@ class Holder:
         self.state.accept(prompt_id)
         agent.send(line)
         self.ledger.running[prompt_id] = None
-        self.ledger.emit(ack, force=True)
+        self.ledger.ack(ack)
 
     def _journal_full(self, attach: Attach, prompt_id: str) -> None:
         text = f"no room for prompt {prompt_id} until the client confirms what it read"
@@ -382,6 +382,7 @@ class Holder:
         if self.finishing:
             return
         self.finishing = True
+        self.ledger.send_ack()
         assert self.ending is not None
         if not self.attaches.finish(self.ending):
             self.finished = True

@@ -5,6 +5,11 @@ held back and the agent is paused until the client confirms what it read. The ho
 and agentd's own lines go into the reserve above the agent's share. Each line journaled is
 relayed to the current attach. A ``done`` or ``error`` line ends a running query, whose
 usage is kept in the state until agentd says it recorded it.
+
+A prompt's ``ack`` waits up to ACK_WAIT_SECONDS for the agent's first line, and goes into
+the journal and out to the attach with it, in one write: agentd then wakes once for both,
+not twice. Any other line journaled meanwhile sends it first, so the order stays the order
+of events.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ if TYPE_CHECKING:
 
 # A journal the disk refused is tried again after this long; the agent waits meanwhile.
 RETRY_SECONDS = 1.0
+# A prompt's ack waits this long at most for the agent's first line, to share its write.
+ACK_WAIT_SECONDS = 0.002
 
 
 class Ledger:
@@ -55,6 +62,8 @@ class Ledger:
         self.held: list[bytes] = []
         self.retry_at: float | None = None
         self.last_words = False  # ending: the agent's lines are journaled whatever their size
+        self.waiting_ack: dict[str, Any] | None = None  # waiting for the agent's first line
+        self.ack_due: float | None = None
         journal.advance(state.confirmed)
 
     @property
@@ -62,10 +71,28 @@ class Ledger:
         return self.identity.session[:8]
 
     def deadlines(self) -> list[float]:
-        return [d for d in (self.retry_at, self.age_deadline()) if d is not None]
+        deadlines = (self.retry_at, self.age_deadline(), self.ack_due)
+        return [d for d in deadlines if d is not None]
+
+    def ack(self, message: dict[str, Any]) -> None:
+        """Journal a prompt's ``ack`` with the agent's first line, or alone by ACK_WAIT_SECONDS
+        (``retry``); an ack already waiting goes first."""
+        self.send_ack()
+        self.waiting_ack = message
+        self.ack_due = time.monotonic() + ACK_WAIT_SECONDS
+
+    def send_ack(self) -> None:
+        """Journal the waiting ack now, if there is one."""
+        message = self.waiting_ack
+        if message is not None:
+            self.waiting_ack = self.ack_due = None
+            self.emit(message, force=True)
 
     def retry(self, now: float) -> None:
-        """Journal what the disk refused before, once RETRY_SECONDS have passed."""
+        """Send the ack that waited long enough; journal what the disk refused before, once
+        RETRY_SECONDS have passed."""
+        if self.ack_due is not None and now >= self.ack_due:
+            self.send_ack()
         if self.retry_at is not None and now >= self.retry_at:
             self.retry_at = None
             self.unhold()
@@ -81,6 +108,7 @@ class Ledger:
         """Journal the agent's lines (each with its newline), holding back (and pausing the
         agent) what has no room."""
         if self.held:
+            self.send_ack()
             self.held += lines
             return
         taken = self._journal_agent_lines(lines)
@@ -107,6 +135,9 @@ class Ledger:
             room = limit - journal.total
         seq = first = journal.last_seq + 1
         out: list[bytes] = []
+        if self.waiting_ack is not None:
+            out.append(wire.numbered(self.waiting_ack, seq))  # in the reserve, as emit's
+            seq += 1
         effects: list[dict[str, Any]] = []
         size = used = 0
         for line in lines:
@@ -130,6 +161,7 @@ class Ledger:
         if out:
             if not self._append(b"".join(out), first, seq - 1):
                 return 0
+            self.waiting_ack = self.ack_due = None
             for obj in effects:
                 self._query_end(obj)
         return used
@@ -166,6 +198,8 @@ class Ledger:
     def emit(self, message: dict[str, Any], force: bool = False) -> bool:
         """Journal one of the holder's or agentd's own lines with the next seq. Without
         ``force``, False when even the reserve above the agent's share is full."""
+        if self.waiting_ack is not None and message is not self.waiting_ack:
+            self.send_ack()
         seq = self.journal.last_seq + 1
         line = wire.numbered(message, seq)
         if not force and not self.has_room(len(line)):
