@@ -317,7 +317,7 @@ def test_sigterm_while_an_agent_starts_exits_0_quietly(tmp_path: Path) -> None:
     # far longer than this wait's polling interval, so the signal lands during it.
     wait_until(lambda: catches(agent.process.pid, signal.SIGTERM), what="a SIGTERM handler")
     agent.process.send_signal(signal.SIGTERM)
-    assert agent.wait() == 0
+    assert agent.wait() == 0, agent.stderr_text()
     assert agent.remaining() == []
     assert "agent ready" not in agent.stderr_text(), "the signal came after start-up"
 

@@ -323,7 +323,10 @@ def _fatal(code: ErrorCode, text: str) -> None:
 
 
 def _exit_quietly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
+    # At once, not by raising SystemExit: raised wherever start-up happens to be, inside a
+    # finalizer or a library's ``except BaseException``, that can be swallowed, and the agent
+    # then starts as if no signal had come.
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
