@@ -67,10 +67,12 @@ def parts(tmp_path: Path) -> Iterator[tuple[Ledger, Relayed, Journal]]:
     state = State(str(tmp_path))
     relayed = Relayed()
     paused = Paused()
-    log = Log("echo", fd=(tmp_path / "holder.log").open("ab").fileno())
-    ledger = Ledger(settings, journal, state, relayed, log, paused.pause, paused.resume)  # type: ignore[arg-type]
-    yield ledger, relayed, journal
+    with (tmp_path / "holder.log").open("ab") as log_file:
+        log = Log("echo", fd=log_file.fileno())
+        ledger = Ledger(settings, journal, state, relayed, log, paused.pause, paused.resume)  # type: ignore[arg-type]
+        yield ledger, relayed, journal
     journal.close()
+    state.close()
 
 
 def lines_of(data: bytes) -> list[dict[str, Any]]:
