@@ -483,6 +483,27 @@ async def test_month_total_equals_the_day_totals_after_concurrent_recording(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_record_the_operator_did_not_pay_for_leaves_the_month_totals_alone(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        recorder = recorders.new()
+        now = time.time()
+        await recorder.record(event("nopay-paid", now, reported_cost=0.25))
+        await recorder.check_budget("alice", "p1")  # the month totals exist from here on
+        before = redis_server.command_calls()
+        await recorder.record(event("nopay-own-key", now, key_source="user"))
+        await recorder.record(event("nopay-free", now, reported_cost=0.0))
+        calls = redis_server.command_calls()
+        assert calls["hincrby"] > before["hincrby"]  # both recorded, as their day hashes show
+        assert calls.get("incrby", 0) == before.get("incrby", 0)
+        await month_totals_match_days(redis_server, recorder, now)
+    finally:
+        await recorders.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_month_total_equals_the_day_totals_after_a_spool_replay(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:

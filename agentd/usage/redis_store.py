@@ -37,7 +37,8 @@ _READ_TIMEOUT = 2.0
 #           project's users); the user's and the project's month-to-date operator-paid totals
 # ARGV      day expiry, month expiry (UNIX seconds), user, project, the record (a JSON line),
 #           the increments of the counters in the table below, in its order, comma-separated
-#           (a zero increment is skipped: a counter never incremented reads as 0)
+#           (a zero increment is skipped: a counter never incremented reads as 0; so is
+#           a month total's, when the operator paid nothing)
 # Returns   per record, 0: duplicate (nothing written), 2: older than retention (nothing
 #           written), or 1: recorded. The marker is written here with the increments, never
 #           before, so a record repeated in one call is a duplicate the second time. Integer
@@ -72,10 +73,12 @@ for r = 0, #KEYS / 8 - 1 do
     redis.call('EXPIREAT', KEYS[k + 5], ARGV[a + 2])
     redis.call('SADD', KEYS[k + 6], ARGV[a + 3])
     redis.call('EXPIREAT', KEYS[k + 6], ARGV[a + 2])
-    local operator = string.format('%d', increments[1] - increments[2])
-    for i = k + 7, k + 8 do
-      if redis.call('EXISTS', KEYS[i]) == 1 then
-        redis.call('INCRBY', KEYS[i], operator)
+    local operator = increments[1] - increments[2]
+    if operator ~= 0 then
+      for i = k + 7, k + 8 do
+        if redis.call('EXISTS', KEYS[i]) == 1 then
+          redis.call('INCRBY', KEYS[i], string.format('%d', operator))
+        end
       end
     end
     redis.call('SET', KEYS[k + 1], ARGV[a + 5])
