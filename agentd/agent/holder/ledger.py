@@ -198,8 +198,8 @@ class Ledger:
     def emit(self, message: dict[str, Any], force: bool = False) -> bool:
         """Journal one of the holder's or agentd's own lines with the next seq. Without
         ``force``, False when even the reserve above the agent's share is full."""
-        if self.waiting_ack is not None and message is not self.waiting_ack:
-            self.send_ack()
+        if self.waiting_ack is not None:
+            self.send_ack()  # which clears it before it comes back here
         seq = self.journal.last_seq + 1
         line = wire.numbered(message, seq)
         if not force and not self.has_room(len(line)):
