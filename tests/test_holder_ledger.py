@@ -40,15 +40,8 @@ class Relayed:
         pass
 
 
-class Paused:
-    def __init__(self) -> None:
-        self.paused = 0
-
-    def pause(self) -> None:
-        self.paused += 1
-
-    def resume(self) -> None:
-        pass
+def nothing() -> None:
+    """The agent's pause and resume: these tests run no agent."""
 
 
 @pytest.fixture
@@ -66,10 +59,9 @@ def parts(tmp_path: Path) -> Iterator[tuple[Ledger, Relayed, Journal]]:
     journal = Journal(str(tmp_path / "journal"), 8192, 3600)
     state = State(str(tmp_path))
     relayed = Relayed()
-    paused = Paused()
     with (tmp_path / "holder.log").open("ab") as log_file:
         log = Log("echo", fd=log_file.fileno())
-        ledger = Ledger(settings, journal, state, relayed, log, paused.pause, paused.resume)  # type: ignore[arg-type]
+        ledger = Ledger(settings, journal, state, relayed, log, nothing, nothing)  # type: ignore[arg-type]
         yield ledger, relayed, journal
     journal.close()
     state.close()
