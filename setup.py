@@ -14,7 +14,7 @@ setup(
         "twisted[conch,tls]>=24.3",
         "autobahn>=24.4",
         "txredisapi>=1.6",  # RedisFactory.startConnecting: agentd supplies the endpoints
-        "hiredis>=2",  # txredisapi parses replies with it when installed
+        "hiredis>=2.2.1",  # txredisapi parses replies with it; agentd encodes commands with it
         "prometheus-client>=0.20",
         "pyopenssl>=24",
         "service-identity>=24",

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import txredisapi
+from hiredis import pack_command
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
@@ -43,13 +44,21 @@ class _WritesNow:
         return getattr(self._transport, name)
 
 
-class _Leaner:
-    """txredisapi's protocol with its commands encoded with the common argument types done in
-    one step each, and written at once when nothing waits before them.
+# The argument types hiredis encodes exactly as txredisapi does (not floats: txredisapi
+# writes them with six decimals, hiredis as short as they go).
+_PACKED = frozenset((bytes, str, int))
+_UTF8 = frozenset(("utf-8", "utf8", "UTF-8"))
 
-    The encoding is byte for byte what ``BaseRedisProtocol._build_command`` makes; any other
-    type, and any string the connection's charset cannot encode, goes through its
-    ``_encode_value``.
+
+class _Leaner:
+    """txredisapi's protocol with its commands encoded by hiredis's ``pack_command`` (in C),
+    and written at once when nothing waits before them.
+
+    The encoding is byte for byte what ``BaseRedisProtocol._build_command`` makes. hiredis
+    encodes strings as UTF-8, so it is used on a connection whose charset is UTF-8 with
+    strict errors, for arguments all of them bytes, strings or integers; any other command,
+    and a string UTF-8 cannot encode, is encoded one argument at a time here, any other type
+    through txredisapi's ``_encode_value``.
     """
 
     # txredisapi's protocol has them.
@@ -61,6 +70,20 @@ class _Leaner:
         super().makeConnection(_WritesNow(transport))  # type: ignore[misc]  # the protocol's
 
     def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+        if self.charset in _UTF8 and self.errors == "strict":
+            for arg in args:
+                if type(arg) not in _PACKED:
+                    break
+            else:
+                try:
+                    packed: bytes = pack_command(args)
+                except UnicodeError:
+                    pass  # a lone surrogate: txredisapi's own error, below
+                else:
+                    return packed
+        return self._build_slowly(args)
+
+    def _build_slowly(self, args: tuple[Any, ...]) -> bytes:
         parts = [b"*%d\r\n" % len(args)]
         for arg in args:
             kind = type(arg)

@@ -52,6 +52,12 @@ def test_commands_are_encoded_byte_for_byte_as_txredisapi_encodes_them() -> None
     assert built(direct, *ARGUMENTS, charset=None) == built(original, *ARGUMENTS, charset=None)
     latin = ["café", b"x", 3]
     assert built(direct, *latin, charset="latin-1") == built(original, *latin, charset="latin-1")
+    # A command of strings, bytes and integers alone, as agentd's scripts are called: the
+    # one hiredis encodes.
+    common = ["EVALSHA", "0" * 40, 2, "naïve ✓", b"\x00\xff raw", 0, -17, 2**70, ""]
+    assert built(direct, *common) == built(original, *common)
+    for charset in ("utf8", "UTF-8"):
+        assert built(direct, *common, charset=charset) == built(original, *common, charset=charset)
 
 
 def test_what_txredisapi_refuses_to_encode_is_refused_alike() -> None:
