@@ -2,6 +2,9 @@
 
 Labels stay low-cardinality: never user, project, session or query ids. The ``agent`` label
 only ever takes a configured agent name.
+
+The metrics counted for every prompt or message are ``agentd.tally``'s: plain numbers, counted
+on the reactor's thread only, and exported as prometheus_client's own would be.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+
+from agentd import tally
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
@@ -21,7 +26,7 @@ ACTIVE_CONNECTIONS = Gauge(
     ["agent"],
     registry=REGISTRY,
 )
-QUERY_DURATION = Histogram(
+QUERY_DURATION = tally.Histogram(
     "agent_query_duration_seconds",
     "Time from an accepted prompt to the agent's done or error",
     ["agent"],
@@ -36,19 +41,19 @@ ERRORS = Counter(
 )
 
 # Queries.
-QUERIES = Counter(
+QUERIES = tally.Counter(
     "agentd_queries_total",
     "Finished queries by outcome (done, aborted, error, exited)",
     ["agent", "outcome"],
     registry=REGISTRY,
 )
-QUERIES_IN_FLIGHT = Gauge(
+QUERIES_IN_FLIGHT = tally.Gauge(
     "agentd_queries_in_flight",
     "Queries accepted and not yet finished",
     ["agent"],
     registry=REGISTRY,
 )
-FIRST_DELTA = Histogram(
+FIRST_DELTA = tally.Histogram(
     "agentd_time_to_first_delta_seconds",
     "Time from an accepted prompt to the agent's first output",
     ["agent"],
@@ -116,13 +121,13 @@ ACCEPT_ERRORS = Counter(
 )
 
 # Relay.
-MESSAGES = Counter(
+MESSAGES = tally.Counter(
     "agentd_messages_total",
     "Messages relayed, by direction (to_agent, to_client)",
     ["direction"],
     registry=REGISTRY,
 )
-BYTES = Counter(
+BYTES = tally.Counter(
     "agentd_bytes_total", "Bytes relayed, by direction", ["direction"], registry=REGISTRY
 )
 FLOW_PAUSES = Counter(
@@ -164,7 +169,7 @@ ATTACHES = Counter(
 )
 
 # Rate limiting.
-RATELIMIT_DECISIONS = Counter(
+RATELIMIT_DECISIONS = tally.Counter(
     "agentd_ratelimit_decisions_total",
     "Rate-limit decisions by policy (prompts, connections, sessions) and result "
     "(allowed, rejected)",
@@ -186,7 +191,7 @@ REDIS_ERRORS = Counter(
     ["operation"],
     registry=REGISTRY,
 )
-REDIS_LATENCY = Histogram(
+REDIS_LATENCY = tally.Histogram(
     "agentd_redis_latency_seconds",
     "Redis call latency by operation",
     ["operation"],
@@ -205,7 +210,7 @@ REDIS_PRIMARY_CHANGED = Gauge(
     "When agentd first reached its current Redis primary (UNIX time)",
     registry=REGISTRY,
 )
-REPLICA_CONFIRMATIONS = Counter(
+REPLICA_CONFIRMATIONS = tally.Counter(
     "agentd_redis_replica_confirmations_total",
     "Writes (usage, stored keys) a replica confirmed, did not confirm in time, or that had "
     "no replica to wait for (confirmed, unconfirmed, no_replica)",
@@ -214,7 +219,7 @@ REPLICA_CONFIRMATIONS = Counter(
 )
 
 # Usage and billing.
-USAGE_EVENTS = Counter(
+USAGE_EVENTS = tally.Counter(
     "agentd_usage_events_total",
     "Usage events by result (recorded, duplicate, spooled, unconfirmed, replayed, failed)",
     ["result"],
@@ -225,13 +230,13 @@ USAGE_SPOOL_DEPTH = Gauge(
     "Usage events waiting in the local spool for Redis",
     registry=REGISTRY,
 )
-TOKENS = Counter(
+TOKENS = tally.Counter(
     "agentd_tokens_total",
     "Tokens used, by agent and type (input, output, cache_read, cache_write)",
     ["agent", "type"],
     registry=REGISTRY,
 )
-COST = Counter("agentd_cost_usd_total", "Cost in USD, by agent", ["agent"], registry=REGISTRY)
+COST = tally.Counter("agentd_cost_usd_total", "Cost in USD, by agent", ["agent"], registry=REGISTRY)
 BUDGET_REJECTIONS = Counter(
     "agentd_budget_rejections_total",
     "Prompts refused because a monthly budget was reached, by scope (user, project)",

@@ -87,7 +87,7 @@ def event(n: int, prefix: str) -> UsageEvent:
 
 
 def spooled() -> float:
-    return float(metrics.USAGE_EVENTS.labels("spooled")._value.get())
+    return metrics.USAGE_EVENTS.labels("spooled").value
 
 
 class Bench:

@@ -11,12 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from prometheus_client import Counter
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from agentd.errors import ErrorCode
 from agentd.keys.source import KeySource
+from agentd.tally import Increments
 from agentd.transport import AgentTransport
 from agentd.usage.records import UsageEvent
 
@@ -41,7 +41,7 @@ class Refusal:
     code: ErrorCode
     text: str
     fields: Mapping[str, Any]
-    metric: Counter
+    metric: Increments
 
 
 class PromptGate(Protocol):

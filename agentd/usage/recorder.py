@@ -20,13 +20,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from prometheus_client import Counter
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from agentd import metrics
+from agentd import metrics, tally
 from agentd.config import ConfigError, UsageConfig
 from agentd.health import CheckResult, HealthCheck
 from agentd.pricing import PriceTable
@@ -44,6 +43,8 @@ from agentd.usage.store import UsageStore
 _log = Logger()
 
 _TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
+# An agent's token counters (by _TOKEN_KINDS) and its cost counter.
+_AgentMetrics = tuple[tuple[tally.CounterValue, ...], tally.CounterValue]
 _EVENTS = {
     result: metrics.USAGE_EVENTS.labels(result)
     for result in ("recorded", "duplicate", "spooled", "unconfirmed", "replayed", "failed")
@@ -107,7 +108,7 @@ class UsageRecorder:
         # Queries whose tokens and cost this process counted, waiting in the spool for a
         # replica: a replay after a failover that lost them writes them again, not counts.
         self._counted: set[str] = set()
-        self._agent_metrics: dict[str, tuple[tuple[Counter, ...], Counter]] = {}
+        self._agent_metrics: dict[str, _AgentMetrics] = {}
 
     @classmethod
     def from_config(
@@ -335,7 +336,7 @@ class UsageRecorder:
                 days=self._retention_days,
             )
 
-    def _metrics_for(self, agent: str) -> tuple[tuple[Counter, ...], Counter]:
+    def _metrics_for(self, agent: str) -> _AgentMetrics:
         """The agent's token and cost counters (labels() is a lookup; once per agent)."""
         children = self._agent_metrics.get(agent)
         if children is None:
