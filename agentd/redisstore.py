@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from agentd import metrics
 from agentd.config import ConfigError, RedisConfig, parse_host_port
+from agentd.deadlines import Deadlines
 from agentd.redisconfirm import NotPrimary, ReplicaConfirmer, Witness
 from agentd.redisprimary import Address, PrimaryRecord
 from agentd.redisscripts import Scripts, leaner
@@ -182,6 +183,7 @@ class RedisStore:
         target = parse_redis_url(url, sentinel=sentinel is not None)
         self.timeout = timeout
         self._clock = clock
+        self._deadlines = Deadlines(clock)
         self._target = target
         self._tls = tls
         self._sentinel = sentinel
@@ -277,7 +279,7 @@ class RedisStore:
         """
         started = time.perf_counter()
         d = command(self.connection)
-        d.addTimeout(self.timeout if timeout is None else timeout, self._clock)
+        self._deadlines.add(d, self.timeout if timeout is None else timeout)
 
         def measured(result: T) -> T:
             _LATENCY(operation).observe(time.perf_counter() - started)

@@ -101,7 +101,9 @@ def test_a_histogram_with_default_buckets_or_an_explicit_inf() -> None:
     reference = prometheus_client.Histogram("demo_seconds", "Durations", registry=theirs)
     histogram = tally.Histogram("demo_seconds", "Durations", registry=ours)
     explicit = (1, 5, float("inf"))
-    reference_inf = prometheus_client.Histogram("demo_inf", "Inf", buckets=explicit, registry=theirs)
+    reference_inf = prometheus_client.Histogram(
+        "demo_inf", "Inf", buckets=explicit, registry=theirs
+    )
     histogram_inf = tally.Histogram("demo_inf", "Inf", buckets=explicit, registry=ours)
     for value in (0.003, 0.2, 4, 11, 100):
         reference.observe(value)
