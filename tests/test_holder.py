@@ -653,6 +653,22 @@ def test_a_killed_holder_leaves_its_journal_and_the_resume_learns_it(sessions: S
     assert ack == {"seq": numbered[-1]["seq"] + 1, "type": "ack", "id": "p1", "duplicate": True}
 
 
+def test_usage_is_kept_before_its_done_is_seen_so_a_holder_killed_then_hands_it_over(
+    sessions: Sessions,
+):
+    for query in ("p1", "p2", "p3"):
+        attach, hello = sessions.attached(session=f"killed-{query}-0123456789")
+        prompt(attach, query, "then the holder dies")
+        os.killpg(hello["holderPid"], signal.SIGKILL)  # at once, as the done arrived
+        assert attach.process.wait(timeout=10) == 0
+        wait_for(lambda pid=hello["holderPid"]: not is_holder(pid))
+        lost = sessions.attach(session=f"killed-{query}-0123456789", after=0, start=False)
+        served = lost.rest()
+        assert lost.process.wait(timeout=10) == 0
+        assert served[0]["type"] == "attached" and served[0]["live"] is False
+        assert [m["id"] for m in served if m["type"] == "unrecorded"] == [query]
+
+
 def test_an_idle_session_ends_but_a_running_query_runs_to_its_end(sessions: Sessions):
     options = ("--idle-seconds", "0.3")
     attach, hello = sessions.attached(options=options)

@@ -159,11 +159,9 @@ class Ledger:
             if obj is not None and obj.get("type") in ("done", "error"):
                 effects.append(obj)
         if out:
-            if not self._append(b"".join(out), first, seq - 1):
+            if not self._append(b"".join(out), first, seq - 1, effects):
                 return 0
             self.waiting_ack = self.ack_due = None
-            for obj in effects:
-                self._query_end(obj)
         return used
 
     def _parse_agent_line(self, line: bytes) -> dict[str, Any] | None:
@@ -181,9 +179,13 @@ class Ledger:
             return None
         return obj
 
-    def _append(self, data: bytes, first: int, last: int) -> bool:
+    def _append(
+        self, data: bytes, first: int, last: int, ends: list[dict[str, Any]] | None = None
+    ) -> bool:
         """Journal numbered lines and relay them; False (nothing journaled) when the disk
-        refused, to be tried again later."""
+        refused, to be tried again later. ``ends`` are the queries' ``done`` and ``error``
+        lines among them: their usage is kept in the state before anyone sees them, so an
+        attach that saw a ``done`` finds its usage however soon the holder dies after."""
         caught_up = self.attaches.caught_up()
         try:
             self.journal.append(data, first, last)
@@ -192,6 +194,8 @@ class Ledger:
             self.retry_at = time.monotonic() + RETRY_SECONDS
             self.pause_agent()
             return False
+        for obj in ends or ():
+            self._query_end(obj)
         self.attaches.relay(data, caught_up)
         return True
 
