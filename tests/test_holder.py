@@ -669,6 +669,30 @@ def test_usage_is_kept_before_its_done_is_seen_so_a_holder_killed_then_hands_it_
         assert [m["id"] for m in served if m["type"] == "unrecorded"] == [query]
 
 
+def test_a_lost_holders_unrecorded_usage_says_whose_keys_paid(sessions: Sessions):
+    attach, hello = sessions.attached(env={"AGENTD_KEY_SOURCE": "user"})
+    prompt(attach, "p1", "on my own key")
+    os.killpg(hello["holderPid"], signal.SIGKILL)
+    assert attach.process.wait(timeout=10) == 0
+    wait_for(lambda: not is_holder(hello["holderPid"]))
+    # Whatever the agentd that serves the journal was started with.
+    lost = sessions.attach(after=0, start=False, env={"AGENTD_KEY_SOURCE": "operator"})
+    served = lost.rest()
+    assert lost.process.wait(timeout=10) == 0
+    assert served[0]["type"] == "attached" and served[0]["keySource"] is None
+    unrecorded = [m for m in served if m["type"] == "unrecorded"]
+    assert [(m["id"], m["keySource"]) for m in unrecorded] == [("p1", "user")]
+
+
+def test_a_holder_told_no_key_source_records_usage_without_one(sessions: Sessions):
+    attach, _ = sessions.attached()
+    done = prompt(attach, "p1", "whose?")[-1]
+    attach.detach()
+    again, _ = sessions.attached(after=done["seq"], start=False)
+    pending = again.read()
+    assert pending["type"] == "unrecorded" and "keySource" not in pending
+
+
 def test_an_idle_session_ends_but_a_running_query_runs_to_its_end(sessions: Sessions):
     options = ("--idle-seconds", "0.3")
     attach, hello = sessions.attached(options=options)

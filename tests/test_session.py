@@ -643,6 +643,42 @@ def test_an_instance_that_did_not_start_the_agent_bills_with_the_keys_it_was_sta
     assert [e.key_source for e in usage.events] == ["user"]
 
 
+def test_a_lost_holders_usage_is_billed_to_whose_keys_each_record_names():
+    """A lost holder's journal comes with no one to say whose keys the agent ran with (its
+    ``attached`` has no keySource): each unrecorded record names them itself. A record from
+    a holder that did not write the field is billed as the session is."""
+    usage = FakeUsage()
+    _, transport, registry = make(usage=usage, usage_event=UsageEvent.from_agent_usage)
+    session = opened(registry, KEY, FakeClient())
+    session.prompt("a", "x")
+    holder = transport.holders[session.id]
+    holder.key_source = None  # the journal of a holder that is gone
+    holder.unrecorded = [
+        {
+            "id": "a",
+            "event": "h-1",
+            "outcome": "done",
+            "usage": USAGE,
+            "timestamp": 1.7e9,
+            "keySource": "user",
+        },
+        {"id": "b", "event": "h-2", "outcome": "done", "usage": USAGE, "timestamp": 1.7e9},
+        {
+            "id": "c",
+            "event": "h-3",
+            "outcome": "done",
+            "usage": USAGE,
+            "timestamp": 1.7e9,
+            "keySource": "somebody",
+        },
+    ]
+    _, elsewhere_transport, elsewhere = make(usage=usage, usage_event=UsageEvent.from_agent_usage)
+    elsewhere_transport.holders = transport.holders
+    opened(elsewhere, KEY, FakeClient(), session.id, 1)
+    billed = {e.query_id: e.key_source for e in usage.events}
+    assert billed == {"h-1": "user", "h-2": "operator", "h-3": "operator"}
+
+
 def test_a_client_resuming_on_another_instance_closes_this_ones_with_4001():
     _, transport, registry = make()
     client = FakeClient()

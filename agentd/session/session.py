@@ -881,12 +881,24 @@ class Session:
             and outcome in ("done", "aborted", "error")
             and isinstance(timestamp, int | float)
         ):
-            self._record_usage(prompt_id, event_id, usage, str(outcome), float(timestamp))
+            # The record says whose keys paid when it knows (the session's own attach does
+            # not, when this is a lost holder's journal); an older holder's record does not.
+            source = message.get("keySource")
+            key_source = source if source in ("user", "operator") else self._key_source
+            self._record_usage(
+                prompt_id, event_id, usage, str(outcome), float(timestamp), key_source
+            )
         else:
             _log.warn("the session holder sent malformed unrecorded usage", **self._log_context)
 
     def _record_usage(
-        self, prompt_id: str, event_id: str, usage: dict[str, Any], outcome: str, timestamp: float
+        self,
+        prompt_id: str,
+        event_id: str,
+        usage: dict[str, Any],
+        outcome: str,
+        timestamp: float,
+        key_source: str | None = None,
     ) -> None:
         """Record a query's usage under its derived event id (so any instance records it
         once), then tell the holder it may forget it."""
@@ -902,7 +914,7 @@ class Session:
             project=self.key.project,
             agent=self.key.agent,
             timestamp=timestamp,
-            key_source=self._key_source,
+            key_source=self._key_source if key_source is None else key_source,
             outcome=outcome,
         )
         if event is None:

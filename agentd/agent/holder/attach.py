@@ -311,6 +311,7 @@ def open_lost(session: str, after: int) -> LostSession:
             "live": False,
             "agentPid": None,
             "holderPid": None,
+            "keySource": None,  # nobody left to say; each unrecorded record says its own
         }
     )
     head += b"".join(wire.encode({"type": "unrecorded", **u}) for u in state.unrecorded.values())

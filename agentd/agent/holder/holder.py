@@ -25,7 +25,7 @@ from agentd.agent.holder import sessions, wire
 from agentd.agent.holder.child import AgentChild
 from agentd.agent.holder.connections import Attach, Attaches
 from agentd.agent.holder.journal import Journal, Syncer
-from agentd.agent.holder.ledger import Ledger
+from agentd.agent.holder.ledger import Ledger, key_source
 from agentd.agent.holder.state import State
 from agentd.agent.log import Log
 from agentd.agent.protocol import MAX_ID_CHARS
@@ -253,7 +253,7 @@ class Holder:
                 "live": True,
                 "agentPid": None if agent is None else agent.proc.pid,
                 "holderPid": os.getpid(),
-                "keySource": _key_source(),
+                "keySource": key_source(),
             }
         )
         for record in self.state.unrecorded.values():
@@ -401,11 +401,3 @@ class Holder:
         if not keep:
             sessions.remove_current()
         self.log.info("ended", session=self._short, reason=reason, kept=keep)
-
-
-def _key_source() -> str | None:
-    """Whose provider keys the agent was started with, as agentd said when it started the
-    holder (``AGENTD_KEY_SOURCE``): the usage of its queries is billed accordingly by
-    whichever agentd records it."""
-    source = os.environ.get("AGENTD_KEY_SOURCE")
-    return source if source in ("user", "operator") else None

@@ -15,6 +15,7 @@ of events.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,6 +35,14 @@ if TYPE_CHECKING:
 RETRY_SECONDS = 1.0
 # A prompt's ack waits this long at most for the agent's first line, to share its write.
 ACK_WAIT_SECONDS = 0.002
+
+
+def key_source() -> str | None:
+    """Whose provider keys the agent was started with, as agentd said when it started the
+    holder (``AGENTD_KEY_SOURCE``): the usage of its queries is billed accordingly by
+    whichever agentd records it."""
+    source = os.environ.get("AGENTD_KEY_SOURCE")
+    return source if source in ("user", "operator") else None
 
 
 class Ledger:
@@ -243,15 +252,19 @@ class Ledger:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             outcome = "aborted" if obj.get("aborted") else ("done" if kind == "done" else "error")
-            self.state.add_usage(
-                {
-                    "id": query,
-                    "event": wire.usage_event_id(self.identity.session, query),
-                    "outcome": outcome,
-                    "usage": usage,
-                    "timestamp": round(time.time(), 3),
-                }
-            )
+            record: dict[str, Any] = {
+                "id": query,
+                "event": wire.usage_event_id(self.identity.session, query),
+                "outcome": outcome,
+                "usage": usage,
+                "timestamp": round(time.time(), 3),
+            }
+            source = key_source()
+            if source is not None:
+                # Kept with the record: an agentd that records it from a lost holder's
+                # journal has no holder to ask whose keys paid.
+                record["keySource"] = source
+            self.state.add_usage(record)
 
     def confirm(self, seq: int) -> None:
         seq = min(seq, self.journal.last_seq)
