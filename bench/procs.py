@@ -219,6 +219,7 @@ class Agentd(Process):
     ) -> None:
         super().__init__()
         self.source = source  # another tree to import agentd from, or this checkout
+        self.twistd_options: list[str] = []  # before the plugin's name, such as --profile
         self.port = free_port()
         work.mkdir(parents=True, exist_ok=True)
         config = {name: dict(keys) for name, keys in sections.items()}
@@ -246,6 +247,7 @@ class Agentd(Process):
                 str(BIN / "twistd"),
                 "--nodaemon",
                 "--pidfile=",
+                *self.twistd_options,
                 "agentd",
                 "--config",
                 str(self.config_path),

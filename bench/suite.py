@@ -125,6 +125,7 @@ class Context:
         backlog: int | None = None,
         source: Path | None = None,
         wait: bool = True,
+        twistd_options: Sequence[str] = (),
         **sections: dict[str, Any],
     ) -> Agentd:
         """agentd from this checkout, or from ``source`` (an earlier revision's tree), which
@@ -150,6 +151,7 @@ class Context:
         sections["server"] = {**ONE_ADDRESS, **sections.get("server", {})}
         self._started += 1
         process = Agentd(self.work / f"agentd-{self._started}-{name}", sections, backlog, source)
+        process.twistd_options = list(twistd_options)
         self._current.callback(process.stop)
         return process.start(wait)
 

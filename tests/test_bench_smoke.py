@@ -136,3 +136,15 @@ def durable_holders_left_behind() -> list[int]:
                 if not sessions.exists():
                     found.append(int(entry.name))
     return found
+
+
+def test_calls_per_prompt_are_counted_for_each_store(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "bench.calls", "--prompts", "20"]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| this")]
+    figures = {row[2].strip(): float(row[3].replace(",", "")) for row in rows}
+    assert set(figures) == {"memory", "redis"}
+    # A prompt costs agentd hundreds of Python calls; Redis adds the gate's and the usage
+    # record's script calls.
+    assert 100 < figures["memory"] < figures["redis"] < 10_000
