@@ -21,9 +21,12 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 T = TypeVar("T")
+
+_log = Logger()
 
 
 class _Waiting:
@@ -86,7 +89,12 @@ class Deadlines:
             deferred = waiting.deferred
             if deferred is not None:
                 waiting.timed_out = True
-                deferred.cancel()
+                try:
+                    deferred.cancel()
+                except Exception:
+                    # A canceller that raised: the others still time out, as each of
+                    # addTimeout's timed calls would.
+                    _log.failure("cancelling a call at its deadline failed")
         if not heap:
             return
         # A cancellation's callbacks may have added a Deferred, and armed a call for it.

@@ -173,3 +173,24 @@ def test_a_zero_timeout_fires_on_the_next_turn(timeout: float) -> None:
     clock.advance(0)
     clock.advance(timeout)
     assert len(seen) == 1 and isinstance(seen[0], TimeoutError)
+
+
+def test_a_canceller_that_raises_does_not_stop_the_others_timing_out() -> None:
+    clock = Clock()
+    deadlines = Deadlines(clock)
+
+    def broken(_: Deferred[object]) -> None:
+        raise ValueError("not in the queue")
+
+    first: Deferred[object] = Deferred(broken)
+    second: Deferred[object] = Deferred()
+    third: Deferred[object] = Deferred()
+    deadlines.add(first, 1)
+    deadlines.add(second, 1)
+    deadlines.add(third, 2)
+    seen_second, seen_third = outcome(second), outcome(third)
+    clock.advance(1)
+    assert len(seen_second) == 1 and isinstance(seen_second[0], TimeoutError)
+    clock.advance(1)
+    assert len(seen_third) == 1 and isinstance(seen_third[0], TimeoutError)
+    assert clock.getDelayedCalls() == []
