@@ -65,13 +65,9 @@ class Deadlines:
         while heap and heap[0][2].deferred is None:
             heapq.heappop(heap)
         waiting = _Waiting(deferred, timeout)
-        deadline = self._clock.seconds() + timeout
-        heapq.heappush(heap, (deadline, next(self._order), waiting))
-        call = self._call
-        if call is None:
-            self._call = self._clock.callLater(timeout, self._expire)
-        elif deadline < call.getTime():
-            call.reset(timeout)
+        now = self._clock.seconds()
+        heapq.heappush(heap, (now + timeout, next(self._order), waiting))
+        self._arm(now + timeout, now)
         deferred.addBoth(waiting.settled)
         return deferred
 
@@ -95,11 +91,14 @@ class Deadlines:
                     # A canceller that raised: the others still time out, as each of
                     # addTimeout's timed calls would.
                     _log.failure("cancelling a call at its deadline failed")
-        if not heap:
-            return
-        # A cancellation's callbacks may have added a Deferred, and armed a call for it.
-        delay = max(0.0, heap[0][0] - now)
-        if self._call is None:
-            self._call = self._clock.callLater(delay, self._expire)
-        elif heap[0][0] < self._call.getTime():
-            self._call.reset(delay)
+        if heap:
+            # A cancellation's callbacks may have added a Deferred, and armed a call for it.
+            self._arm(heap[0][0], now)
+
+    def _arm(self, deadline: float, now: float) -> None:
+        """Have the timed call come by ``deadline``."""
+        call = self._call
+        if call is None:
+            self._call = self._clock.callLater(max(0.0, deadline - now), self._expire)
+        elif deadline < call.getTime():
+            call.reset(max(0.0, deadline - now))

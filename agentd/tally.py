@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
@@ -103,21 +103,23 @@ V = TypeVar("V", CounterValue, GaugeValue, HistogramValue)
 class _Family(Collector, Generic[V]):
     """A metric and its labelled series, registered in ``registry``."""
 
+    # What prometheus_client leaves off the family's name (a counter's "_total").
+    _suffix = ""
+
     def __init__(
         self,
         name: str,
         documentation: str,
-        labelnames: Sequence[str],
+        labelnames: Sequence[str] = (),
+        *,
         registry: CollectorRegistry,
-        series: Callable[[], V],
     ) -> None:
-        self.name = name
+        self.name = name.removesuffix(self._suffix)
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._series: Callable[[], V] = series
         self._children: dict[tuple[str, ...], V] = {}
         if not self.labelnames:
-            self._children[()] = series()
+            self._children[()] = self._series()
         registry.register(self)
 
     def labels(self, *values: object) -> V:
@@ -145,6 +147,9 @@ class _Family(Collector, Generic[V]):
             self._add(family, key, child)
         yield family
 
+    def _series(self) -> V:
+        raise NotImplementedError
+
     def _family(self) -> Metric:
         raise NotImplementedError
 
@@ -155,17 +160,10 @@ class _Family(Collector, Generic[V]):
 class Counter(_Family[CounterValue]):
     """A counter, as ``prometheus_client.Counter`` exports it."""
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        *,
-        registry: CollectorRegistry,
-    ) -> None:
-        super().__init__(
-            name.removesuffix("_total"), documentation, labelnames, registry, CounterValue
-        )
+    _suffix = "_total"
+
+    def _series(self) -> CounterValue:
+        return CounterValue()
 
     def _family(self) -> Metric:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -179,15 +177,8 @@ class Counter(_Family[CounterValue]):
 class Gauge(_Family[GaugeValue]):
     """A gauge, as ``prometheus_client.Gauge`` exports it."""
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        *,
-        registry: CollectorRegistry,
-    ) -> None:
-        super().__init__(name, documentation, labelnames, registry, GaugeValue)
+    def _series(self) -> GaugeValue:
+        return GaugeValue()
 
     def _family(self) -> Metric:
         return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -216,9 +207,10 @@ class Histogram(_Family[HistogramValue]):
         self._bounds = tuple(bounds)
         # The label values prometheus_client writes for them ("0.005", "+Inf").
         self._names = tuple(floatToGoString(b) for b in self._bounds)  # type: ignore[no-untyped-call]
-        super().__init__(
-            name, documentation, labelnames, registry, lambda: HistogramValue(self._bounds)
-        )
+        super().__init__(name, documentation, labelnames, registry=registry)
+
+    def _series(self) -> HistogramValue:
+        return HistogramValue(self._bounds)
 
     def _family(self) -> Metric:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)

@@ -203,6 +203,20 @@ def prompt(attach: Attach, prompt_id: str, text: str, **options: Any) -> list[di
     return attach.read_until(lambda m: m["type"] in ("done", "error") and m.get("id") == prompt_id)
 
 
+def kill_and_serve(
+    sessions: Sessions, attach: Attach, hello: dict[str, Any], **kwargs: Any
+) -> list[dict[str, Any]]:
+    """Kill the holder that ``hello`` names at once, then what an attach (``kwargs``, no
+    ``--start``) serves of the session it left."""
+    os.killpg(hello["holderPid"], signal.SIGKILL)
+    assert attach.process.wait(timeout=10) == 0  # the attach goes with its holder
+    wait_for(lambda: not is_holder(hello["holderPid"]))
+    lost = sessions.attach(start=False, **kwargs)
+    served = lost.rest()
+    assert lost.process.wait(timeout=10) == 0
+    return served
+
+
 def seqs(lines: list[dict[str, Any]]) -> list[int]:
     return [line["seq"] for line in lines if "seq" in line]
 
@@ -633,12 +647,7 @@ def test_agentds_own_lines_are_numbered_and_journaled_with_the_agents(sessions: 
 def test_a_killed_holder_leaves_its_journal_and_the_resume_learns_it(sessions: Sessions):
     attach, hello = sessions.attached()
     lines = prompt(attach, "p1", "before the crash")
-    os.killpg(hello["holderPid"], signal.SIGKILL)
-    assert attach.process.wait(timeout=10) == 0  # the attach goes with its holder
-    wait_for(lambda: not is_holder(hello["holderPid"]))
-    lost = sessions.attach(after=2, start=False)
-    served = lost.rest()
-    assert lost.process.wait(timeout=10) == 0
+    served = kill_and_serve(sessions, attach, hello, after=2)
     head, *numbered, tail = [m for m in served if m["type"] != "unrecorded"]
     assert head["type"] == "attached" and head["live"] is False and head["complete"] is True
     assert numbered[:-1] == lines[2:]
@@ -658,13 +667,8 @@ def test_usage_is_kept_before_its_done_is_seen_so_a_holder_killed_then_hands_it_
 ):
     for query in ("p1", "p2", "p3"):
         attach, hello = sessions.attached(session=f"killed-{query}-0123456789")
-        prompt(attach, query, "then the holder dies")
-        os.killpg(hello["holderPid"], signal.SIGKILL)  # at once, as the done arrived
-        assert attach.process.wait(timeout=10) == 0
-        wait_for(lambda pid=hello["holderPid"]: not is_holder(pid))
-        lost = sessions.attach(session=f"killed-{query}-0123456789", after=0, start=False)
-        served = lost.rest()
-        assert lost.process.wait(timeout=10) == 0
+        prompt(attach, query, "then the holder dies")  # killed at once, as the done arrived
+        served = kill_and_serve(sessions, attach, hello, session=f"killed-{query}-0123456789")
         assert served[0]["type"] == "attached" and served[0]["live"] is False
         assert [m["id"] for m in served if m["type"] == "unrecorded"] == [query]
 
@@ -672,13 +676,8 @@ def test_usage_is_kept_before_its_done_is_seen_so_a_holder_killed_then_hands_it_
 def test_a_lost_holders_unrecorded_usage_says_whose_keys_paid(sessions: Sessions):
     attach, hello = sessions.attached(env={"AGENTD_KEY_SOURCE": "user"})
     prompt(attach, "p1", "on my own key")
-    os.killpg(hello["holderPid"], signal.SIGKILL)
-    assert attach.process.wait(timeout=10) == 0
-    wait_for(lambda: not is_holder(hello["holderPid"]))
     # Whatever the agentd that serves the journal was started with.
-    lost = sessions.attach(after=0, start=False, env={"AGENTD_KEY_SOURCE": "operator"})
-    served = lost.rest()
-    assert lost.process.wait(timeout=10) == 0
+    served = kill_and_serve(sessions, attach, hello, env={"AGENTD_KEY_SOURCE": "operator"})
     assert served[0]["type"] == "attached" and served[0]["keySource"] is None
     unrecorded = [m for m in served if m["type"] == "unrecorded"]
     assert [(m["id"], m["keySource"]) for m in unrecorded] == [("p1", "user")]

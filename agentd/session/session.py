@@ -854,9 +854,8 @@ class Session:
             _QUERIES(agent, outcome).inc()
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self._record_usage(
-                prompt_id, usage_event_id(self.id, prompt_id), usage, outcome, time.time()
-            )
+            event_id = usage_event_id(self.id, prompt_id)
+            self._record_usage(prompt_id, event_id, usage, outcome, time.time(), self._key_source)
         if self._leaving and not self.queries:
             self._clock.callLater(0, self._expire)
 
@@ -898,7 +897,7 @@ class Session:
         usage: dict[str, Any],
         outcome: str,
         timestamp: float,
-        key_source: str | None = None,
+        key_source: str,
     ) -> None:
         """Record a query's usage under its derived event id (so any instance records it
         once), then tell the holder it may forget it."""
@@ -914,7 +913,7 @@ class Session:
             project=self.key.project,
             agent=self.key.agent,
             timestamp=timestamp,
-            key_source=self._key_source if key_source is None else key_source,
+            key_source=key_source,
             outcome=outcome,
         )
         if event is None:
