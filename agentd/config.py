@@ -130,6 +130,7 @@ class UsageConfig:
     prices_file: str = ""
     monthly_budget_usd: float = 0.0
     soft_budget_ratio: float = 0.8
+    batch_ms: int = 20
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("[usage] monthly_budget_usd", "must not be negative")
     if not 0 < config.usage.soft_budget_ratio <= 1:
         raise ConfigError("[usage] soft_budget_ratio", "must be in (0, 1]")
+    if not 0 <= config.usage.batch_ms <= 1000:
+        raise ConfigError("[usage] batch_ms", "must be between 0 and 1000")
     for name, reference in _key_references(config.keys):
         try:
             check_reference(reference)

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from txredisapi import ConnectionError
 
 from agentd import metrics
+from agentd.config import UsageConfig
 from agentd.pricing import PriceTable
 from agentd.ratelimit import Policy, RateLimiter
 from agentd.redishealth import RedisHealth
@@ -317,7 +318,7 @@ def test_an_outage_one_user_meets_is_every_users_outage_and_so_is_the_recovery(
 
     usage.down = True
     recorder.record(usage_event("q1"))
-    clock.advance(0)
+    clock.advance(UsageConfig().batch_ms / 1000)  # the record's batch window
     # The recorder met the failure; the limiter and the budget checks take their fallbacks
     # without calling Redis, and nobody waits for a timeout.
     assert limiter.degraded and not health.up

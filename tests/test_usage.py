@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 
-from agentd.config import ConfigError, UsageConfig
+from agentd.config import ConfigError, UsageConfig, from_dict
 from agentd.pricing import PriceTable
 from agentd.usage.budgets import BudgetDecision
 from agentd.usage.layout import (
@@ -67,6 +67,8 @@ PRICES = PriceTable.from_dict(
         }
     }
 )
+# How long a usage record waits for others to share its call to the store.
+WINDOW = UsageConfig().batch_ms / 1000
 NOW = calendar.timegm(datetime.datetime(2026, 11, 20, 12, 0, 0).timetuple())
 
 
@@ -122,7 +124,7 @@ class Meter:
 
     def record(self, *events: UsageEvent) -> None:
         recorded = [self.recorder.record(e) for e in events]
-        self.clock.advance(0)
+        self.clock.advance(WINDOW)
         for d in recorded:
             assert result_of(d) is None
 
@@ -684,8 +686,8 @@ def test_failed_writes_are_spooled_and_replayed_in_order_when_the_store_is_back(
     recorder = spooling_recorder(tmp_path, store, clock)
     recorder.start()
     recorded = [recorder.record(event(f"q{i}")) for i in range(5)]
-    assert recorder.spool_depth == 0  # nothing happens before the reactor's next I/O pass
-    clock.advance(0)
+    assert recorder.spool_depth == 0  # nothing happens before the batch window ends
+    clock.advance(WINDOW)
     assert [result_of(d) for d in recorded] == [None] * 5
     assert recorder.spool_depth == 5
     assert recorder.health() == {
@@ -713,11 +715,11 @@ def test_records_skip_a_store_known_to_fail_and_return_to_it_once_it_answers(
     recorder = spooling_recorder(tmp_path, store, clock)
     recorder.start()
     recorder.record(event("q0"))
-    clock.advance(0)
+    clock.advance(WINDOW)
     assert (store.attempts, recorder.spool_depth) == (1, 1)
     for i in range(1, 5):
         recorder.record(event(f"q{i}"))
-    clock.advance(0)
+    clock.advance(WINDOW)
     assert (store.attempts, recorder.spool_depth) == (1, 5)  # no wait on a failing store
     store.down = False
     # Budget checks do not wait on it either. The probe finds it answering again; the backlog
@@ -727,7 +729,7 @@ def test_records_skip_a_store_known_to_fail_and_return_to_it_once_it_answers(
     clock.advance(0.25)
     assert (store.attempts, recorder.spool_depth) == (6, 0)
     recorder.record(event("q5"))
-    clock.advance(0)
+    clock.advance(WINDOW)
     assert (store.attempts, recorder.spool_depth) == (7, 0)
     assert report(recorder).totals.queries == 6
     result_of(recorder.stop())
@@ -751,7 +753,7 @@ def test_stop_leaves_what_it_cannot_flush_for_the_next_start(tmp_path: Path) -> 
     successor = spooling_recorder(tmp_path, store, clock)
     successor.start()
     assert successor.spool_depth == 3
-    clock.advance(0)
+    clock.advance(WINDOW)
     assert successor.spool_depth == 0
     assert report(successor).totals.queries == 3
     result_of(successor.stop())
@@ -765,7 +767,7 @@ def test_record_never_fails_even_when_nothing_works(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="spool_dir"):
         recorder.start()
     kept = recorder.record(event("kept"))
-    clock.advance(0)
+    clock.advance(WINDOW)
     assert result_of(kept) is None
     assert recorder.spool_depth == 1
     assert recorder.health()["spool_writable"] is False
@@ -788,7 +790,7 @@ def test_spool_replay_counts_records_already_applied_once(tmp_path: Path) -> Non
         result_of(store.apply(record_of(f"q{i}"), 2**40, 2**40))
     recorder = spooling_recorder(tmp_path, store, clock)
     recorder.start()
-    clock.advance(0)
+    clock.advance(WINDOW)
     assert recorder.spool_depth == 0
     assert report(recorder).totals.queries == 4
     assert os.path.getsize(tmp_path / "usage-spool.jsonl") == 0
@@ -817,12 +819,15 @@ class WatchedStore(MemoryUsageStore):
         return super().apply(record, expire_at, month_expire_at)
 
 
+@pytest.mark.parametrize("window", [0, WINDOW])
 @pytest_twisted.ensureDeferred
-async def test_what_the_caller_sends_right_after_record_leaves_before_recording_starts() -> None:
+async def test_what_the_caller_sends_right_after_record_leaves_before_recording_starts(
+    window: float,
+) -> None:
     from twisted.internet import reactor
 
     store = WatchedStore()
-    recorder = UsageRecorder(store, reactor, PRICES)
+    recorder = UsageRecorder(store, reactor, PRICES, batch_seconds=window)
     recorded: Deferred[None] = Deferred()
 
     class Gateway(Protocol):
@@ -842,6 +847,95 @@ async def test_what_the_caller_sends_right_after_record_leaves_before_recording_
         finally:
             gateway.transport.loseConnection()  # type: ignore[attr-defined]
             store.peer.close()
+
+
+class CountingStore(MemoryUsageStore):
+    """Counts the calls that reach the store, and the records in each."""
+
+    def __init__(self) -> None:
+        super().__init__(Now())
+        self.calls: list[int] = []
+
+    def apply_all(
+        self, items: Sequence[tuple[UsageRecord, int, int]], timeout: float | None = None
+    ) -> Deferred[list[str]]:
+        self.calls.append(len(items))
+        return super().apply_all(items, timeout)
+
+
+def test_the_records_of_one_window_share_one_call_to_the_store() -> None:
+    store, clock = CountingStore(), Clock()
+    recorder = UsageRecorder(store, clock, PRICES, batch_seconds=0.02, now=Now())
+    recorded = [recorder.record(event("q0"))]
+    clock.advance(0.01)
+    recorded += [recorder.record(event("q1")), recorder.record(event("q2"))]
+    clock.advance(0.0099)
+    assert store.calls == []  # the window is counted from its first record
+    assert not any(d.called for d in recorded)
+    clock.advance(0.0001)
+    assert store.calls == [3]
+    assert [result_of(d) for d in recorded] == [None] * 3
+    # The next record opens a new window.
+    later = recorder.record(event("q3"))
+    clock.advance(0.019)
+    assert store.calls == [3]
+    clock.advance(0.001)
+    assert (store.calls, result_of(later)) == ([3, 1], None)
+    assert report(recorder).totals.queries == 4
+
+
+def test_a_full_chunk_goes_without_waiting_for_the_window() -> None:
+    store, clock = CountingStore(), Clock()
+    recorder = UsageRecorder(store, clock, PRICES, batch_seconds=0.5, now=Now())
+    recorded = [recorder.record(event(f"q{i}")) for i in range(64 + 2)]
+    assert store.calls == []
+    # The two over the chunk waited with the rest: they go in the next call, at once.
+    clock.advance(0)
+    assert store.calls == [64, 2]
+    assert [result_of(d) for d in recorded] == [None] * 66
+    assert report(recorder).totals.queries == 66
+
+
+def test_a_window_of_zero_records_after_the_current_pass() -> None:
+    store, clock = CountingStore(), Clock()
+    recorder = UsageRecorder.from_config(UsageConfig(batch_ms=0), None, clock, PRICES, now=Now())
+    recorder._store = store  # the store the recorder made, counted
+    d = recorder.record(event("q0"))
+    assert store.calls == []
+    clock.advance(0)
+    assert (store.calls, result_of(d)) == ([1], None)
+
+
+def test_stop_records_the_open_window_at_once_and_leaves_no_timer() -> None:
+    store, clock = CountingStore(), Clock()
+    recorder = UsageRecorder(store, clock, PRICES, batch_seconds=0.02, now=Now())
+    recorded = [recorder.record(event("q0")), recorder.record(event("q1"))]
+    result_of(recorder.stop())
+    assert store.calls == [2]
+    assert [result_of(d) for d in recorded] == [None, None]
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_event_that_cannot_be_recorded_is_refused_at_once() -> None:
+    store, clock = CountingStore(), Clock()
+    recorder = UsageRecorder(store, clock, PRICES, batch_seconds=0.02, now=Now())
+    before = sample("agentd_usage_events_total", result="failed")
+    # An event refused as it comes does not wait for the window, and opens none.
+    assert result_of(recorder.record(event("q0", input_tokens=-1))) is None
+    assert sample("agentd_usage_events_total", result="failed") == before + 1
+    assert clock.getDelayedCalls() == []
+    assert store.calls == []
+
+
+@pytest.mark.parametrize("batch_ms", [-1, 1001])
+def test_the_batch_window_is_bounded(batch_ms: int) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"usage": {"batch_ms": batch_ms}}, env={})
+    assert (caught.value.key, caught.value.problem) == (
+        "[usage] batch_ms",
+        "must be between 0 and 1000",
+    )
+    assert from_dict({"usage": {"batch_ms": 0}}, env={}).usage.batch_ms == 0
 
 
 def test_identifiers_with_a_trailing_newline_are_refused() -> None:

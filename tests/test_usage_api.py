@@ -29,6 +29,8 @@ from agentd.usage.recorder import UsageRecorder
 from agentd.usage.records import UsageEvent
 
 SECRET = "test-secret-for-usage-api-0123456789"
+# How long a usage record waits for others to share its call to the store.
+WINDOW = UsageConfig().batch_ms / 1000
 NOW = calendar.timegm(datetime.datetime(2026, 11, 20, 12, 0, 0).timetuple())
 AUTH = Authenticator(secret=SECRET)
 
@@ -50,7 +52,7 @@ def recorder_with_usage(*extra: UsageEvent, **config: Any) -> UsageRecorder:
         )
     for more in extra:
         recorder.record(more)
-    clock.advance(0)
+    clock.advance(WINDOW)
     return recorder
 
 

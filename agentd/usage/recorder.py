@@ -1,7 +1,7 @@
 """The usage recorder: every finished query recorded exactly once, without delaying anyone.
 
-``record`` queues the event and applies it after the reactor's next I/O pass, a chunk per
-round, each chunk in one call to Redis. When Redis fails or is slow, records go to the spool
+``record`` queues the event, and the events of a short window (``[usage] batch_ms``) go to
+Redis together, a chunk per call. When Redis fails or is slow, records go to the spool
 (agentd.usage.spool), fsynced before the record counts as handled, and are replayed in order,
 through the same idempotent step, once Redis answers again or when agentd next starts. While
 the Redis's ``RedisHealth`` knows it to fail, whoever saw the failure, new records go straight
@@ -76,6 +76,7 @@ class UsageRecorder:
         retention_days: int = 90,
         monthly_budget_usd: float = 0.0,
         soft_budget_ratio: float = 0.8,
+        batch_seconds: float = 0.02,
         spool: Spool | None = None,
         now: Callable[[], float] = time.time,
         health: RedisHealth | None = None,
@@ -104,7 +105,9 @@ class UsageRecorder:
         self._settled_waiters: list[Deferred[None]] = []
         self._draining = False
         self._drain_call: IDelayedCall | None = None
-        self._queue: list[tuple[UsageEvent, Deferred[None]]] = []
+        self._batch_seconds = batch_seconds
+        self._queue: list[tuple[UsageRecord, Deferred[None]]] = []
+        self._flush_call: IDelayedCall | None = None
         # Queries whose tokens and cost this process counted, waiting in the spool for a
         # replica: a replay after a failover that lost them writes them again, not counts.
         self._counted: set[str] = set()
@@ -142,6 +145,7 @@ class UsageRecorder:
             retention_days=config.retention_days,
             monthly_budget_usd=config.monthly_budget_usd,
             soft_budget_ratio=config.soft_budget_ratio,
+            batch_seconds=config.batch_ms / 1000,
             spool=spool,
             now=now,
             health=health if store is not None else None,
@@ -173,6 +177,9 @@ class UsageRecorder:
     async def _stop(self) -> None:
         self._stopping = True
         queued, self._queue = self._queue, []
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush_call = None
         for start in range(0, len(queued), _FLUSH_CHUNK):
             self._record_now(queued[start : start + _FLUSH_CHUNK])
         if self._drain_call is not None and self._drain_call.active():
@@ -202,48 +209,53 @@ class UsageRecorder:
         """Record ``event`` once; fires (never fails) when Redis has it or the spool has it on
         disk.
 
-        The work starts after the reactor's next I/O pass, so what the caller sends right after
-        this call, such as the ``done`` message itself, leaves first.
+        The event is checked and priced at once. It then waits up to the batch window for
+        others to share its call to Redis; a full chunk goes at once. Nothing goes out before
+        the reactor's current I/O pass is over, so what the caller sends right after this
+        call, such as the ``done`` message itself, leaves first.
         """
+        try:
+            record = UsageRecord.from_event(event, self._prices)
+        except (ValueError, TypeError) as e:
+            _EVENTS["failed"].inc()
+            _log.error(
+                "usage of query {query_id} not recorded: {reason}",
+                query_id=str(event.query_id)[:128],
+                reason=str(e),
+            )
+            return succeed(None)
         done: Deferred[None] = Deferred()
         done.addBoth(self._settle)
         self._inflight += 1
         if self._stopping:
-            self._record_now([(event, done)])
+            self._record_now([(record, done)])
             return done
-        self._queue.append((event, done))
-        if len(self._queue) == 1:
-            self._schedule_flush()
+        queue = self._queue
+        queue.append((record, done))
+        if len(queue) == 1:
+            self._flush_call = self._clock.callLater(self._batch_seconds, self._window_over)
+        elif len(queue) == _FLUSH_CHUNK and self._flush_call and self._flush_call.active():
+            self._flush_call.reset(0)  # a full chunk need not wait for its window
         return done
 
-    def _schedule_flush(self) -> None:
-        # A call scheduled from a timed call waits for the reactor's next round of timed calls,
-        # and the reactor polls its sockets in between.
-        self._clock.callLater(0, self._clock.callLater, 0, self._flush)
+    def _window_over(self) -> None:
+        # A call scheduled from a timed call waits for the reactor's next round of timed
+        # calls, and the reactor polls its sockets in between: what the callers wrote has
+        # left, even if the window was shorter than the I/O pass that opened it.
+        self._flush_call = self._clock.callLater(0, self._flush)
 
     def _flush(self) -> None:
         chunk, self._queue = self._queue[:_FLUSH_CHUNK], self._queue[_FLUSH_CHUNK:]
-        if self._queue:
-            self._schedule_flush()
+        # What is left has waited its window already.
+        self._flush_call = self._clock.callLater(0, self._flush) if self._queue else None
         self._record_now(chunk)
 
-    def _record_now(self, queued: list[tuple[UsageEvent, Deferred[None]]]) -> None:
-        """Record the queued events, all that go to Redis in one call; each event's Deferred
+    def _record_now(self, queued: list[tuple[UsageRecord, Deferred[None]]]) -> None:
+        """Record the queued records, all that go to Redis in one call; each record's Deferred
         fires once it is handled."""
         batch: list[UsageRecord] = []
         waiting: list[Deferred[None]] = []
-        for event, done in queued:
-            try:
-                record = UsageRecord.from_event(event, self._prices)
-            except (ValueError, TypeError) as e:
-                _EVENTS["failed"].inc()
-                _log.error(
-                    "usage of query {query_id} not recorded: {reason}",
-                    query_id=str(event.query_id)[:128],
-                    reason=str(e),
-                )
-                done.callback(None)
-                continue
+        for record, done in queued:
             if self._spool is not None and (self._stopping or not self._redis_up()):
                 # Redis is known to fail: straight to disk, no timeout to wait for. Records
                 # go to Redis again once it takes a write; the backlog is replayed in its own
