@@ -22,9 +22,10 @@ needs no connection in between, as before replicas existed.
 
 from __future__ import annotations
 
+import operator
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,17 +154,24 @@ class ReplicaConfirmer:
     def confirm(self, witness: Witness) -> Deferred[bool]:
         """Fires True once a replica has the write ``witness`` shows (or there is no replica to
         wait for), False when that was not confirmed in time; never fails."""
+        return self.confirm_all([witness]).addCallback(operator.itemgetter(0))
+
+    def confirm_all(self, witnesses: Sequence[Witness]) -> Deferred[list[bool]]:
+        """``confirm`` for each witness, all in the same round."""
         if not self._wait_ms:
-            return succeed(True)
+            return succeed([True] * len(witnesses))
         if self._nothing_to_wait_for():
             # What a round would answer, without one: every usage record asks.
-            _RESULTS["no_replica"].inc()
-            return succeed(True)
-        done: Deferred[bool] = Deferred()
-        self._waiting.append((witness, done))
+            _RESULTS["no_replica"].inc(len(witnesses))
+            return succeed([True] * len(witnesses))
+        asked: list[Deferred[bool]] = []
+        for witness in witnesses:
+            done: Deferred[bool] = Deferred()
+            self._waiting.append((witness, done))
+            asked.append(done)
         if not self._running:
             self._next_round()
-        return done
+        return gatherResults(asked)
 
     def _next_round(self) -> None:
         batch, self._waiting = self._waiting[:MAX_ROUND], self._waiting[MAX_ROUND:]

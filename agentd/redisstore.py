@@ -313,6 +313,10 @@ class RedisStore:
         replica to wait for; False when none confirmed it in time. Never fails."""
         return self._confirmer.confirm(witness)
 
+    def confirm_all(self, witnesses: Sequence[Witness]) -> Deferred[list[bool]]:
+        """``confirm`` for each witness, in one round."""
+        return self._confirmer.confirm_all(witnesses)
+
     def disconnect(self) -> Deferred[None]:
         closing = [factory.disconnect() for factory in self._factories]
         if self._sentinel is not None:

@@ -290,3 +290,29 @@ def test_a_new_primary_forgets_the_replicas_of_the_old_one() -> None:
     connection.sent.clear()
     assert confirmed(replicas)
     assert connection.sent == ["INFO", "EVAL"]
+
+
+def test_the_records_of_one_call_are_confirmed_in_one_round() -> None:
+    clock, connection, address = Clock(), FakeRoundConnection(), [Address("10.0.0.1", 6379)]
+    replicas = confirmer(connection, clock, verify=False, address=address)
+    witnesses = [Witness.key_exists(f"k{i}") for i in range(3)]
+    results: list[list[bool]] = []
+    replicas.confirm_all(witnesses).addCallback(results.append)
+    assert results == [[True, True, True]]
+    assert connection.sent == ["INFO", "EVAL", "WAIT"]  # one round for the three
+    # A replica that did not acknowledge: none of them is confirmed.
+    connection.acknowledged = 0
+    connection.sent.clear()
+    replicas.confirm_all(witnesses).addCallback(results.append)
+    assert results[-1] == [False, False, False]
+    assert connection.sent == ["EVAL", "WAIT"]
+    # A standalone Redis, seen as one long enough: nothing is sent at all.
+    connection.replicas, connection.acknowledged = 0, 0
+    clock.advance(5)
+    replicas.confirm_all(witnesses).addCallback(results.append)
+    clock.advance(6)
+    connection.sent.clear()
+    replicas.confirm_all(witnesses).addCallback(results.append)
+    replicas.confirm_all(witnesses).addCallback(results.append)
+    assert results[-2:] == [[True, True, True], [True, True, True]]
+    assert connection.sent == ["INFO"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import datetime
 import json
 import os
@@ -24,6 +25,7 @@ from agentd.config import ConfigError, UsageConfig, from_dict
 from agentd.pricing import PriceTable
 from agentd.usage.budgets import BudgetDecision
 from agentd.usage.layout import (
+    COUNTER_FIELDS,
     day_expiry,
     month_days,
     month_expiry,
@@ -236,6 +238,15 @@ def test_invalid_events_are_refused_and_counted_as_failed(changes: dict[str, Any
 
 
 # --- Pricing ------------------------------------------------------------------------------
+
+
+def test_a_record_lists_its_fields_and_counters_in_the_order_stores_read_them() -> None:
+    record = UsageRecord.from_event(event(key_source="user"), PRICES)
+    # The Redis script takes the counters' increments in COUNTER_FIELDS's order, by position.
+    assert tuple(record.counters()) == COUNTER_FIELDS
+    line = record.to_line()
+    assert list(json.loads(line)) == ["v", *(f.name for f in dataclasses.fields(UsageRecord))]
+    assert UsageRecord.from_line(line) == record
 
 
 def test_reported_cost_is_used_when_present() -> None:

@@ -67,6 +67,7 @@ def day_expiry(day: datetime.date, retention_days: int) -> int:
     return calendar.timegm(day.timetuple()) + (retention_days + 1) * DAY_SECONDS
 
 
+@functools.lru_cache(maxsize=16)
 def month_expiry(month: str, retention_days: int) -> int:
     """When a month's index sets expire: with the month's last day."""
     return day_expiry(month_days(month)[-1], retention_days)

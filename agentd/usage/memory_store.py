@@ -99,8 +99,8 @@ class MemoryUsageStore:
     def _hash(self, key: str) -> dict[str, str]:
         return dict(self._hashes.get(key, {})) if self._live(key) else {}
 
-    def confirm(self, record: UsageRecord) -> Deferred[bool]:
-        return succeed(True)  # this process is the only copy there is
+    def confirm(self, records: Sequence[UsageRecord]) -> Deferred[list[bool]]:
+        return succeed([True] * len(records))  # this process is the only copy there is
 
     def spend(self, user: str, project: str, days: Sequence[datetime.date]) -> Deferred[MonthSpend]:
         month = month_name(days[0])

@@ -284,9 +284,8 @@ class UsageRecorder:
                 self._applied(result, record, False)
             if self._spool is None:
                 return
-            # All asked before any is awaited: a replica confirms them in the same round.
-            asked = [self._confirmed(*applied) for applied in zip(results, records, strict=True)]
-            unconfirmed = [r for r, ok in zip(records, asked, strict=True) if not await ok]
+            confirmed = await self._confirmed(results, records)
+            unconfirmed = [r for r, ok in zip(records, confirmed, strict=True) if not ok]
             if unconfirmed:
                 await gatherResults([self._keep_unconfirmed(record) for record in unconfirmed])
         except Exception:
@@ -294,10 +293,14 @@ class UsageRecorder:
             for record in records:
                 self._unexpected(failure, record)
 
-    def _confirmed(self, result: str, record: UsageRecord) -> Deferred[bool]:
-        if result == "expired":
-            return succeed(True)  # nothing was written
-        return maybeDeferred(self._store.confirm, record)
+    async def _confirmed(self, results: list[str], records: list[UsageRecord]) -> list[bool]:
+        """Whether a replica has each record, asked in one round; an expired record was not
+        written, and needs none."""
+        written = [r for result, r in zip(results, records, strict=True) if result != "expired"]
+        if not written:
+            return [True] * len(results)
+        confirmed = iter(await self._store.confirm(written))
+        return [result == "expired" or next(confirmed) for result in results]
 
     def _keep_unconfirmed(self, record: UsageRecord) -> Deferred[None]:
         """Applied, but no replica confirmed it in time: a failover now could lose it, so it
@@ -433,8 +436,7 @@ class UsageRecorder:
             return 0, len(batch), True
         for result, record in zip(results, batch, strict=True):
             self._applied(result, record, True)
-        asked = [self._confirmed(*applied) for applied in zip(results, batch, strict=True)]
-        confirmed = [await ok for ok in asked]
+        confirmed = await self._confirmed(results, batch)
         released = next((i for i, ok in enumerate(confirmed) if not ok), len(confirmed))
         for record in batch[:released]:
             self._counted.discard(record.query_id)

@@ -209,18 +209,19 @@ class UsageRecord:
     @classmethod
     def from_event(cls, event: UsageEvent, prices: PriceTable) -> UsageRecord:
         """Validate and price ``event`` (ValueError when it cannot be recorded)."""
-        _check_timestamp(event.timestamp)
-        tokens = (
-            event.input_tokens,
-            event.output_tokens,
-            event.cache_read_tokens,
-            event.cache_write_tokens,
-        )
-        for count in tokens:
-            _check_count("token count", count)
         if event.reported_cost is not None:
             cost, source = _micro_usd(event.reported_cost), "reported"
         else:
+            # Pricing needs a day and the counts: checked first (the record checks the rest).
+            _check_timestamp(event.timestamp)
+            tokens = (
+                event.input_tokens,
+                event.output_tokens,
+                event.cache_read_tokens,
+                event.cache_write_tokens,
+            )
+            for count in tokens:
+                _check_count("token count", count)
             priced = prices.cost(event.model, *tokens, on=utc_day(event.timestamp))
             cost, source = (0, "unpriced") if priced is None else (_micro_usd(priced), "priced")
         return cls(
@@ -249,7 +250,8 @@ class UsageRecord:
         return month_name(self.day)
 
     def counters(self) -> dict[str, int]:
-        """This query's increments to every day hash it touches."""
+        """This query's increments to every day hash it touches, in ``COUNTER_FIELDS``'s
+        order."""
         return {
             "cost": self.cost,
             "cost_user_key": self.cost if self.key_source == "user" else 0,
@@ -264,7 +266,23 @@ class UsageRecord:
 
     def to_line(self) -> bytes:
         """The record as one JSON line: the spool's format and the marker's value in Redis."""
-        data = {"v": 1, **{name: getattr(self, name) for name in _RECORD_FIELDS}}
+        data = {
+            "v": 1,
+            "query_id": self.query_id,
+            "user": self.user,
+            "project": self.project,
+            "agent": self.agent,
+            "model": self.model,
+            "timestamp": self.timestamp,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cache_read_tokens": self.cache_read_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "cost": self.cost,
+            "cost_source": self.cost_source,
+            "key_source": self.key_source,
+            "outcome": self.outcome,
+        }
         return orjson.dumps(data, option=orjson.OPT_APPEND_NEWLINE)
 
     @classmethod

@@ -130,8 +130,7 @@ return {total(KEYS[1], 3), total(KEYS[2], n + 3)}
 
 def _apply_arguments(record: UsageRecord, expire_at: int, month_expire_at: int) -> list[Any]:
     # Few arguments: txredisapi encodes each one in Python, the dearest part of a record.
-    counters = record.counters()
-    increments = ",".join(str(counters[name]) for name in COUNTER_FIELDS)
+    increments = ",".join(map(str, record.counters().values()))  # in COUNTER_FIELDS's order
     return [expire_at, month_expire_at, record.user, record.project, record.to_line(), increments]
 
 
@@ -175,9 +174,10 @@ class RedisUsageStore:
         d = self._redis.eval("usage_record", APPLY_SCRIPT, keys, args, timeout)
         return d.addCallback(lambda replies: [_APPLY_RESULTS[int(reply)] for reply in replies])
 
-    def confirm(self, record: UsageRecord) -> Deferred[bool]:
-        """Wait for a replica to have the record: its marker stands for the whole script."""
-        return self._redis.confirm(Witness.key_exists(query_key(record.query_id)))
+    def confirm(self, records: Sequence[UsageRecord]) -> Deferred[list[bool]]:
+        """Wait for a replica to have each record: its marker stands for its whole part of
+        the script."""
+        return self._redis.confirm_all([Witness.key_exists(query_key(r.query_id)) for r in records])
 
     def spend(self, user: str, project: str, days: Sequence[datetime.date]) -> Deferred[MonthSpend]:
         month = month_name(days[0])

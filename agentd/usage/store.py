@@ -49,8 +49,8 @@ class UsageStore(Protocol):
         duplicates when applied again)."""
         ...
 
-    def confirm(self, record: UsageRecord) -> Deferred[bool]:
-        """Whether the applied ``record`` would survive a failover (is on a replica, or there
+    def confirm(self, records: Sequence[UsageRecord]) -> Deferred[list[bool]]:
+        """Whether each applied record would survive a failover (is on a replica, or there
         is none to wait for); False leaves it for a replay. Never fails."""
         ...
 
