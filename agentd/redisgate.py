@@ -14,6 +14,9 @@ the limiter reports its own.
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from agentd.ratelimit import SCRIPT, RateLimiter
@@ -76,9 +79,9 @@ class RedisPromptLimits:
         self._budgets = budgets
         self._fallback = PromptLimits(limiter, budgets)
 
-    async def admit(self, user: str, project: str) -> Refusal | None:
+    def admit(self, user: str, project: str) -> Deferred[Refusal | None]:
         if not self._health.up:
-            return await self._fallback.admit(user, project)
+            return self._fallback.admit(user, project)
         policy = self._limiter.prompts
         month = self._budgets.month()
         keys = [
@@ -89,10 +92,19 @@ class RedisPromptLimits:
         ]
         args = [*policy.script_args, budget_field("user", user), budget_field("project", project)]
         try:
-            reply = await self._store.eval("prompt_gate", PROMPT_SCRIPT, keys, args)
+            answered = self._store.eval("prompt_gate", PROMPT_SCRIPT, keys, args)
         except Exception:
-            self._health.failed(Failure())
-            return await self._fallback.admit(user, project)
+            return self._failed(Failure(), user, project)
+        return answered.addCallbacks(
+            self._decided,
+            self._failed,
+            callbackArgs=(user, project, month),
+            errbackArgs=(user, project),
+        )
+
+    def _decided(
+        self, reply: Any, user: str, project: str, month: str
+    ) -> Refusal | Deferred[Refusal | None] | None:
         decision = self._limiter.decide_prompt(
             reply[:3] if isinstance(reply, list) else reply, user
         )
@@ -101,6 +113,10 @@ class RedisPromptLimits:
         PROMPT_ALLOWED.inc()
         if len(reply) != 7 or int(reply[3]) < 0 or int(reply[4]) < 0:
             # A month total to rebuild from the day totals, or no budget read to decide on.
-            return budget_refusal(await self._budgets.check(user, project))
+            return self._budgets.check(user, project).addCallback(budget_refusal)
         spend = MonthSpend(int(reply[3]), int(reply[4]), _text(reply[5]), _text(reply[6]))
         return budget_refusal(self._budgets.decide(spend, user, project, month))
+
+    def _failed(self, failure: Failure, user: str, project: str) -> Deferred[Refusal | None]:
+        self._health.failed(failure)
+        return self._fallback.admit(user, project)

@@ -47,7 +47,7 @@ def gate(limit: Decision, budget: BudgetDecision) -> tuple[PromptLimits, list[st
 
 def admit(prompt_gate: PromptLimits) -> Refusal | None:
     results: list[Refusal | None] = []
-    Deferred.fromCoroutine(prompt_gate.admit("alice", "demo")).addCallback(results.append)
+    prompt_gate.admit("alice", "demo").addCallback(results.append)
     [result] = results
     return result
 

@@ -87,7 +87,7 @@ def scripts_run(server: RedisServer) -> int:
 
 
 def admit(gate: Any, user: str = "alice") -> Deferred[Refusal | None]:
-    return Deferred.fromCoroutine(gate.admit(user, "demo"))
+    return gate.admit(user, "demo")
 
 
 def decisions(result: str) -> float:

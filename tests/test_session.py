@@ -24,7 +24,7 @@ from agentd.errors import ErrorCode
 from agentd.keys.source import AgentKeys
 from agentd.session.registry import SessionRegistry
 from agentd.session.replay import ReplayLog, splice_seq
-from agentd.session.services import SessionServices
+from agentd.session.services import Refusal, SessionServices
 from agentd.session.session import RECORDED_DELAY, Session, SessionKey
 from agentd.transport import AgentSink, AgentTarget, TransportError
 from agentd.usage.records import UsageEvent
@@ -240,9 +240,31 @@ class CountingGate:
     def __init__(self) -> None:
         self.admitted = 0
 
-    async def admit(self, user: str, project: str) -> None:
+    def admit(self, user: str, project: str) -> Deferred[None]:
         self.admitted += 1
-        return None
+        return succeed(None)
+
+
+class LateGate:
+    """Answers each prompt's admission when told to, refusing the ids in ``refuse``."""
+
+    def __init__(self, refuse: set[int]) -> None:
+        self.refuse = refuse
+        self.asked: list[Deferred[Refusal | None]] = []
+
+    def admit(self, user: str, project: str) -> Deferred[Refusal | None]:
+        self.asked.append(Deferred())
+        return self.asked[-1]
+
+    def answer(self) -> None:
+        number = len([d for d in self.asked if d.called])
+        refusal = Refusal(ErrorCode.RATE_LIMIT, "Rate limited.", {}, _NoMetric())
+        self.asked[number].callback(refusal if number in self.refuse else None)
+
+
+class _NoMetric:
+    def inc(self, amount: float = 1) -> None:
+        pass
 
 
 KEY = SessionKey("demo", "alice", "echo")
@@ -445,6 +467,26 @@ def test_a_resent_prompt_is_forwarded_by_the_holder_once_and_skips_the_rate_limi
     acks = [f for f in client.frames if f.get("type") == "ack"]
     assert [a["id"] for a in acks] == ["a", "a"] and acks[1]["duplicate"] is True
     assert gate.admitted == 1
+
+
+def test_prompts_wait_for_the_gate_one_after_another_and_reach_the_holder_in_order():
+    gate = LateGate(refuse={1})
+    _, transport, registry = make(gate=gate)
+    client = FakeClient()
+    session = opened(registry, KEY, client)
+    for prompt_id in ("a", "b", "c"):
+        session.prompt(prompt_id, "x")
+    # The next prompt is asked about only once the one before it is forwarded or refused.
+    assert len(gate.asked) == 1 and session.prompts_waiting == 3
+    gate.answer()
+    assert [p["id"] for p in transport.current.prompts] == ["a"]
+    assert len(gate.asked) == 2
+    gate.answer()  # b: refused, with its id, and never forwarded
+    refused = [f for f in client.frames if f.get("type") == "error"]
+    assert [(f["code"], f["id"]) for f in refused] == [("rate_limit", "b")]
+    gate.answer()
+    assert [p["id"] for p in transport.current.prompts] == ["a", "c"]
+    assert session.prompts_waiting == 0
 
 
 def test_resume_by_another_user_starts_a_fresh_session_and_reveals_nothing():

@@ -43,12 +43,16 @@ class PromptLimits:
         self._limiter = limiter
         self._budgets = budgets
 
-    async def admit(self, user: str, project: str) -> Refusal | None:
-        decision = await self._limiter.check_prompt(user)
+    def admit(self, user: str, project: str) -> Deferred[Refusal | None]:
+        return self._limiter.check_prompt(user).addCallback(self._limited, user, project)
+
+    def _limited(
+        self, decision: Decision, user: str, project: str
+    ) -> Refusal | Deferred[Refusal | None]:
         if not decision.allowed:
             return rate_limit_refusal(decision)
         PROMPT_ALLOWED.inc()
-        return budget_refusal(await self._budgets.check(user, project))
+        return self._budgets.check(user, project).addCallback(budget_refusal)
 
 
 def rate_limit_refusal(decision: Decision) -> Refusal:

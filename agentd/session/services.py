@@ -47,7 +47,7 @@ class Refusal:
 class PromptGate(Protocol):
     """Decides, before a prompt reaches the agent, whether it may go ahead."""
 
-    async def admit(self, user: str, project: str) -> Refusal | None:
+    def admit(self, user: str, project: str) -> Deferred[Refusal | None]:
         """None when the prompt may go ahead (and counts against the user's limits)."""
         ...
 

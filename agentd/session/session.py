@@ -32,7 +32,7 @@ from agentd.agentlog import LINES_PER_SECOND, LogBudget, parse_agent_log
 from agentd.errors import ErrorCode, error_message
 from agentd.retry import backoff_delay
 from agentd.session.replay import ReplayLog, encode_frame
-from agentd.session.services import Client, SessionServices
+from agentd.session.services import Client, Refusal, SessionServices
 from agentd.transport import AgentProcess, AgentTarget, TransportError
 
 if TYPE_CHECKING:
@@ -593,9 +593,7 @@ class Session:
         if prompt_id in self._pending:
             return  # its ack (or refusal) is on the way
         self._pending.add(prompt_id)
-        self._prompt_chain.addCallback(
-            lambda _: defer.ensureDeferred(self._accept(prompt_id, text, options))
-        )
+        self._prompt_chain.addCallback(self._accept, prompt_id, text, options)
         self._prompt_chain.addErrback(self._prompt_failed, prompt_id)
 
     @property
@@ -623,17 +621,40 @@ class Session:
         _log.failure("prompt handling failed", failure=failure, **self._log_context)
         self.error(ErrorCode.INTERNAL, "internal error", id=prompt_id)
 
-    async def _accept(self, prompt_id: str, text: str, options: dict[str, Any] | None) -> None:
+    def _accept(
+        self, _: object, prompt_id: str, text: str, options: dict[str, Any] | None
+    ) -> Deferred[None] | None:
+        """Ask the gate, unless this prompt was acknowledged before, then forward it."""
+        gate = self._services.gate
+        if self.ended or gate is None or prompt_id in self._acked:
+            return self._admitted(None, prompt_id, text, options)
+        admitted = gate.admit(self.key.user, self.key.project)
+        return admitted.addCallback(self._admitted, prompt_id, text, options)
+
+    def _admitted(
+        self, refusal: Refusal | None, prompt_id: str, text: str, options: dict[str, Any] | None
+    ) -> Deferred[None] | None:
+        """Answer a refused prompt, or forward an admitted one: at once to a live holder (a
+        prompt's common case, without a coroutine), else once one is attached."""
+        link = self.link
+        if refusal is None and not (_live(link) and link.process is not None and not self.ended):
+            return Deferred.fromCoroutine(self._attach_and_forward(prompt_id, text, options))
+        try:
+            if refusal is not None:
+                refusal.metric.inc()
+                self.error(refusal.code, refusal.text, id=prompt_id, **refusal.fields)
+            elif link is not None:
+                self._forward(link, prompt_id, text, options)
+        finally:
+            self._settle(prompt_id)
+        return None
+
+    async def _attach_and_forward(
+        self, prompt_id: str, text: str, options: dict[str, Any] | None
+    ) -> None:
         try:
             if self.ended:
                 return
-            gate = self._services.gate
-            if gate is not None and prompt_id not in self._acked:
-                refusal = await gate.admit(self.key.user, self.key.project)
-                if refusal is not None:
-                    refusal.metric.inc()
-                    self.error(refusal.code, refusal.text, id=prompt_id, **refusal.fields)
-                    return
             link = self.link
             if not _live(link):
                 # No holder to take it: none attached yet, or this is a lost holder's journal
@@ -646,21 +667,26 @@ class Session:
             if not _live(link) or link.process is None or self.ended:
                 self.error(ErrorCode.VM_UNAVAILABLE, "The project VM is unavailable.", id=prompt_id)
                 return
-            if prompt_id not in self.queries and prompt_id not in self._acked:
-                self.queries[prompt_id] = Query(prompt_id, time.monotonic())
-                _QUERIES_IN_FLIGHT(self.key.agent).inc()
-            message: dict[str, Any] = {"type": "prompt", "id": prompt_id, "text": text}
-            if options is not None:
-                message["options"] = options
-            line = orjson.dumps(message)
-            query = self.queries.get(prompt_id)
-            if query is not None:
-                query.line = line
-            self._to_holder(link, line)
-            _MESSAGES_TO_AGENT.inc()
-            _BYTES_TO_AGENT.inc(len(line) + 1)
+            self._forward(link, prompt_id, text, options)
         finally:
             self._settle(prompt_id)
+
+    def _forward(
+        self, link: _Link, prompt_id: str, text: str, options: dict[str, Any] | None
+    ) -> None:
+        if prompt_id not in self.queries and prompt_id not in self._acked:
+            self.queries[prompt_id] = Query(prompt_id, time.monotonic())
+            _QUERIES_IN_FLIGHT(self.key.agent).inc()
+        message: dict[str, Any] = {"type": "prompt", "id": prompt_id, "text": text}
+        if options is not None:
+            message["options"] = options
+        line = orjson.dumps(message)
+        query = self.queries.get(prompt_id)
+        if query is not None:
+            query.line = line
+        self._to_holder(link, line)
+        _MESSAGES_TO_AGENT.inc()
+        _BYTES_TO_AGENT.inc(len(line) + 1)
 
     def abort(self) -> None:
         link = self.link
