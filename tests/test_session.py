@@ -626,11 +626,11 @@ def test_usage_is_recorded_under_the_derived_id_then_the_holder_is_told():
     assert [e.query_id for e in usage.events] == [usage_event_id(session.id, "a")]
     assert holder.recorded == []  # not before the store has it
     usage.settle()
-    # The holder hears of it with the next line it is sent, in the same write...
+    # The holder hears of it after the next line it is sent, in the same write...
     writes = transport.current.writes
     session.prompt("b", "y")
     assert holder.recorded == ["a"] and transport.current.writes == writes + 1
-    assert [m["type"] for m in transport.current.written[-2:]] == ["recorded", "prompt"]
+    assert [m["type"] for m in transport.current.written[-2:]] == ["prompt", "recorded"]
     # ...or on its own, when nothing else goes to the holder for RECORDED_DELAY.
     holder.say(type="done", id="b", agent="echo", usage=USAGE)
     usage.settle()

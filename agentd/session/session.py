@@ -368,10 +368,11 @@ class Session:
         self._grace_call = self._reattach_call = None
 
     def _to_holder(self, link: _Link, line: bytes) -> None:
-        """Write ``line`` to the holder, after the ``recorded`` lines waiting for a ride."""
+        """Write ``line`` to the holder, and the ``recorded`` lines waiting for a ride after
+        it: the holder hands a prompt to the agent before it writes them to its state."""
         assert link.process is not None
         if self._recorded_lines:
-            line = b"\n".join([*self._recorded_lines, line])
+            line = b"\n".join([line, *self._recorded_lines])
             self._recorded_lines.clear()
         link.process.write_line(line)
 

@@ -51,7 +51,7 @@ _EVENTS = {
 }
 # Records handled per reactor round, so that a burst never holds the reactor (and the replies
 # that would beat the timeout) for long.
-_FLUSH_CHUNK = 64
+_FLUSH_CHUNK = 8
 _DRAIN_BATCH = 50
 # Replays are on nobody's path: they wait longer before calling Redis slow.
 _REPLAY_TIMEOUT = 1.0
