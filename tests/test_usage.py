@@ -38,7 +38,7 @@ from agentd.usage.layout import (
     utc_day,
 )
 from agentd.usage.memory_store import MemoryUsageStore
-from agentd.usage.recorder import UsageRecorder
+from agentd.usage.recorder import FLUSH_CHUNK, UsageRecorder
 from agentd.usage.records import UsageEvent, UsageRecord
 from agentd.usage.reports import UsageReport
 from agentd.usage.spool import Spool, SpoolLockedError, default_spool_dir
@@ -898,13 +898,13 @@ def test_the_records_of_one_window_share_one_call_to_the_store() -> None:
 def test_a_full_chunk_goes_without_waiting_for_the_window() -> None:
     store, clock = CountingStore(), Clock()
     recorder = UsageRecorder(store, clock, PRICES, batch_seconds=0.5, now=Now())
-    recorded = [recorder.record(event(f"q{i}")) for i in range(64 + 2)]
+    recorded = [recorder.record(event(f"q{i}")) for i in range(FLUSH_CHUNK + 2)]
     assert store.calls == []
     # The two over the chunk waited with the rest: they go in the next call, at once.
     clock.advance(0)
-    assert store.calls == [64, 2]
-    assert [result_of(d) for d in recorded] == [None] * 66
-    assert report(recorder).totals.queries == 66
+    assert store.calls == [FLUSH_CHUNK, 2]
+    assert [result_of(d) for d in recorded] == [None] * (FLUSH_CHUNK + 2)
+    assert report(recorder).totals.queries == FLUSH_CHUNK + 2
 
 
 def test_a_window_of_zero_records_after_the_current_pass() -> None:

@@ -49,9 +49,9 @@ _EVENTS = {
     result: metrics.USAGE_EVENTS.labels(result)
     for result in ("recorded", "duplicate", "spooled", "unconfirmed", "replayed", "failed")
 }
-# Records handled per reactor round, so that a burst never holds the reactor (and the replies
-# that would beat the timeout) for long.
-_FLUSH_CHUNK = 8
+# Records sent in one call, and completed in one reactor round, so that neither holds the
+# reactor (and the prompts and replies behind it) for long: 20 took 0.46 ms in memory.
+FLUSH_CHUNK = 8
 _DRAIN_BATCH = 50
 # Replays are on nobody's path: they wait longer before calling Redis slow.
 _REPLAY_TIMEOUT = 1.0
@@ -180,8 +180,8 @@ class UsageRecorder:
         if self._flush_call is not None:
             self._flush_call.cancel()
             self._flush_call = None
-        for start in range(0, len(queued), _FLUSH_CHUNK):
-            self._record_now(queued[start : start + _FLUSH_CHUNK])
+        for start in range(0, len(queued), FLUSH_CHUNK):
+            self._record_now(queued[start : start + FLUSH_CHUNK])
         if self._drain_call is not None and self._drain_call.active():
             self._drain_call.cancel()
         self._drain_call = None
@@ -234,7 +234,7 @@ class UsageRecorder:
         queue.append((record, done))
         if len(queue) == 1:
             self._flush_call = self._clock.callLater(self._batch_seconds, self._window_over)
-        elif len(queue) == _FLUSH_CHUNK and self._flush_call and self._flush_call.active():
+        elif len(queue) == FLUSH_CHUNK and self._flush_call and self._flush_call.active():
             self._flush_call.reset(0)  # a full chunk need not wait for its window
         return done
 
@@ -245,7 +245,7 @@ class UsageRecorder:
         self._flush_call = self._clock.callLater(0, self._flush)
 
     def _flush(self) -> None:
-        chunk, self._queue = self._queue[:_FLUSH_CHUNK], self._queue[_FLUSH_CHUNK:]
+        chunk, self._queue = self._queue[:FLUSH_CHUNK], self._queue[FLUSH_CHUNK:]
         # What is left has waited its window already.
         self._flush_call = self._clock.callLater(0, self._flush) if self._queue else None
         self._record_now(chunk)
