@@ -638,7 +638,7 @@ class Session:
         """Answer a refused prompt, or forward an admitted one: at once to a live holder (a
         prompt's common case, without a coroutine), else once one is attached."""
         link = self.link
-        if refusal is None and not (_live(link) and link.process is not None and not self.ended):
+        if refusal is None and not self._takes_prompts(link):
             return Deferred.fromCoroutine(self._attach_and_forward(prompt_id, text, options))
         try:
             if refusal is not None:
@@ -665,12 +665,17 @@ class Session:
                     # What was in flight was another attach (a resume, a re-attach) that
                     # found the holder lost or the session ended.
                     link = await self._open_link(start=True)
-            if not _live(link) or link.process is None or self.ended:
+            if not self._takes_prompts(link):
                 self.error(ErrorCode.VM_UNAVAILABLE, "The project VM is unavailable.", id=prompt_id)
                 return
             self._forward(link, prompt_id, text, options)
         finally:
             self._settle(prompt_id)
+
+    def _takes_prompts(self, link: _Link | None) -> TypeGuard[_Link]:
+        """Whether a prompt can go to ``link`` now: its holder is live and attached, and this
+        session has not ended."""
+        return _live(link) and link.process is not None and not self.ended
 
     def _forward(
         self, link: _Link, prompt_id: str, text: str, options: dict[str, Any] | None
