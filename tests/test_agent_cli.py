@@ -8,6 +8,7 @@ import json
 import os
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -374,6 +375,43 @@ def test_sigterm_exits_even_when_the_peer_stopped_reading() -> None:
         process.stdout.close()
         process.stdin.close()
     assert time.monotonic() - started < cli.FLUSH_SECONDS + 5
+
+
+def test_the_lines_of_one_step_reach_stdout_in_one_write() -> None:
+    # On a SEQPACKET socket each write is one message, so the messages are the writes.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    process = subprocess.Popen(
+        [*TEST_CLI, "echo"],
+        stdin=subprocess.PIPE,
+        stdout=theirs,
+        stderr=subprocess.DEVNULL,
+        env=agent_env(),
+        cwd=REPO,
+    )
+    theirs.close()
+    assert process.stdin is not None
+    try:
+        ours.settimeout(10)
+        # The echo agent answers a one-word prompt in one step: start, delta and done.
+        process.stdin.write(b'{"type":"prompt","id":"q1","text":"hello"}\n')
+        process.stdin.flush()
+        first = [json.loads(line) for line in ours.recv(65536).splitlines()]
+        assert [line["type"] for line in first] == ["start", "delta", "done"]
+        # A paced answer waits between its deltas: each wait ends a write.
+        process.stdin.write(b'{"type":"prompt","id":"q2","text":"a b","options":{"delay_ms":50}}\n')
+        process.stdin.flush()
+        writes = []
+        while not writes or b'"done"' not in writes[-1]:
+            writes.append(ours.recv(65536))
+        assert [[json.loads(line)["type"] for line in w.splitlines()] for w in writes] == [
+            ["start", "delta"],
+            ["delta", "done"],
+        ]
+        process.stdin.close()
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+        ours.close()
 
 
 def test_reader_closing_stdout_ends_the_agent_with_status_0() -> None:

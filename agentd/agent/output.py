@@ -1,10 +1,12 @@
-"""stdout as a stream of protocol lines: each write reaches the kernel at once, with backpressure.
+"""stdout as a stream of protocol lines, written before the event loop waits, with backpressure.
 
-On a pipe, socket or terminal, stdout is an asyncio write transport: a write is attempted
-immediately, what the reader has not taken yet is buffered, and ``drain()`` waits while that
-buffer is over its high-water mark. The event loop keeps running meanwhile, so an ``abort`` or
-SIGTERM is acted on even while agentd holds the stream back. Other stdout files (a regular
-file) get blocking writes.
+On a pipe, socket or terminal, stdout is an asyncio write transport. The lines written in one
+step of the event loop reach the kernel together, at the end of that step: an answer that
+comes whole (a `start`, a `delta` and a `done`) is one write, so one wake-up and one read for
+whoever relays it, not three. What the reader has not taken yet is buffered, and ``drain()``
+waits while that buffer is over its high-water mark. The event loop keeps running meanwhile,
+so an ``abort`` or SIGTERM is acted on even while agentd holds the stream back. Other stdout
+files (a regular file) get blocking writes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class Output(abc.ABC):
 
     @abc.abstractmethod
     def write(self, data: bytes) -> None:
-        """Hand ``data`` to the kernel now, or buffer what it does not take yet."""
+        """Hand ``data`` to the kernel by the end of this step of the event loop, or buffer
+        what it does not take yet."""
 
     @abc.abstractmethod
     async def drain(self) -> None:
@@ -72,18 +75,36 @@ class PipeOutput(Output):
         self.transport = transport
         self.protocol = protocol
         transport.set_write_buffer_limits(high=HIGH_WATER_BYTES)
+        # What this step of the event loop wrote; handed to the transport when the step ends.
+        self._step: list[bytes] = []
+        self._step_bytes = 0
 
     def write(self, data: bytes) -> None:
-        if not self.protocol.lost:
-            self.transport.write(data)
+        if self.protocol.lost:
+            return
+        if not self._step:
+            asyncio.get_running_loop().call_soon(self._end_step)
+        self._step.append(data)
+        self._step_bytes += len(data)
+
+    def _end_step(self) -> None:
+        if self._step:
+            data = b"".join(self._step) if len(self._step) > 1 else self._step[0]
+            self._step, self._step_bytes = [], 0
+            if not self.protocol.lost:
+                self.transport.write(data)
 
     async def drain(self) -> None:
+        if self._step_bytes >= HIGH_WATER_BYTES:
+            # A writer that does not yield still meets the reader's backpressure.
+            self._end_step()
         if self.protocol.paused and not self.protocol.lost:
             waiter = asyncio.get_running_loop().create_future()
             self.protocol.waiters.append(waiter)
             await waiter
 
     async def flush(self) -> None:
+        self._end_step()
         self.transport.set_write_buffer_limits(high=0)
         await self.drain()
 
