@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import site
 import subprocess
@@ -42,7 +43,9 @@ def test_plugin_is_found_after_installing_the_wheel(tmp_path):
     for init in (REPO / "agentd").rglob("__init__.py"):
         assert str(init.relative_to(REPO)) in names
 
-    # A fresh environment that sees the dependencies but not this checkout.
+    # A fresh environment that sees the dependencies but not this checkout, not even
+    # through PYTHONPATH (pip would take the checkout for an installed agentd).
+    clean = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     (purelib,) = venv.glob("lib/python*/site-packages")
@@ -62,6 +65,7 @@ def test_plugin_is_found_after_installing_the_wheel(tmp_path):
         ],
         check=True,
         capture_output=True,
+        env=clean,
     )
     probe = subprocess.run(
         [
@@ -71,6 +75,7 @@ def test_plugin_is_found_after_installing_the_wheel(tmp_path):
             "print(agentd.__file__, file=sys.stderr); sys.argv = ['twistd', '--help']; run()",
         ],
         cwd=tmp_path,
+        env=clean,
         capture_output=True,
         text=True,
     )
