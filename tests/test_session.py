@@ -230,6 +230,9 @@ class FakeUsage:
         self.pending.append(done)
         return done
 
+    def waiting_for_agent(self) -> None:
+        pass
+
     def settle(self) -> None:
         pending, self.pending = self.pending, []
         for done in pending:
@@ -638,6 +641,21 @@ def test_usage_is_recorded_under_the_derived_id_then_the_holder_is_told():
     assert holder.recorded == ["a"]
     clock.advance(0.01)
     assert holder.recorded == ["a", "b"]
+
+
+def test_the_usage_sink_hears_of_each_prompt_once_it_is_written_to_the_holder():
+    usage = FakeUsage()
+    _, transport, registry = make(usage=usage, usage_event=UsageEvent.from_agent_usage)
+    session = opened(registry, KEY, FakeClient())
+    seen: list[list[str]] = []
+    usage.waiting_for_agent = lambda: seen.append(  # type: ignore[method-assign]
+        [m.get("id") for m in transport.current.written if m["type"] == "prompt"]
+    )
+    session.prompt("a", "x")
+    holder = transport.holders[session.id]
+    holder.say(type="done", id="a", agent="echo", usage=USAGE)
+    session.prompt("b", "y")
+    assert seen == [["a"], ["a", "b"]]
 
 
 def test_usage_a_departed_agentd_did_not_record_is_recorded_by_the_next_attach():

@@ -895,16 +895,53 @@ def test_the_records_of_one_window_share_one_call_to_the_store() -> None:
     assert report(recorder).totals.queries == 4
 
 
-def test_a_full_chunk_goes_without_waiting_for_the_window() -> None:
+def test_a_full_chunk_goes_when_a_prompt_has_gone_to_its_agent() -> None:
     store, clock = CountingStore(), Clock()
     recorder = UsageRecorder(store, clock, PRICES, batch_seconds=0.5, now=Now())
     recorded = [recorder.record(event(f"q{i}")) for i in range(FLUSH_CHUNK + 2)]
+    clock.advance(0)
     assert store.calls == []
-    # The two over the chunk waited with the rest: they go in the next call, at once.
+    recorder.waiting_for_agent()
+    assert store.calls == [FLUSH_CHUNK]
+    assert [result_of(d) for d in recorded[:FLUSH_CHUNK]] == [None] * FLUSH_CHUNK
+    # Two are not a chunk: they wait for the window, counted from the first record.
+    recorder.waiting_for_agent()
+    clock.advance(0.49)
+    assert store.calls == [FLUSH_CHUNK]
+    clock.advance(0.01)
     clock.advance(0)
     assert store.calls == [FLUSH_CHUNK, 2]
     assert [result_of(d) for d in recorded] == [None] * (FLUSH_CHUNK + 2)
     assert report(recorder).totals.queries == FLUSH_CHUNK + 2
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_full_chunk_taken_early_leaves_no_timer_and_the_next_record_opens_a_window() -> None:
+    store, clock = CountingStore(), Clock()
+    recorder = UsageRecorder(store, clock, PRICES, batch_seconds=0.5, now=Now())
+    for i in range(FLUSH_CHUNK):
+        recorder.record(event(f"q{i}"))
+    recorder.waiting_for_agent()
+    assert (store.calls, clock.getDelayedCalls()) == ([FLUSH_CHUNK], [])
+    recorder.record(event("late"))
+    clock.advance(0.5)
+    clock.advance(0)
+    assert store.calls == [FLUSH_CHUNK, 1]
+
+
+def test_with_no_prompt_going_out_a_full_chunk_waits_for_its_window() -> None:
+    store, clock = CountingStore(), Clock()
+    recorder = UsageRecorder(store, clock, PRICES, batch_seconds=0.5, now=Now())
+    for i in range(2 * FLUSH_CHUNK + 1):
+        recorder.record(event(f"q{i}"))
+    clock.advance(0.49)
+    assert store.calls == []
+    clock.advance(0.01)
+    # The window is over: a chunk a reactor round, so none holds the reactor long.
+    for _ in range(4):
+        clock.advance(0)
+    assert store.calls == [FLUSH_CHUNK, FLUSH_CHUNK, 1]
+    assert clock.getDelayedCalls() == []
 
 
 def test_a_window_of_zero_records_after_the_current_pass() -> None:

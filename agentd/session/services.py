@@ -57,6 +57,10 @@ class UsageSink(Protocol):
 
     def record(self, event: UsageEvent) -> Deferred[None]: ...
 
+    def waiting_for_agent(self) -> None:
+        """A prompt has just gone to its agent: a good moment for work that would otherwise
+        stand in a prompt's way."""
+
 
 class UsageEventFactory(Protocol):
     """Reads the agent's usage object as an event: None when it is malformed."""

@@ -693,6 +693,9 @@ class Session:
         self._to_holder(link, line)
         _MESSAGES_TO_AGENT.inc()
         _BYTES_TO_AGENT.inc(len(line) + 1)
+        usage = self._services.usage
+        if usage is not None:
+            usage.waiting_for_agent()
 
     def abort(self) -> None:
         link = self.link

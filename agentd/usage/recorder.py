@@ -210,9 +210,10 @@ class UsageRecorder:
         disk.
 
         The event is checked and priced at once. It then waits up to the batch window for
-        others to share its call to Redis; a full chunk goes at once. Nothing goes out before
-        the reactor's current I/O pass is over, so what the caller sends right after this
-        call, such as the ``done`` message itself, leaves first.
+        others to share its call to Redis; a full chunk goes earlier, when a prompt has gone
+        to its agent (``waiting_for_agent``). Nothing goes out before the reactor's current
+        I/O pass is over, so what the caller sends right after this call, such as the
+        ``done`` message itself, leaves first.
         """
         try:
             record = UsageRecord.from_event(event, self._prices)
@@ -234,9 +235,19 @@ class UsageRecorder:
         queue.append((record, done))
         if len(queue) == 1:
             self._flush_call = self._clock.callLater(self._batch_seconds, self._window_over)
-        elif len(queue) == FLUSH_CHUNK and self._flush_call and self._flush_call.active():
-            self._flush_call.reset(0)  # a full chunk need not wait for its window
         return done
+
+    def waiting_for_agent(self) -> None:
+        """A prompt has just gone to its agent: the gateway waits for the answer now, so a
+        full chunk goes, rather than at the next prompt, which would queue behind it (in
+        Redis, and in the reactor completing its records). The rest waits for its window."""
+        if len(self._queue) < FLUSH_CHUNK or self._stopping:
+            return
+        chunk, self._queue = self._queue[:FLUSH_CHUNK], self._queue[FLUSH_CHUNK:]
+        if not self._queue and self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+            self._flush_call = None
+        self._record_now(chunk)
 
     def _window_over(self) -> None:
         # A call scheduled from a timed call waits for the reactor's next round of timed
