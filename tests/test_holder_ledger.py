@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from agentd.agent.holder import ledger as ledger_module
+from agentd.agent.holder import wire
 from agentd.agent.holder.journal import Journal, JournalError
 from agentd.agent.holder.ledger import ACK_WAIT_SECONDS, Ledger
 from agentd.agent.holder.process import Settings
@@ -142,3 +143,20 @@ def test_an_ack_the_disk_refused_waits_and_goes_with_the_retry(parts, monkeypatc
     sent = [m for s in relayed.sends for m in lines_of(s)]
     assert [(m["seq"], m["type"]) for m in sent] == [(1, "ack"), (2, "start")]
     assert journaled(journal) == sent
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "ack", "id": "p1"},
+        {"type": "error", "code": "x", "error": 'tab\there "quoted" \\ and \x01'},
+        {"usage": {"input_tokens": 3, "cost": 0.25, "model": "m"}, "timestamp": 1764547200.5},
+        {"text": "caf\u00e9 \u2603 \U0001f600"},  # non-ASCII: escaped, as the json module does
+        {"input_tokens": 2**70},  # past 64 bits: orjson refuses, the json module writes it
+        {1: "a key that is not a string"},
+    ],
+)
+def test_the_holders_json_is_byte_for_byte_what_the_json_module_writes(message):
+    assert wire.dumps(message) == json.dumps(message, separators=(",", ":")).encode("ascii")
+    line = wire.numbered({"type": "emitted", "body": message.get("text", "x")}, 7)
+    assert line.startswith(b'{"seq":7,"type":"emitted",') and line.isascii()

@@ -12,7 +12,6 @@ One thread runs everything through a selector; a second only fsyncs (journal.Syn
 
 from __future__ import annotations
 
-import json
 import os
 import selectors
 import signal
@@ -20,6 +19,8 @@ import socket
 import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from agentd.agent.holder import sessions, wire
 from agentd.agent.holder.child import AgentChild
@@ -265,7 +266,7 @@ class Holder:
         if not line.strip():
             return
         try:
-            message = json.loads(line)
+            message = orjson.loads(line)
         except ValueError:
             message = None
         kind = message.get("type") if isinstance(message, dict) else None

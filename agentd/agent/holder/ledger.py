@@ -14,12 +14,13 @@ of events.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from agentd.agent.holder import wire
 from agentd.agent.holder.child import READ_BYTES
@@ -175,7 +176,7 @@ class Ledger:
 
     def _parse_agent_line(self, line: bytes) -> dict[str, Any] | None:
         try:
-            obj = json.loads(line)
+            obj = orjson.loads(line)
         except ValueError:
             obj = None
         if type(obj) is not dict:

@@ -22,6 +22,8 @@ import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from agentd.agent.holder import wire
+
 if TYPE_CHECKING:
     from agentd.agent.holder.journal import Syncer
 
@@ -128,7 +130,7 @@ class State:
 
     def _append(self, record: dict[str, Any]) -> None:
         self._apply(record)
-        line = json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n"
+        line = wire.dumps(record) + b"\n"
         if self._size + len(line) > COMPACT_BYTES:
             self._compact()
         os.write(self._fd, line)

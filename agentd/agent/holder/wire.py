@@ -76,12 +76,28 @@ def number(line: bytes, seq: int, obj: dict[str, Any]) -> bytes:
     return b'{"seq":%d,%s\n' % (seq, body)
 
 
+def dumps(message: Any) -> bytes:
+    """``message`` as compact, ASCII-only JSON: orjson's bytes when they are that, else the
+    json module's (for non-ASCII text, integers past 64 bits and keys that are not strings).
+    For the holder's lines, many a prompt; the attach path never calls it."""
+    # Imported here: the attach path never needs it, and must start fast.
+    import orjson
+
+    try:
+        data = orjson.dumps(message)
+    except TypeError:
+        data = b""
+    if data and data.isascii():
+        return data
+    return json.dumps(message, separators=(",", ":")).encode("ascii")
+
+
 def numbered(message: dict[str, Any], seq: int) -> bytes:
     """``message`` as a numbered line."""
-    body = json.dumps(message, separators=(",", ":"))
-    if body == "{}":
+    body = dumps(message)
+    if body == b"{}":
         return b'{"seq":%d}\n' % seq
-    return b'{"seq":%d,%s\n' % (seq, body[1:].encode("ascii"))
+    return b'{"seq":%d,%s\n' % (seq, body[1:])
 
 
 def seq_of(line: bytes) -> int:
