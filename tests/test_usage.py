@@ -245,8 +245,13 @@ def test_a_record_lists_its_fields_and_counters_in_the_order_stores_read_them() 
     # The Redis script takes the counters' increments in COUNTER_FIELDS's order, by position.
     assert tuple(record.counters()) == COUNTER_FIELDS
     line = record.to_line()
-    assert list(json.loads(line)) == ["v", *(f.name for f in dataclasses.fields(UsageRecord))]
-    assert UsageRecord.from_line(line) == record
+    # Every field it is made from; its day and month follow from the timestamp.
+    made_from = [f.name for f in dataclasses.fields(UsageRecord) if f.init]
+    assert list(json.loads(line)) == ["v", *made_from]
+    assert "day" not in made_from and "month" not in made_from
+    again = UsageRecord.from_line(line)
+    assert again == record and (again.day, again.month) == (record.day, record.month)
+    assert record.month == record.day.strftime("%Y-%m")
 
 
 def test_reported_cost_is_used_when_present() -> None:

@@ -14,8 +14,7 @@ import functools
 import json
 import math
 import re
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -46,7 +45,9 @@ COST_SOURCES = ("reported", "priced", "unpriced")
 
 _QUERY_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 _MODEL_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
-_AGENT_FIELDS = ("inputTokens", "outputTokens", "cacheReadTokens", "cacheWriteTokens", "cost")
+_AGENT_FIELDS = frozenset(
+    ("inputTokens", "outputTokens", "cacheReadTokens", "cacheWriteTokens", "cost")
+)
 
 
 @dataclass(frozen=True)
@@ -86,16 +87,20 @@ class UsageEvent:
         number of USD (absent or null: not reported), ``model`` a name (absent: the agent's
         name). Input tokens exclude cache tokens, which are reported on their own.
         """
-        if not isinstance(usage, dict) or not any(k in usage for k in _AGENT_FIELDS):
+        if not isinstance(usage, dict) or _AGENT_FIELDS.isdisjoint(usage):
             return None
+        get = usage.get
         try:
-            tokens = [_token_count(usage.get(name)) for name in _AGENT_FIELDS[:4]]
-            cost = usage.get("cost")
+            input_tokens = _token_count(get("inputTokens"))
+            output_tokens = _token_count(get("outputTokens"))
+            cache_read_tokens = _token_count(get("cacheReadTokens"))
+            cache_write_tokens = _token_count(get("cacheWriteTokens"))
+            cost = get("cost")
             if cost is not None:
                 _micro_usd(cost)
         except ValueError:
             return None
-        model = usage.get("model")
+        model = get("model")
         model = agent if model is None else model
         if not isinstance(model, str) or not _MODEL_RE.fullmatch(model):
             return None
@@ -105,10 +110,10 @@ class UsageEvent:
             project=project,
             agent=agent,
             model=model,
-            input_tokens=tokens[0],
-            output_tokens=tokens[1],
-            cache_read_tokens=tokens[2],
-            cache_write_tokens=tokens[3],
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cache_read_tokens=cache_read_tokens,
+            cache_write_tokens=cache_write_tokens,
             reported_cost=None if cost is None else float(cost),
             timestamp=timestamp,
             key_source=key_source,
@@ -118,6 +123,8 @@ class UsageEvent:
 
 def _token_count(value: Any) -> int:
     """An agent's token count: null is 0, integral floats are accepted."""
+    if type(value) is int and 0 <= value <= MAX_TOKENS:
+        return value
     if value is None:
         return 0
     if isinstance(value, float) and value.is_integer():
@@ -127,8 +134,13 @@ def _token_count(value: Any) -> int:
 
 
 def _check_count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+    if type(value) is not int or not 0 <= value <= MAX_TOKENS:  # bool is not int here
         raise ValueError(f"{name} must be an integer from 0 to {MAX_TOKENS}")
+
+
+def _check_text(name: str, value: Any, pattern: re.Pattern[str]) -> None:
+    if type(value) is not str or not pattern.fullmatch(value):
+        raise ValueError(f"invalid {name}")
 
 
 def _check_timestamp(value: Any) -> None:
@@ -179,32 +191,36 @@ class UsageRecord:
     key_source: str
     outcome: str
 
+    # The UTC day and month of ``timestamp``, set with the record: every record's keys and
+    # expiries need both (a cached_property takes a lock on first use in Python 3.11).
+    day: datetime.date = field(init=False, repr=False, compare=False)
+    month: str = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
-        checks = (
-            ("query_id", _QUERY_ID_RE),
-            ("user", USER_RE),
-            ("project", PROJECT_RE),
-            ("agent", AGENT_NAME_RE),
-            ("model", _MODEL_RE),
-        )
-        for name, pattern in checks:
-            value = getattr(self, name)
-            if not isinstance(value, str) or not pattern.fullmatch(value):
-                raise ValueError(f"invalid {name}")
+        # Spelled out: a loop over the fields by name took twice as long, for every record.
+        _check_text("query_id", self.query_id, _QUERY_ID_RE)
+        _check_text("user", self.user, USER_RE)
+        _check_text("project", self.project, PROJECT_RE)
+        _check_text("agent", self.agent, AGENT_NAME_RE)
+        _check_text("model", self.model, _MODEL_RE)
         _check_timestamp(self.timestamp)
-        for name in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"):
-            _check_count(name, getattr(self, name))
-        if isinstance(self.cost, bool) or not isinstance(self.cost, int):
+        _check_count("input_tokens", self.input_tokens)
+        _check_count("output_tokens", self.output_tokens)
+        _check_count("cache_read_tokens", self.cache_read_tokens)
+        _check_count("cache_write_tokens", self.cache_write_tokens)
+        if type(self.cost) is not int:
             raise ValueError("cost must be integer micro-dollars")
         if not 0 <= self.cost <= MAX_COST_USD * MICRO_USD:
             raise ValueError("cost out of range")
-        for name, allowed in (
-            ("cost_source", COST_SOURCES),
-            ("key_source", KEY_SOURCES),
-            ("outcome", OUTCOMES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+        if self.cost_source not in COST_SOURCES:
+            raise ValueError(f"cost_source must be one of {', '.join(COST_SOURCES)}")
+        if self.key_source not in KEY_SOURCES:
+            raise ValueError(f"key_source must be one of {', '.join(KEY_SOURCES)}")
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
+        day = utc_day(self.timestamp)
+        object.__setattr__(self, "day", day)
+        object.__setattr__(self, "month", month_name(day))
 
     @classmethod
     def from_event(cls, event: UsageEvent, prices: PriceTable) -> UsageRecord:
@@ -240,14 +256,6 @@ class UsageRecord:
             key_source=event.key_source,
             outcome=event.outcome,
         )
-
-    @cached_property
-    def day(self) -> datetime.date:
-        return utc_day(self.timestamp)
-
-    @cached_property
-    def month(self) -> str:
-        return month_name(self.day)
 
     def counters(self) -> dict[str, int]:
         """This query's increments to every day hash it touches, in ``COUNTER_FIELDS``'s
@@ -319,4 +327,4 @@ def _totals_keys(user: str, project: str, day: datetime.date) -> tuple[str, ...]
     )
 
 
-_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord) if f.init)
