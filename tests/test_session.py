@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 
@@ -490,6 +490,35 @@ def test_prompts_wait_for_the_gate_one_after_another_and_reach_the_holder_in_ord
     gate.answer()
     assert [p["id"] for p in transport.current.prompts] == ["a", "c"]
     assert session.prompts_waiting == 0
+
+
+class BrokenGate:
+    """Raises for the first prompt, fails the second's Deferred, admits the rest."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def admit(self, user: str, project: str) -> Deferred[Refusal | None]:
+        self.asked += 1
+        if self.asked == 1:
+            raise RuntimeError("a bug in the gate")
+        if self.asked == 2:
+            return fail(RuntimeError("a bug in its callback"))
+        return succeed(None)
+
+
+def test_a_gate_that_raises_or_fails_costs_that_prompt_an_internal_error_and_no_more():
+    _, transport, registry = make(gate=BrokenGate())
+    client = FakeClient()
+    session = opened(registry, KEY, client)
+    for prompt_id in ("a", "b", "c"):
+        session.prompt(prompt_id, "x")
+    errors = [(f["code"], f.get("id")) for f in client.frames if f.get("type") == "error"]
+    assert errors == [("internal", "a"), ("internal", "b")]
+    assert [p["id"] for p in transport.current.prompts] == ["c"]
+    assert session.prompts_waiting == 0
+    session.prompt("d", "x")
+    assert [p["id"] for p in transport.current.prompts] == ["c", "d"]
 
 
 def test_resume_by_another_user_starts_a_fresh_session_and_reveals_nothing():

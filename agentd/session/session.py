@@ -593,7 +593,18 @@ class Session:
         """Forward a prompt to the holder, which forwards each id to the agent once."""
         if prompt_id in self._pending:
             return  # its ack (or refusal) is on the way
+        idle = not self._pending
         self._pending.add(prompt_id)
+        if idle:
+            # Nothing waits before it (the common case): no need to queue behind the chain.
+            try:
+                waiting = self._accept(None, prompt_id, text, options)
+            except Exception:
+                self._prompt_failed(Failure(), prompt_id)
+                return
+            if waiting is not None:
+                self._prompt_chain = waiting.addErrback(self._prompt_failed, prompt_id)
+            return
         self._prompt_chain.addCallback(self._accept, prompt_id, text, options)
         self._prompt_chain.addErrback(self._prompt_failed, prompt_id)
 
