@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -133,7 +135,9 @@ def recording(pid: int, out: Path, rate: int = 500) -> Iterator[None]:
     if binary is None:
         raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
     argv = [binary, "record", "-r", str(rate), "-f", "raw", "-o", str(out), "-p", str(pid)]
-    with _sampling(argv, out, "py-spy wrote nothing"):
+    # py-spy says so on stdout once it samples: a block shorter than its start-up would
+    # otherwise leave it nothing to write.
+    with _sampling(argv, out, "py-spy wrote nothing", ready=b"py-spy> Sampling"):
         yield
 
 
@@ -152,24 +156,45 @@ def cpu_recording(pid: int, out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _sampling(argv: list[str], out: Path, failed: str, attach: bool = False) -> Iterator[None]:
+def _sampling(
+    argv: list[str], out: Path, failed: str, attach: bool = False, ready: bytes | None = None
+) -> Iterator[None]:
     """Run the sampler ``argv`` while the block runs, then stop it with SIGINT (both py-spy
     and perf write their file then); ``failed`` and the sampler's last words when there is no
-    ``out``. With ``attach``, the block waits until the sampler has attached: perf creates
-    ``out`` once it has, a moment before it samples."""
-    sampler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ``out``. The block waits until the sampler has attached: with ``attach``, until ``out``
+    exists (perf creates it once it has, a moment before it samples); with ``ready``, until
+    the sampler writes a line starting so on stdout. Either wait gives up after 10 seconds."""
+    stdout = subprocess.PIPE if ready is not None else subprocess.DEVNULL
+    sampler = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
     try:
         if attach:
-            deadline = time.monotonic() + 10
             while not out.exists() and sampler.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(0.2)
+        if ready is not None:
+            _wait_for_line(sampler, ready, deadline)
         yield
     finally:
         sampler.send_signal(signal.SIGINT)
         _, errors = sampler.communicate(timeout=60)
     if not out.exists():
         raise RuntimeError(f"{failed}: {errors.decode()[-300:]}")
+
+
+def _wait_for_line(process: subprocess.Popen[bytes], start: bytes, deadline: float) -> None:
+    """Read ``process``'s stdout until a line begins with ``start``, it ends, or ``deadline``."""
+    assert process.stdout is not None
+    fd, pending = process.stdout.fileno(), b""
+    while time.monotonic() < deadline:
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            return
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return
+        pending += chunk
+        if any(line.startswith(start) for line in pending.split(b"\n")):
+            return
 
 
 def cpu_by_object(path: Path) -> list[tuple[str, float]]:

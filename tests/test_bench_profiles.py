@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from bench.profiles import dso_shares
+import sys
+import time
+from pathlib import Path
+
+from bench.profiles import _sampling, dso_shares
 
 # What `perf report --stdio --no-children -g none --sort dso` printed for agentd on Redis.
 REPORT = """\
@@ -44,3 +48,34 @@ def test_perf_report_rows_become_named_shares() -> None:
 
 def test_a_report_without_samples_has_no_rows() -> None:
     assert dso_shares("# Samples: 0  of event 'cpu-clock'\n#\n") == []
+
+
+# A stand-in sampler that takes its time to start, as py-spy does, then says so on stdout, and
+# writes its file only if it sampled at all before SIGINT.
+SLOW_SAMPLER = """\
+import signal, sys, time
+out = sys.argv[1]
+sampling = []
+def stop(*_):
+    if sampling:
+        open(out, "w").write("stack 1\\n")
+    sys.exit(0)
+signal.signal(signal.SIGINT, stop)
+time.sleep(0.5)
+sampling.append(True)
+print("py-spy> Sampling process 500 times a second. Press Control-C to exit.", flush=True)
+while True:
+    time.sleep(0.01)
+"""
+
+
+def test_a_block_starts_once_the_sampler_samples_so_even_an_empty_one_is_recorded(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "profile.txt"
+    argv = [sys.executable, "-c", SLOW_SAMPLER, str(out)]
+    started = time.monotonic()
+    with _sampling(argv, out, "nothing sampled", ready=b"py-spy> Sampling"):
+        waited = time.monotonic() - started
+    assert waited >= 0.5
+    assert out.read_text() == "stack 1\n"
