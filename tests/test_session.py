@@ -142,6 +142,9 @@ class FakeTransport:
         # Attaches answer when the test says so (the real one answers after a round trip).
         self.hold_answers = False
         self.unanswered: list[FakeAttach] = []
+        # The journal an attach replays comes when the test says so, after ``attached``.
+        self.hold_replay = False
+        self.replays: list[tuple[FakeAttach, list[bytes]]] = []
 
     def spawn(self, target: AgentTarget, sink: AgentSink) -> Deferred[Any]:
         if self.fail_with is not None:
@@ -187,8 +190,17 @@ class FakeTransport:
         )
         for record in holder.unrecorded:
             attach.control(type="unrecorded", **record)
-        for line in holder.journal[target.after :]:
+        replay = holder.journal[target.after :]
+        if self.hold_replay:
+            self.replays.append((attach, replay))
+            return
+        for line in replay:
             attach.sink.agent_line(line)
+
+    def replay(self) -> None:
+        replays, self.replays = self.replays, []
+        for attach, lines in replays:
+            attach.sink.agent_lines(lines)
 
     def stop(self) -> Deferred[None]:
         return succeed(None)
@@ -470,6 +482,51 @@ def test_a_resent_prompt_is_forwarded_by_the_holder_once_and_skips_the_rate_limi
     acks = [f for f in client.frames if f.get("type") == "ack"]
     assert [a["id"] for a in acks] == ["a", "a"] and acks[1]["duplicate"] is True
     assert gate.admitted == 1
+
+
+def test_a_prompt_resent_on_another_instance_is_not_counted_again_when_its_ack_is_replayed():
+    _, transport, here = make(gate=CountingGate())
+    session = opened(here, KEY, FakeClient())
+    session.prompt("a", "x")  # forwarded and acknowledged; the client never saw the ack
+    gate = CountingGate()
+    _, other_transport, elsewhere = make(gate=gate)
+    other_transport.holders = transport.holders  # the same VM
+    other_transport.hold_replay = True
+    client = FakeClient()
+    resumed = opened(elsewhere, KEY, client, session.id, 0)
+    assert resumed.id == session.id and client.frames[0]["resumed"] is True
+    # The client resends what it has not seen acknowledged, and a new prompt, before the
+    # holder's replay is in: neither is decided yet.
+    resumed.prompt("a", "x")
+    resumed.prompt("b", "y")
+    assert gate.admitted == 0 and resumed.prompts_waiting == 2
+    other_transport.replay()
+    # "a" was acknowledged before: forwarded (the holder acknowledges it again, and does not
+    # run it twice) without the gate; "b" is new, and the gate counts it.
+    assert gate.admitted == 1
+    holder = transport.holders[session.id]
+    assert [p["id"] for a in transport.attaches + other_transport.attaches for p in a.prompts] == [
+        "a",
+        "b",
+    ]
+    acks = [(f["id"], f.get("duplicate", False)) for f in client.frames if f.get("type") == "ack"]
+    assert acks == [("a", False), ("a", True), ("b", False)]
+    assert resumed.prompts_waiting == 0 and holder.prompts == {"a", "b"}
+
+
+def test_prompts_waiting_for_a_replay_are_decided_when_the_attach_is_lost_instead():
+    _, transport, here = make(gate=CountingGate())
+    session = opened(here, KEY, FakeClient())
+    session.prompt("a", "x")
+    gate = CountingGate()
+    _, other_transport, elsewhere = make(gate=gate)
+    other_transport.holders = transport.holders
+    other_transport.hold_replay = True
+    resumed = opened(elsewhere, KEY, FakeClient(), session.id, 0)
+    resumed.prompt("b", "y")
+    assert gate.admitted == 0
+    other_transport.current.exit("exited with 255")  # the way to the VM broke
+    assert gate.admitted == 1 and resumed.prompts_waiting == 0
 
 
 def test_prompts_wait_for_the_gate_one_after_another_and_reach_the_holder_in_order():

@@ -137,6 +137,12 @@ def _live(link: _Link | None) -> TypeGuard[_Link]:
     return link is not None and link.hello is not None and link.hello.get("live") is True
 
 
+def _replaying(link: _Link | None, seq: int) -> bool:
+    """Whether ``link``'s holder has yet to relay lines it had journaled when it attached."""
+    last = None if link is None or link.hello is None else link.hello.get("lastSeq")
+    return type(last) is int and seq < last
+
+
 class Session:
     def __init__(
         self,
@@ -174,6 +180,8 @@ class Session:
         self._acked: OrderedDict[str, None] = OrderedDict()
         self._pending: set[str] = set()
         self._settled_waiters: list[Deferred[None]] = []
+        # Prompts that wait for the holder's replay to come in (see ``_accept``).
+        self._catching_up: list[Deferred[None]] = []
         self.queries: OrderedDict[str, Query] = OrderedDict()
         self._grace_call: IDelayedCall | None = None
         self._reattach_call: IDelayedCall | None = None
@@ -536,12 +544,14 @@ class Session:
         link, self.link = self.link, None
         if link is not None and link.process is not None and not link.ended:
             link.process.terminate()
+        self._caught_up()
 
     def link_ended(self, link: _Link, reason: str) -> None:
         """The attach is gone: the holder ended the session, or the way to it broke."""
         if self.link is not link:
             return
         self.link = None
+        self._caught_up()
         if link.hello is None:
             return  # never attached: whoever opened it hears of it
         if link.holder_ended is not None:
@@ -640,6 +650,13 @@ class Session:
         gate = self._services.gate
         if self.ended or gate is None or prompt_id in self._acked:
             return self._admitted(None, prompt_id, text, options)
+        if _replaying(self.link, self.seq):
+            # A client resending on a resume, while the holder still relays what it had
+            # journaled: that may hold this prompt's ack (another instance forwarded it), and
+            # then the prompt is not the gate's to count again. Decide once it is all in.
+            caught_up: Deferred[None] = Deferred()
+            self._catching_up.append(caught_up)
+            return caught_up.addCallback(self._accept, prompt_id, text, options)
         admitted = gate.admit(self.key.user, self.key.project)
         return admitted.addCallback(self._admitted, prompt_id, text, options)
 
@@ -761,6 +778,14 @@ class Session:
         self._flush(out)
         if size:
             _BYTES_TO_CLIENT.inc(size)
+        if self._catching_up and not _replaying(self.link, self.seq):
+            self._caught_up()
+
+    def _caught_up(self) -> None:
+        """Let the prompts waiting for the replay go on: it is in, or its link is gone."""
+        waiting, self._catching_up = self._catching_up, []
+        for caught_up in waiting:
+            caught_up.callback(None)
 
     def _flush(self, out: list[bytes]) -> None:
         """Send the frames ``holder_lines`` gathered (before anything else may reach the
