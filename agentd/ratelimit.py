@@ -166,11 +166,12 @@ class SlidingWindowLog:
     def _now_forgetting_idle_users(self) -> int:
         now = round(self._clock.seconds() * 1_000_000)
         horizon = now - self.window_us
-        while self._logs:
-            user, log = next(iter(self._logs.items()))
-            if log[-1] > horizon:
+        logs = self._logs
+        while logs:
+            user = next(iter(logs))
+            if logs[user][-1] > horizon:
                 break
-            del self._logs[user]
+            del logs[user]
         return now
 
     def _append(self, user: str, log: array[int] | None, limit: int, now: int) -> None:
@@ -300,7 +301,8 @@ class RateLimiter:
 
     def _decide_from_reply(self, reply: Any, policy: Policy, user: str) -> Decision:
         try:
-            allowed, limit, wait_us = (int(value) for value in reply)
+            allowed, limit, wait_us = reply
+            allowed, limit, wait_us = int(allowed), int(limit), int(wait_us)
         except (TypeError, ValueError):
             return self._fall_back(Failure(), policy, user)
         self._remember_limit(policy, user, limit)

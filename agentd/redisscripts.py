@@ -69,6 +69,14 @@ class _Leaner:
     def makeConnection(self, transport: Any) -> None:
         super().makeConnection(_WritesNow(transport))  # type: ignore[misc]  # the protocol's
 
+    def tryConvertData(self, data: Any) -> Any:
+        # txredisapi's, which returns integers as they are: a script's reply is a list of
+        # them, and each took a call here.
+        if type(data) is list:
+            convert = self.tryConvertData
+            return [x if type(x) is int else convert(x) for x in data]
+        return super().tryConvertData(data)  # type: ignore[misc]  # the protocol's
+
     def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
         if self.charset in _UTF8 and self.errors == "strict":
             for arg in args:

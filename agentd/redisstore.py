@@ -160,6 +160,11 @@ class _PrimaryEndpoint:
         return self._locate().addCallback(connect)
 
 
+def _measured(result: T, operation: str, started: float) -> T:
+    _LATENCY(operation).observe(time.perf_counter() - started)
+    return result
+
+
 class RedisStore:
     """A lazily connecting, self-reconnecting Redis pool whose every call has a timeout.
 
@@ -280,19 +285,16 @@ class RedisStore:
         started = time.perf_counter()
         d = command(self.connection)
         self._deadlines.add(d, self.timeout if timeout is None else timeout)
-
-        def measured(result: T) -> T:
-            _LATENCY(operation).observe(time.perf_counter() - started)
-            return result
-
-        def failed(failure: Failure) -> Failure:
-            _ERRORS(operation).inc()
-            if _replica_reply(failure):
-                self._primary_changing(failure)
-            return failure
-
-        d.addCallbacks(measured, failed)
+        d.addCallbacks(
+            _measured, self._failed, callbackArgs=(operation, started), errbackArgs=(operation,)
+        )
         return d
+
+    def _failed(self, failure: Failure, operation: str) -> Failure:
+        _ERRORS(operation).inc()
+        if _replica_reply(failure):
+            self._primary_changing(failure)
+        return failure
 
     def eval(
         self,

@@ -60,6 +60,27 @@ def test_commands_are_encoded_byte_for_byte_as_txredisapi_encodes_them() -> None
         assert built(direct, *common, charset=charset) == built(original, *common, charset=charset)
 
 
+# Replies as hiredis gives them: integers, bulk strings, nil, nested arrays.
+REPLIES: list[Any] = [
+    [1, 60, 0, 1250, 0, b"250000000", None],
+    [0, 60, 1500],
+    [b"12", b"3.5", b"-7", b"x", b"\xff", b"", None, True, 2.5, [1, [b"2", [b"caf\xc3\xa9"]]]],
+    b"OK",
+    7,
+    [],
+]
+
+
+@pytest.mark.parametrize("convert_numbers", [False, True])
+@pytest.mark.parametrize("charset", ["utf-8", None])
+def test_replies_are_converted_as_txredisapi_converts_them(convert_numbers, charset) -> None:
+    original = txredisapi.HiredisProtocol
+    ours, theirs = leaner(original)(charset), original(charset)
+    ours.convertNumbers = theirs.convertNumbers = convert_numbers
+    for reply in REPLIES:
+        assert repr(ours.tryConvertData(reply)) == repr(theirs.tryConvertData(reply))
+
+
 def test_what_txredisapi_refuses_to_encode_is_refused_alike() -> None:
     for charset, text in (("utf-8", "\ud800"), ("ascii", "café")):
         with pytest.raises(txredisapi.InvalidData) as expected:
