@@ -154,13 +154,18 @@ class Sessions:
         return self.base / session
 
     def journal_bytes(self, session: str = SESSION) -> int:
-        total = 0
-        for segment in (self.directory(session) / "journal").iterdir():
+        """The journal's size on disk, never more than it was at some instant: a segment the
+        holder deleted while its size was read is left out (segments only grow until they
+        are deleted), or it would count beside what the holder wrote meanwhile."""
+        journal = self.directory(session) / "journal"
+        sizes = {}
+        for segment in journal.iterdir():
             try:
-                total += segment.stat().st_size
+                sizes[segment.name] = segment.stat().st_size
             except FileNotFoundError:
                 pass  # deleted by the holder meanwhile
-        return total
+        still_there = {segment.name for segment in journal.iterdir()}
+        return sum(size for name, size in sizes.items() if name in still_there)
 
     def close(self) -> None:
         for attach in self.attaches:
