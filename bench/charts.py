@@ -10,6 +10,7 @@ go next to the results file, named after it.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -266,10 +267,27 @@ def prompts(results: dict[str, Any]) -> Figure:
     )
 
 
+def _oldest_first(revisions: list[str]) -> list[str]:
+    """``revisions`` by commit time when this checkout's git knows them all, else as given."""
+    times = []
+    for revision in revisions:
+        found = subprocess.run(
+            ["git", "log", "-1", "--format=%ct", revision, "--"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+        )
+        if found.returncode != 0 or not found.stdout.strip().isdigit():
+            return revisions
+        times.append(int(found.stdout))
+    return [r for _, r in sorted(zip(times, revisions, strict=True), key=lambda pair: pair[0])]
+
+
 def versions(results: dict[str, Any]) -> Figure:
-    """This checkout beside the earlier revisions it ran with, oldest first as given."""
+    """This checkout beside the earlier revisions it ran with, oldest first."""
     p = results["scenarios"]["prompts"]
-    labels = [n.split("@")[1] for n in p if n.startswith("agentd-memory@")] + ["now"]
+    given = [n.split("@")[1] for n in p if n.startswith("agentd-memory@")]
+    labels = [*_oldest_first(given), "now"]
 
     def target(store: str, label: str) -> str:
         return f"agentd-{store}" if label == "now" else f"agentd-{store}@{label}"
