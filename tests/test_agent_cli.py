@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import json
@@ -610,3 +611,43 @@ def test_read_lines_joins_a_line_that_arrives_in_pieces(monkeypatch: pytest.Monk
     assert events[2] == b"ij"
     assert isinstance(events[3], cli.Stop)
     assert len(events) == 4
+
+
+def test_a_writer_that_never_yields_still_waits_for_a_reader_that_does_not_read() -> None:
+    """Lines wait for the end of the event loop's step, but ``drain()`` hands a step over
+    the high-water mark to the pipe, so the memory a writer holds stays bounded."""
+    from agentd.agent.output import HIGH_WATER_BYTES, PipeOutput, open_stdout
+
+    read_end, write_end = os.pipe()
+    line = b"x" * 8191 + b"\n"
+    total = 4 * HIGH_WATER_BYTES
+
+    async def scenario() -> None:
+        output = await open_stdout(lambda: None, fd=write_end)
+        assert isinstance(output, PipeOutput)
+
+        async def write_all() -> None:
+            for _ in range(total // len(line)):
+                output.write(line)
+                await output.drain()  # never yields while the reader keeps up
+
+        writer = asyncio.get_running_loop().create_task(write_all())
+        await asyncio.sleep(0.2)
+        held = output.transport.get_write_buffer_size() + output._step_bytes
+        assert not writer.done() and held <= 2 * HIGH_WATER_BYTES
+        received = 0
+        while received < total:
+            await asyncio.sleep(0)
+            try:
+                received += len(os.read(read_end, 1 << 20))
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        await writer
+        assert received == total
+
+    os.set_blocking(read_end, False)
+    try:
+        asyncio.run(scenario())
+    finally:
+        os.close(read_end)
+        os.close(write_end)
