@@ -301,8 +301,7 @@ class RateLimiter:
 
     def _decide_from_reply(self, reply: Any, policy: Policy, user: str) -> Decision:
         try:
-            allowed, limit, wait_us = reply
-            allowed, limit, wait_us = int(allowed), int(limit), int(wait_us)
+            allowed, limit, wait_us = map(int, reply)
         except (TypeError, ValueError):
             return self._fall_back(Failure(), policy, user)
         self._remember_limit(policy, user, limit)

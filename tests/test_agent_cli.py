@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,18 @@ def echo() -> Iterator[AgentProcess]:
     agent = AgentProcess("echo", agent_env(), command=TEST_CLI)
     yield agent
     agent.stop()
+
+
+def echo_cli(stdout: Any) -> subprocess.Popen[bytes]:
+    """The echo agent with the test options as a child: stdin a pipe, stdout ``stdout``."""
+    return subprocess.Popen(
+        [*TEST_CLI, "echo"],
+        stdin=subprocess.PIPE,
+        stdout=stdout,
+        stderr=subprocess.DEVNULL,
+        env=agent_env(),
+        cwd=REPO,
+    )
 
 
 def deltas(lines: list[dict]) -> list[str]:
@@ -95,14 +108,7 @@ def test_echo_delta_bytes_sends_deltas_of_exactly_that_size(echo: AgentProcess) 
 
 
 def test_echo_pushes_well_over_100k_lines_a_second() -> None:
-    process = subprocess.Popen(
-        [*TEST_CLI, "echo"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=agent_env(),
-        cwd=REPO,
-    )
+    process = echo_cli(subprocess.PIPE)
     assert process.stdin is not None and process.stdout is not None
     try:
         process.stdin.write(b'{"type":"prompt","id":"w","text":"warm up"}\n')
@@ -327,14 +333,7 @@ def test_sigterm_while_an_agent_starts_exits_0_quietly(tmp_path: Path) -> None:
 def test_stdout_may_be_a_regular_file(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     with out.open("wb") as stdout:
-        process = subprocess.Popen(
-            [*TEST_CLI, "echo"],
-            stdin=subprocess.PIPE,
-            stdout=stdout,
-            stderr=subprocess.DEVNULL,
-            env=agent_env(),
-            cwd=REPO,
-        )
+        process = echo_cli(stdout)
         assert process.stdin is not None
         process.stdin.write(
             b'{"type":"prompt","id":"q1","text":"to a file","options":{"repeat":2}}\n'
@@ -349,14 +348,7 @@ def test_stdout_may_be_a_regular_file(tmp_path: Path) -> None:
 
 
 def test_sigterm_exits_even_when_the_peer_stopped_reading() -> None:
-    process = subprocess.Popen(
-        [*TEST_CLI, "echo"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=agent_env(),
-        cwd=REPO,
-    )
+    process = echo_cli(subprocess.PIPE)
     assert process.stdin is not None and process.stdout is not None
     # Far more output than the pipe holds, and nobody reads it.
     process.stdin.write(
@@ -381,14 +373,7 @@ def test_sigterm_exits_even_when_the_peer_stopped_reading() -> None:
 def test_the_lines_of_one_step_reach_stdout_in_one_write() -> None:
     # On a SEQPACKET socket each write is one message, so the messages are the writes.
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    process = subprocess.Popen(
-        [*TEST_CLI, "echo"],
-        stdin=subprocess.PIPE,
-        stdout=theirs,
-        stderr=subprocess.DEVNULL,
-        env=agent_env(),
-        cwd=REPO,
-    )
+    process = echo_cli(theirs)
     theirs.close()
     assert process.stdin is not None
     try:
@@ -416,14 +401,7 @@ def test_the_lines_of_one_step_reach_stdout_in_one_write() -> None:
 
 
 def test_reader_closing_stdout_ends_the_agent_with_status_0() -> None:
-    process = subprocess.Popen(
-        [*TEST_CLI, "echo"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=agent_env(),
-        cwd=REPO,
-    )
+    process = echo_cli(subprocess.PIPE)
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write(
         b'{"type":"prompt","id":"q1","text":"a b c d e f g","options":{"delay_ms":100}}\n'

@@ -243,7 +243,7 @@ class UsageRecorder:
         Redis, and in the reactor completing its records). The rest waits for its window."""
         if len(self._queue) < FLUSH_CHUNK or self._stopping:
             return
-        chunk, self._queue = self._queue[:FLUSH_CHUNK], self._queue[FLUSH_CHUNK:]
+        chunk = self._take_chunk()
         if not self._queue and self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
             self._flush_call = None
@@ -255,8 +255,12 @@ class UsageRecorder:
         # left, even if the window was shorter than the I/O pass that opened it.
         self._flush_call = self._clock.callLater(0, self._flush)
 
-    def _flush(self) -> None:
+    def _take_chunk(self) -> list[tuple[UsageRecord, Deferred[None]]]:
         chunk, self._queue = self._queue[:FLUSH_CHUNK], self._queue[FLUSH_CHUNK:]
+        return chunk
+
+    def _flush(self) -> None:
+        chunk = self._take_chunk()
         # What is left has waited its window already.
         self._flush_call = self._clock.callLater(0, self._flush) if self._queue else None
         self._record_now(chunk)
