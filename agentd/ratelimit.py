@@ -85,7 +85,7 @@ class HandshakeLimiter(Protocol):
     def check_handshake(self, user: str) -> Deferred[Decision]: ...
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # made for every prompt: not frozen, which is dearer
 class Decision:
     allowed: bool
     policy: str  # "prompts" | "connections"

@@ -36,7 +36,7 @@ from agentd.usage.store import MonthSpend, UsageStore
 _log = Logger()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # made for every prompt: not frozen, which is dearer
 class BudgetDecision:
     """May a prompt go ahead. When refused: which budget (``scope``), its amount and the
     month-to-date spend that reached it; when allowed: the user's budget (None: none) and

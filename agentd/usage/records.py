@@ -50,7 +50,10 @@ _AGENT_FIELDS = frozenset(
 )
 
 
-@dataclass(frozen=True)
+# Records and events are values: nothing changes one once it is made. They are not frozen
+# dataclasses all the same: a frozen dataclass sets each field through object.__setattr__,
+# which made building the two of every query four times dearer.
+@dataclass(slots=True)
 class UsageEvent:
     """What the gateway knows when a query ends: who, where, which model, how many tokens."""
 
@@ -168,7 +171,7 @@ def usd_text(micro: int) -> str:
     return f"{micro // MICRO_USD}.{micro % MICRO_USD:06d}"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class UsageRecord:
     """An event validated and priced: what the store applies and the spool keeps.
 
@@ -218,9 +221,8 @@ class UsageRecord:
             raise ValueError(f"key_source must be one of {', '.join(KEY_SOURCES)}")
         if self.outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
-        day = utc_day(self.timestamp)
-        object.__setattr__(self, "day", day)
-        object.__setattr__(self, "month", month_name(day))
+        self.day = day = utc_day(self.timestamp)
+        self.month = month_name(day)
 
     @classmethod
     def from_event(cls, event: UsageEvent, prices: PriceTable) -> UsageRecord:

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from agentd.usage.records import UsageRecord
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # made for every prompt: not frozen, which is dearer
 class MonthSpend:
     """Operator-paid micro-dollars this month, and the runtime budget overrides as stored."""
 
