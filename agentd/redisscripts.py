@@ -6,11 +6,12 @@ hashes it with SHA-1 on every call, reaches a connection through a generator tha
 (``getConnection``), and encodes each argument through a chain of type checks. Here each script
 is encoded and hashed once, the pool's first ready connection is used at once (only when none is
 does the call wait the pool's own way), and commands are encoded with one format per argument
-and written at once when nothing waits before them on the connection.
+and written at once when nothing waits before them on the connection; a plain command's reply
+reaches its caller through one Deferred, not two.
 
 What reaches Redis is what txredisapi's ``eval`` sends: ``EVALSHA`` on a connection that has run
 the script, else ``EVAL``, and ``EVAL`` again after a ``NOSCRIPT`` reply (a restarted or flushed
-server), through txredisapi's own commands and reply handling.
+server). Replies are read, queued and converted by txredisapi.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import txredisapi
 from hiredis import pack_command
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredQueue, fail
 from twisted.python.failure import Failure
 
 from agentd.directwrite import write_now
@@ -65,6 +66,24 @@ class _Leaner:
     charset: str | None
     errors: str
     _encode_value: Callable[[Any], bytes]
+    connected: int
+    pipelining: bool
+    inMulti: bool
+    replyTimeout: float | None
+    replyQueue: DeferredQueue[Any]
+    transport: Any
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        # txredisapi's, for a plain command (no pipeline, transaction, reply timeout or
+        # options): the reply's Deferred relays to the caller's with one callback, where
+        # txredisapi's takes two and makes a closure per command. What it leaves out is for
+        # the cases that go to it.
+        if kwargs or self.pipelining or self.inMulti or self.replyTimeout or not self.connected:
+            return super().execute_command(*args, **kwargs)  # type: ignore[misc, no-any-return]
+        self.transport.write(self._build_command(*args))
+        result: Deferred[Any] = Deferred()
+        self.replyQueue.get().addBoth(_relay_reply, result)
+        return result
 
     def makeConnection(self, transport: Any) -> None:
         super().makeConnection(_WritesNow(transport))  # type: ignore[misc]  # the protocol's
@@ -110,6 +129,16 @@ class _Leaner:
         return b"".join(parts)
 
 
+def _relay_reply(reply: Any, result: Deferred[Any]) -> None:
+    """Fire ``result`` with a command's reply (an error reply as a failure), unless it fired
+    already: cancelled at its deadline, the late reply is dropped as txredisapi drops it."""
+    if not result.called:
+        if isinstance(reply, Exception):
+            result.errback(reply)
+        else:
+            result.callback(reply)
+
+
 @functools.cache
 def leaner(protocol: type) -> type:
     """``protocol`` (a txredisapi protocol class) encoding and writing its commands as
@@ -142,10 +171,13 @@ class Scripts:
             if sha not in connection.script_hashes:
                 loaded: Deferred[Any] = connection.eval(text, keys, args)
                 return loaded
-            called: Deferred[Any] = connection.evalsha(sha, keys, args)
+            # txredisapi's evalsha, without its copies of the arguments and second errback.
+            called: Deferred[Any] = connection.execute_command(
+                "EVALSHA", sha, len(keys), *keys, *args
+            )
         except Exception:
             return fail()
-        return called.addErrback(self._flushed, connection, text, keys, args)
+        return called.addErrback(self._flushed, connection, sha, text, keys, args)
 
     def _ready(self) -> Any | None:
         """The pool's first connected connection.
@@ -163,12 +195,16 @@ class Scripts:
         self,
         failure: Failure,
         connection: Any,
+        sha: str,
         text: bytes,
         keys: Sequence[Any],
         args: Sequence[Any],
     ) -> Deferred[Any] | Failure:
-        # NOSCRIPT: the server lost its scripts; EVAL loads this one again.
-        if failure.check(txredisapi.ScriptDoesNotExist):
+        # NOSCRIPT: the server lost its scripts (a restart, SCRIPT FLUSH); EVAL loads this one
+        # again, as txredisapi's eval does.
+        error = failure.value
+        if isinstance(error, txredisapi.ResponseError) and str(error).startswith("NOSCRIPT"):
+            connection.script_hashes.discard(sha)
             reloaded: Deferred[Any] = connection.eval(text, keys, args)
             return reloaded
         return failure

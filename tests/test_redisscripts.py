@@ -14,6 +14,7 @@ import pytest
 import pytest_twisted
 import txredisapi
 from twisted.internet import reactor
+from twisted.internet.defer import TimeoutError
 
 from agentd.redisscripts import leaner
 from agentd.redisstore import RedisStore
@@ -165,5 +166,32 @@ async def test_the_calls_of_one_reactor_turn_share_one_connection(
         scripting = [c for c in clients if " cmd=eval" in c]
         assert len(clients) >= 3, "the pool has three connections"
         assert len(scripting) == 1, "every script call went to the one connection"
+    finally:
+        await store.disconnect()
+
+
+SLOW = """
+local started = redis.call('TIME')
+repeat
+  local now = redis.call('TIME')
+until (now[1] - started[1]) * 1000000 + (now[2] - started[2]) > 200000
+return 'slow'
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reply_after_its_deadline_is_dropped_and_the_next_call_gets_its_own(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore(redis_server.url, reactor, timeout=0.05)
+    try:
+        await store.eval("test", ECHO, ["k"], ["a", "b"], timeout=2.0)
+        await store.eval("slow", SLOW, [], [], timeout=2.0)  # the script known
+        slow = store.eval("slow", SLOW, [], [])
+        after = store.eval("test", ECHO, ["k"], ["after", "it"], timeout=2.0)
+        with pytest.raises(TimeoutError):
+            await slow
+        assert await after == ["k", "after", "it"]
+        assert await store.eval("test", ECHO, ["k"], ["c", "d"]) == ["k", "c", "d"]
     finally:
         await store.disconnect()
