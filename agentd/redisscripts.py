@@ -50,6 +50,12 @@ class _WritesNow:
 _PACKED = frozenset((bytes, str, int))
 _UTF8 = frozenset(("utf-8", "utf8", "UTF-8"))
 
+# A prompt's gate call is one command for all of a user's prompts in a project in a month (its
+# script reads Redis's clock, not agentd's): its encoding is looked up, not made again. Only
+# short commands are kept; a chunk of usage records is long, and never the same twice.
+_REPEATED_ARGS = 16
+_pack_repeated = functools.lru_cache(maxsize=1024)(pack_command)
+
 
 class _Leaner:
     """txredisapi's protocol with its commands encoded by hiredis's ``pack_command`` (in C),
@@ -103,7 +109,10 @@ class _Leaner:
                     break
             else:
                 try:
-                    packed: bytes = pack_command(args)
+                    if len(args) <= _REPEATED_ARGS:
+                        packed: bytes = _pack_repeated(args)
+                    else:
+                        packed = pack_command(args)
                 except UnicodeError:
                     pass  # a lone surrogate: txredisapi's own error, below
                 else:

@@ -57,6 +57,10 @@ def test_commands_are_encoded_byte_for_byte_as_txredisapi_encodes_them() -> None
     # one hiredis encodes.
     common = ["EVALSHA", "0" * 40, 2, "naïve ✓", b"\x00\xff raw", 0, -17, 2**70, ""]
     assert built(direct, *common) == built(original, *common)
+    # A short command comes from the encodings kept, a long one is encoded each time.
+    assert built(direct, *common) == built(original, *common)
+    long = common * 3
+    assert built(direct, *long) == built(direct, *long) == built(original, *long)
     for charset in ("utf8", "UTF-8"):
         assert built(direct, *common, charset=charset) == built(original, *common, charset=charset)
 
