@@ -11,28 +11,8 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 
 from agentd.transport.local import _HolderConnection, _HolderSockets
+from tests.test_ssh_pool_clock import Sink
 from tests.waiting import eventually
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.lines: list[bytes] = []
-        self.ended: str | None = None
-
-    def agent_lines(self, lines: list[bytes]) -> None:
-        self.lines += lines
-
-    def agent_line(self, line: bytes) -> None:
-        self.lines.append(line)
-
-    def agent_log(self, line: bytes) -> None:
-        pass
-
-    def agent_overlong(self, stream: str, size: int) -> None:
-        pass
-
-    def agent_ended(self, exit_status: int | None, reason: str) -> None:
-        self.ended = reason
 
 
 def open_descriptors() -> int:
@@ -72,7 +52,7 @@ async def test_the_holders_socket_carries_lines_both_ways_and_never_takes_a_desc
 
         peer.close()
         await eventually(lambda: sink.ended is not None, what="the end of the connection")
-        assert sink.ended == "the session holder's connection closed"
+        assert sink.ended == (None, "the session holder's connection closed")
     finally:
         peer.close()
         listening.close()
