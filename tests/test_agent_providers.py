@@ -45,7 +45,9 @@ class Provider:
     fake: FakeProvider
     agent: AgentProcess
 
-    def ask(self, query_id: str, text: str = "hi", timeout: float = 10.0) -> list[dict[str, Any]]:
+    # The module's first prompt also waits for the agent's start, whose import of the SDK
+    # takes seconds on a machine whose disk cache is cold (7 s measured for anthropic).
+    def ask(self, query_id: str, text: str = "hi", timeout: float = 30.0) -> list[dict[str, Any]]:
         self.agent.send({"type": "prompt", "id": query_id, "text": text})
         return self.agent.read_query(query_id, timeout=timeout)
 
