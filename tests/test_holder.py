@@ -626,6 +626,32 @@ def test_usage_is_reported_on_every_attach_until_recorded(sessions: Sessions):
     assert third.read()["type"] == "pong"  # no unrecorded line came first
 
 
+def test_a_recorded_that_came_with_a_prompt_is_written_once_that_prompt_is_answered(
+    sessions: Sessions,
+):
+    attach, hello = sessions.attached()
+    prompt(attach, "p1", "count me")
+    state = sessions.directory() / "state.jsonl"
+    # As agentd sends it: with the next prompt, whose answer its write does not delay.
+    slow = {"type": "prompt", "id": "p2", "text": "a b c", "options": {"delay_ms": 300}}
+    attach.send(slow)
+    attach.send({"type": "recorded", "id": "p1"})
+    attach.send({"type": "emit", "message": {"type": "pong"}})  # a marker: recorded is handled
+    attach.read_until(lambda m: m["type"] == "pong")
+    assert b'"recorded"' not in state.read_bytes()
+    attach.read_until(lambda m: m["type"] == "done" and m["id"] == "p2")
+    wait_for(lambda: b'{"recorded":"p1"}' in state.read_bytes(), what="the recorded record")
+
+    # A holder that dies before writing it offers that usage again (agentd records it once,
+    # under the same event id).
+    attach.send({**slow, "id": "p3"})
+    attach.send({"type": "recorded", "id": "p2"})
+    attach.send({"type": "emit", "message": {"type": "pong"}})
+    attach.read_until(lambda m: m["type"] == "pong")
+    served = kill_and_serve(sessions, attach, hello)
+    assert [m["id"] for m in served if m["type"] == "unrecorded"] == ["p2"]
+
+
 def test_the_usage_event_id_is_derived_from_session_and_query():
     one = wire.usage_event_id("s3ss10n-0123456789", "p1")
     assert one == wire.usage_event_id("s3ss10n-0123456789", "p1")

@@ -160,3 +160,39 @@ def test_the_holders_json_is_byte_for_byte_what_the_json_module_writes(message):
     assert wire.dumps(message) == json.dumps(message, separators=(",", ":")).encode("ascii")
     line = wire.numbered({"type": "emitted", "body": message.get("text", "x")}, 7)
     assert line.startswith(b'{"seq":7,"type":"emitted",') and line.isascii()
+
+
+def state_records(state: State) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(state.path).read_bytes().splitlines()]
+
+
+def test_a_recorded_record_is_written_with_the_next_record_or_by_flush(tmp_path: Path):
+    state = State(str(tmp_path))
+    state.add_usage({"id": "q1"})
+    state.add_usage({"id": "q2"})
+    state.recorded("q1")
+    state.recorded("unknown")  # never had usage here: nothing to write
+    assert "q1" not in state.unrecorded
+    assert state_records(state) == [{"usage": {"id": "q1"}}, {"usage": {"id": "q2"}}]
+    state.accept("p3")  # written after it, in the order they were made
+    assert state_records(state)[2:] == [{"recorded": "q1"}, {"prompt": "p3"}]
+    state.recorded("q2")
+    state.flush()
+    state.flush()
+    assert state_records(state)[4:] == [{"recorded": "q2"}]
+    assert not State(str(tmp_path)).unrecorded
+    state.close()
+
+
+def test_waiting_recorded_records_are_written_past_their_bound_and_at_close(tmp_path: Path):
+    state = State(str(tmp_path))
+    ids = [f"q{n:06d}" for n in range(400)]
+    for query in ids:
+        state.add_usage({"id": query})
+    for query in ids:
+        state.recorded(query)
+    written = [r["recorded"] for r in state_records(state) if "recorded" in r]
+    assert 0 < len(written) < len(ids) and written == ids[: len(written)]
+    state.close()
+    assert [r["recorded"] for r in state_records(state) if "recorded" in r] == ids
+    assert not State(str(tmp_path)).unrecorded

@@ -117,6 +117,9 @@ class Holder:
             self.agent.signal(signal.SIGKILL)
         self.attaches.linger_over(now)
         self.ledger.trim()
+        if not self.ledger.running:
+            # Between queries: a prompt that came with ``recorded`` lines has its answer.
+            self.state.flush()
         self._check_idle(now)
 
     def _check_idle(self, now: float) -> None:

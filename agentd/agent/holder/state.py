@@ -13,6 +13,11 @@ full when it grows past ``COMPACT_BYTES``::
                           (usage still unrecorded, or stopped by a signal); null: resumed
 
 A holder that starts on a session whose holder was lost reads both and carries on.
+
+A ``recorded`` record waits in memory for the next record, or for the holder's ``flush``
+once no query runs: agentd sends them in batches with a prompt, and their writes would
+otherwise come between that prompt and its answer. A holder that dies first offers that usage
+again, which agentd records once (under the same event id).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ REMEMBERED_PROMPT_IDS = 10_000
 # confirms must not grow the state without bound.
 MAX_UNRECORDED = 10_000
 COMPACT_BYTES = 1 << 20
+# ``recorded`` records waiting for a write are written at once past this size.
+LATER_BYTES = 4096
 
 
 class Identity(NamedTuple):
@@ -96,6 +103,7 @@ class State:
         self._load()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = os.fstat(self._fd).st_size
+        self._later = bytearray()  # records applied, not yet written
 
     def _load(self) -> None:
         try:
@@ -130,11 +138,16 @@ class State:
 
     def _append(self, record: dict[str, Any]) -> None:
         self._apply(record)
-        line = wire.dumps(record) + b"\n"
-        if self._size + len(line) > COMPACT_BYTES:
+        self._write(wire.dumps(record) + b"\n")
+
+    def _write(self, data: bytes) -> None:
+        if self._later:
+            data = bytes(self._later) + data
+            self._later.clear()
+        if self._size + len(data) > COMPACT_BYTES:
             self._compact()
-        os.write(self._fd, line)
-        self._size += len(line)
+        os.write(self._fd, data)
+        self._size += len(data)
         if self._syncer is None:
             os.fsync(self._fd)
         else:
@@ -164,8 +177,18 @@ class State:
         self._append({"usage": record})
 
     def recorded(self, query: str) -> None:
+        """Forget the usage of ``query``; written later (see the module's docstring)."""
         if query in self.unrecorded:
-            self._append({"recorded": query})
+            record = {"recorded": query}
+            self._apply(record)
+            self._later += wire.dumps(record) + b"\n"
+            if len(self._later) >= LATER_BYTES:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the records that wait."""
+        if self._later:
+            self._write(b"")
 
     def confirm(self, seq: int) -> None:
         if seq > self.confirmed:
@@ -176,6 +199,7 @@ class State:
         self._append({"ended": reason})
 
     def close(self) -> None:
+        self.flush()
         if self._syncer is None:
             os.close(self._fd)
         else:
