@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from agentd.usage.recorder import FLUSH_CHUNK
 from tests.servers import is_holder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,3 +150,15 @@ def test_calls_per_prompt_are_counted_for_each_store(tmp_path: Path) -> None:
     # A prompt costs agentd hundreds of Python calls; Redis adds the gate's and the usage
     # record's script calls.
     assert 100 < figures["memory"] < figures["redis"] < 10_000
+
+
+def test_prompt_latency_is_given_for_each_place_among_a_usage_chunk(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "bench.phases", "--prompts", "16", "--store", "memory"]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    [row] = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| this")]
+    assert [cell.strip() for cell in row[:2]] == ["this checkout", "memory"]
+    medians = [float(cell) for cell in row[2:-1]]
+    assert len(medians) == FLUSH_CHUNK and all(0 < m < 1000 for m in medians)
+    excess = float(row[-1].strip().removeprefix("+").removesuffix(" ms"))
+    assert excess == pytest.approx(max(medians) - statistics.median(medians), abs=0.002)
