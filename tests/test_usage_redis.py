@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
+import functools
 import json
 import os
 import signal
@@ -66,8 +67,11 @@ class Recorders:
         self.tmp_path = tmp_path
         self.open: list[tuple[UsageRecorder, RedisStore]] = []
 
-    def new(self, spool: str = "spool", timeout: float = 0.2, **config: Any) -> UsageRecorder:
-        store = RedisStore(self.redis.url, reactor, timeout=timeout)
+    def new(
+        self, spool: str = "spool", timeout: float = 0.2, db: int = 0, **config: Any
+    ) -> UsageRecorder:
+        url = self.redis.url.rsplit("/", 1)[0] + f"/{db}"
+        store = RedisStore(url, reactor, timeout=timeout)
         recorder = UsageRecorder.from_config(
             UsageConfig(spool_dir=str(self.tmp_path / spool), **config), store, reactor, PRICES
         )
@@ -601,5 +605,68 @@ async def test_records_waiting_together_are_applied_in_one_script_call_each_once
         totals = (await month_report(recorder, now)).totals
         assert (totals.queries, totals.cost) == (7, 500_000 + sum(range(6)) * 100)
         await month_totals_match_days(redis_server, recorder, now)
+    finally:
+        await recorders.close()
+
+
+def database(server: RedisServer, db: int) -> dict[str, tuple[Any, int]]:
+    """Every key of database ``db``: its value and when it expires (EXPIRETIME)."""
+    cli = functools.partial(server.cli, "-n", str(db), "--raw")
+    keys = {}
+    for key in cli("KEYS", "*").split():
+        kind = cli("TYPE", key).strip()
+        if kind == "hash":
+            fields = cli("HGETALL", key).split()
+            value: Any = dict(zip(fields[::2], fields[1::2], strict=True))
+        elif kind == "set":
+            value = sorted(cli("SMEMBERS", key).split())
+        else:
+            value = cli("GET", key).strip()
+        keys[key] = (value, int(cli("EXPIRETIME", key)))
+    return keys
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_applied_together_leave_every_key_as_each_applied_alone(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The chunk's script sums its records' increments per key before writing them."""
+    recorders = Recorders(redis_server, tmp_path)
+    try:
+        together = recorders.new("together", db=0)
+        alone = recorders.new("alone", db=1)
+        now = time.time()
+        events = [
+            event("a1", now),
+            event("a2", now, user="bob"),
+            event("a3", now, project="p2", reported_cost=0.25),
+            event("a4", now - 86_400, reported_cost=0.5),  # another day, perhaps another month
+            event("a5", now, key_source="user"),  # not paid by the operator
+            event("a6", now, reported_cost=0.0, input_tokens=0, cache_write_tokens=0),
+            event("a1", now),  # the same query again: a duplicate
+            event("a7", now, user="bob", project="p2"),
+        ]
+        for recorder in (together, alone):
+            for user, project in (("alice", "p1"), ("bob", "p2")):
+                await recorder.check_budget(user, project)  # the month totals exist
+        redis_server.cli("CONFIG", "RESETSTAT")
+        recorded, duplicates = counter("recorded"), counter("duplicate")
+        await gatherResults([together.record(e) for e in events])
+        chunk = redis_server.command_calls()
+        assert chunk.pop("eval", 0) + chunk.pop("evalsha", 0) == 1
+        assert (counter("recorded"), counter("duplicate")) == (recorded + 7, duplicates + 1)
+
+        redis_server.cli("CONFIG", "RESETSTAT")
+        for e in events:
+            await alone.record(e)
+        each = redis_server.command_calls()
+        assert each.pop("eval", 0) + each.pop("evalsha", 0) == 8
+
+        assert database(redis_server, 0) == database(redis_server, 1)
+        # alice's and bob's records share their day hashes, sets and month totals.
+        assert chunk["hincrby"] < each["hincrby"] and chunk["expireat"] < each["expireat"]
+        assert chunk["sadd"] < each["sadd"] and chunk["incrby"] < each["incrby"]
+        assert chunk["set"] == each["set"] == 7
+        await month_totals_match_days(redis_server, together, now)
     finally:
         await recorders.close()

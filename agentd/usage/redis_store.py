@@ -30,8 +30,8 @@ from agentd.usage.store import MonthSpend
 # Reports read a whole month at once: they may take longer than a record's write.
 _READ_TIMEOUT = 2.0
 
-# Records waiting together are applied in one call, each as it would be alone. Per record, 8
-# keys and 6 arguments, in record order:
+# Records waiting together are applied in one call, with the effect of applying each alone.
+# Per record, 8 keys and 6 arguments, in record order:
 # KEYS      the query's record (the "already recorded" marker); the user's, the project's and
 #           the user-in-project day hashes; the month's index sets (the user's projects, the
 #           project's users); the user's and the project's month-to-date operator-paid totals
@@ -40,21 +40,37 @@ _READ_TIMEOUT = 2.0
 #           (a zero increment is skipped: a counter never incremented reads as 0; so is
 #           a month total's, when the operator paid nothing)
 # Returns   per record, 0: duplicate (nothing written), 2: older than retention (nothing
-#           written), or 1: recorded. The marker is written here with the increments, never
-#           before, so a record repeated in one call is a duplicate the second time. Integer
-#           replies, because txredisapi parses those in bulk and bulk strings one per turn.
+#           written), or 1: recorded. A record repeated in one call is a duplicate the
+#           second time. Integer replies, because txredisapi parses those in bulk and bulk
+#           strings one per turn.
+# The records' increments are summed per key and counter first, then written: one HINCRBY
+# per counter of each day hash, one SADD per member of each set and one EXPIREAT per key,
+# however many records share them (the script's calls, not the commands, are most of its
+# time). Sums stay exact: Lua numbers are doubles, and they stay below 2^53. The markers are
+# written after the increments, never before.
 # A missing month total stays missing: only the budget check can rebuild it from the whole
 # month's day hashes, and until then an increment alone would undercount.
 APPLY_SCRIPT = """
 local counters = {COUNTERS}
 local now = tonumber(redis.call('TIME')[1])
 local results = {}
+local order, sums, expiry, members = {}, {}, {}, {}
+local taken, recorded = {}, {}
+local function touch(key, expire_at)
+  if expiry[key] == nil then
+    order[#order + 1] = key
+    expiry[key] = expire_at
+  elseif expire_at > expiry[key] then
+    expiry[key] = expire_at
+  end
+end
 for r = 0, #KEYS / 8 - 1 do
   local k, a = 8 * r, 6 * r
+  local day_expiry = tonumber(ARGV[a + 1])
   local result = 1
-  if redis.call('EXISTS', KEYS[k + 1]) == 1 then
+  if taken[KEYS[k + 1]] or redis.call('EXISTS', KEYS[k + 1]) == 1 then
     result = 0
-  elseif tonumber(ARGV[a + 1]) <= now then
+  elseif day_expiry <= now then
     result = 2
   else
     local increments = {}
@@ -62,29 +78,68 @@ for r = 0, #KEYS / 8 - 1 do
       increments[#increments + 1] = increment
     end
     for i = k + 2, k + 4 do
+      local key = KEYS[i]
+      touch(key, day_expiry)
+      local sum = sums[key]
+      if sum == nil then
+        sum = {}
+        sums[key] = sum
+      end
       for j = 1, #counters do
         if increments[j] ~= '0' then
-          redis.call('HINCRBY', KEYS[i], counters[j], increments[j])
+          sum[j] = (sum[j] or 0) + tonumber(increments[j])
         end
       end
-      redis.call('EXPIREAT', KEYS[i], ARGV[a + 1])
     end
-    redis.call('SADD', KEYS[k + 5], ARGV[a + 4])
-    redis.call('EXPIREAT', KEYS[k + 5], ARGV[a + 2])
-    redis.call('SADD', KEYS[k + 6], ARGV[a + 3])
-    redis.call('EXPIREAT', KEYS[k + 6], ARGV[a + 2])
+    local month_expiry = tonumber(ARGV[a + 2])
+    for i, member in pairs({[k + 5] = ARGV[a + 4], [k + 6] = ARGV[a + 3]}) do
+      local key = KEYS[i]
+      touch(key, month_expiry)
+      local set = members[key]
+      if set == nil then
+        set = {}
+        members[key] = set
+      end
+      set[member] = true
+    end
     local operator = increments[1] - increments[2]
     if operator ~= 0 then
       for i = k + 7, k + 8 do
-        if redis.call('EXISTS', KEYS[i]) == 1 then
-          redis.call('INCRBY', KEYS[i], string.format('%d', operator))
+        local key = KEYS[i]
+        if sums[key] == nil then
+          sums[key] = redis.call('EXISTS', key) == 1 and 0 or false
+        end
+        if sums[key] then
+          sums[key] = sums[key] + operator
         end
       end
     end
-    redis.call('SET', KEYS[k + 1], ARGV[a + 5])
-    redis.call('EXPIREAT', KEYS[k + 1], ARGV[a + 1])
+    taken[KEYS[k + 1]] = true
+    recorded[#recorded + 1] = r
   end
   results[r + 1] = result
+end
+for _, key in ipairs(order) do
+  local set = members[key]
+  if set then
+    for member in pairs(set) do
+      redis.call('SADD', key, member)
+    end
+  else
+    for j, sum in pairs(sums[key]) do
+      redis.call('HINCRBY', key, counters[j], string.format('%d', sum))
+    end
+  end
+  redis.call('EXPIREAT', key, expiry[key])
+end
+for key, total in pairs(sums) do
+  if type(total) == 'number' and total ~= 0 then
+    redis.call('INCRBY', key, string.format('%d', total))
+  end
+end
+for _, r in ipairs(recorded) do
+  redis.call('SET', KEYS[8 * r + 1], ARGV[6 * r + 5])
+  redis.call('EXPIREAT', KEYS[8 * r + 1], ARGV[6 * r + 1])
 end
 return results
 """.replace("{COUNTERS}", "{" + ", ".join(f"'{name}'" for name in COUNTER_FIELDS) + "}")
