@@ -31,6 +31,18 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WANTED_FILES = 65536
 
 
+def agentd_environment(source: Path | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of an agentd from ``source`` (an earlier revision's tree), or from this
+    checkout: its tree comes first on the path either way, not the one the virtualenv was
+    installed from (another work tree's, perhaps)."""
+    env = {k: v for k, v in environ.items() if not k.startswith("AGENTD_")}
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    else:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
+    return env
+
+
 def raise_file_limit() -> int:
     """Raise this process's open-file limit as far as allowed; children inherit it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -239,9 +251,7 @@ class Agentd(Process):
 
     def start(self, wait: bool = True) -> Agentd:
         """Start twistd; with ``wait``, return once it listens (else see ``ready``)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
-        if self.source is not None:
-            env["PYTHONPATH"] = str(self.source)
+        env = agentd_environment(self.source, os.environ)
         self.proc = subprocess.Popen(
             [
                 str(BIN / "twistd"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -162,3 +163,19 @@ def test_prompt_latency_is_given_for_each_place_among_a_usage_chunk(tmp_path: Pa
     assert len(medians) == FLUSH_CHUNK and all(0 < m < 1000 for m in medians)
     excess = float(row[-1].strip().removeprefix("+").removesuffix(" ms"))
     assert excess == pytest.approx(max(medians) - statistics.median(medians), abs=0.002)
+
+
+def test_agentd_runs_this_checkouts_code_whatever_the_virtualenv_was_installed_from(
+    tmp_path: Path,
+) -> None:
+    from bench.procs import agentd_environment
+
+    env = agentd_environment(None, {"PYTHONPATH": "/elsewhere", "AGENTD_CONFIG": "x", "A": "b"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]
+    assert "AGENTD_CONFIG" not in env and env["A"] == "b"
+    assert agentd_environment(Path("/src/old"), {"PYTHONPATH": "/x"})["PYTHONPATH"] == "/src/old"
+    # The path comes before the virtualenv's own (an editable install of another work tree).
+    argv = [sys.executable, "-c", "import agentd; print(agentd.__file__)"]
+    environment = agentd_environment(None, os.environ)
+    found = subprocess.run(argv, cwd=tmp_path, env=environment, capture_output=True, text=True)
+    assert Path(found.stdout.strip()) == ROOT / "agentd" / "__init__.py", found.stderr
