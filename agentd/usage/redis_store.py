@@ -54,15 +54,21 @@ APPLY_SCRIPT = """
 local counters = {COUNTERS}
 local now = tonumber(redis.call('TIME')[1])
 local results = {}
-local order, sums, expiry, members = {}, {}, {}, {}
+-- What the call's records write, per key in first-use order: a day hash's sums by counter,
+-- a set's members, the latest expiry; and the month totals' sums (false: total missing).
+local order, expiry, sums, members, totals = {}, {}, {}, {}, {}
 local taken, recorded = {}, {}
-local function touch(key, expire_at)
-  if expiry[key] == nil then
+local function entry(entries, key, expire_at)
+  local found = entries[key]
+  if found == nil then
+    found = {}
+    entries[key] = found
     order[#order + 1] = key
     expiry[key] = expire_at
   elseif expire_at > expiry[key] then
     expiry[key] = expire_at
   end
+  return found
 end
 for r = 0, #KEYS / 8 - 1 do
   local k, a = 8 * r, 6 * r
@@ -78,13 +84,7 @@ for r = 0, #KEYS / 8 - 1 do
       increments[#increments + 1] = increment
     end
     for i = k + 2, k + 4 do
-      local key = KEYS[i]
-      touch(key, day_expiry)
-      local sum = sums[key]
-      if sum == nil then
-        sum = {}
-        sums[key] = sum
-      end
+      local sum = entry(sums, KEYS[i], day_expiry)
       for j = 1, #counters do
         if increments[j] ~= '0' then
           sum[j] = (sum[j] or 0) + tonumber(increments[j])
@@ -92,25 +92,17 @@ for r = 0, #KEYS / 8 - 1 do
       end
     end
     local month_expiry = tonumber(ARGV[a + 2])
-    for i, member in pairs({[k + 5] = ARGV[a + 4], [k + 6] = ARGV[a + 3]}) do
-      local key = KEYS[i]
-      touch(key, month_expiry)
-      local set = members[key]
-      if set == nil then
-        set = {}
-        members[key] = set
-      end
-      set[member] = true
-    end
+    entry(members, KEYS[k + 5], month_expiry)[ARGV[a + 4]] = true
+    entry(members, KEYS[k + 6], month_expiry)[ARGV[a + 3]] = true
     local operator = increments[1] - increments[2]
     if operator ~= 0 then
       for i = k + 7, k + 8 do
         local key = KEYS[i]
-        if sums[key] == nil then
-          sums[key] = redis.call('EXISTS', key) == 1 and 0 or false
+        if totals[key] == nil then
+          totals[key] = redis.call('EXISTS', key) == 1 and 0
         end
-        if sums[key] then
-          sums[key] = sums[key] + operator
+        if totals[key] then
+          totals[key] = totals[key] + operator
         end
       end
     end
@@ -120,9 +112,8 @@ for r = 0, #KEYS / 8 - 1 do
   results[r + 1] = result
 end
 for _, key in ipairs(order) do
-  local set = members[key]
-  if set then
-    for member in pairs(set) do
+  if members[key] then
+    for member in pairs(members[key]) do
       redis.call('SADD', key, member)
     end
   else
@@ -132,8 +123,8 @@ for _, key in ipairs(order) do
   end
   redis.call('EXPIREAT', key, expiry[key])
 end
-for key, total in pairs(sums) do
-  if type(total) == 'number' and total ~= 0 then
+for key, total in pairs(totals) do
+  if total and total ~= 0 then
     redis.call('INCRBY', key, string.format('%d', total))
   end
 end
