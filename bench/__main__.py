@@ -86,6 +86,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def with_baselines(revisions: list[str], work: Path) -> dict[str, Path | None]:
+    """This checkout (as None), then each revision's tree extracted under ``work``, by label."""
+    return {"this checkout": None, **dict(checkout(rev, work) for rev in revisions)}
+
+
 def checkout(revision: str, work: Path) -> tuple[str, Path]:
     """The short name of ``revision`` of this repository and its tree, extracted under
     ``work``."""

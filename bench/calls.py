@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.__main__ import checkout
-from bench.prompts import WARM_UP
+from bench.__main__ import with_baselines
+from bench.prompts import WARM_UP, agentd_sections
 from bench.suite import Context, WebSocketTarget
 
 STORES = ("memory", "redis")
@@ -31,9 +31,7 @@ STORES = ("memory", "redis")
 def calls(ctx: Context, store: str, source: Path | None, prompts: int, tag: str) -> int:
     """The function calls of one agentd run that answered ``prompts`` prompts (after the
     warm-up), start to stop."""
-    sections: dict[str, dict[str, object]] = {"server": {"auto_ping_seconds": 0}}
-    if store == "redis":
-        sections["redis"] = {"url": ctx.redis().url}
+    sections = agentd_sections(ctx.redis().url if store == "redis" else None)
     stats = ctx.work / f"calls-{store}-{tag}-{prompts}.stats"
     profile = ["--profile", str(stats), "--profiler", "cprofile", "--savestats"]
     agentd = ctx.agentd(f"calls-{store}-{tag}-{prompts}", None, source, True, profile, **sections)
@@ -67,8 +65,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="agentd-calls-") as work:
         ctx = Context(smoke=False, runs=1, work=Path(work), log=print)
         try:
-            versions: dict[str, Path | None] = {"this checkout": None}
-            versions.update(checkout(rev, Path(work)) for rev in args.baseline)
+            versions = with_baselines(args.baseline, Path(work))
             print("| agentd | store | Python calls per prompt |")
             print("|---|---|---|")
             for label, source in versions.items():

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from agentd.usage.recorder import FLUSH_CHUNK
-from bench.__main__ import checkout
-from bench.prompts import WARM_UP
+from bench.__main__ import with_baselines
+from bench.prompts import WARM_UP, agentd_sections
 from bench.suite import Context, WebSocketTarget, percentile
 
 STORES = ("memory", "redis")
@@ -41,6 +41,52 @@ def place_medians(latencies: list[float]) -> list[float]:
     ]
 
 
+Target = tuple[str, str]  # the agentd's revision label, its store
+
+
+def open_clients(
+    ctx: Context, versions: dict[str, Path | None], stores: list[str]
+) -> dict[Target, WebSocketTarget]:
+    """An agentd for each revision and store, and a warm client on each."""
+    redis_url = ctx.redis().url if "redis" in stores else None
+    clients: dict[Target, WebSocketTarget] = {}
+    for label, source in versions.items():
+        for store in stores:
+            sections = agentd_sections(redis_url if store == "redis" else None)
+            n = len(clients)
+            agentd = ctx.agentd(f"phases-{store}-{n}", None, source, True, [], **sections)
+            path = agentd.path("bench", "echo", f"u{n}")
+            client = WebSocketTarget(store, agentd, agentd.port, path, True)
+            client.open()
+            for i in range(WARM_UP):
+                client.answer({"type": "prompt", "id": f"w{i}", "text": "hello"})
+            clients[label, store] = client
+    return clients
+
+
+def measure(clients: dict[Target, WebSocketTarget], prompts: int) -> dict[Target, list[float]]:
+    """Each client's prompt-to-done latencies, in seconds, the clients taking turns."""
+    latencies: dict[Target, list[float]] = {key: [] for key in clients}
+    for sent in range(0, prompts, BLOCK):
+        for key, client in clients.items():
+            for i in range(sent, min(sent + BLOCK, prompts)):
+                started = time.perf_counter()
+                client.answer({"type": "prompt", "id": f"p{i}", "text": "hello"})
+                latencies[key].append(time.perf_counter() - started)
+    return latencies
+
+
+def print_table(latencies: dict[Target, list[float]]) -> None:
+    places = " | ".join(str(place) for place in range(FLUSH_CHUNK))
+    print(f"| agentd | store | {places} | slowest over the places' median |")
+    print("|---|---|" + "---|" * FLUSH_CHUNK + "---|")
+    for (label, store), values in latencies.items():
+        medians = place_medians(values)
+        excess = max(medians) - statistics.median(medians)
+        cells = " | ".join(f"{m:.3f}" for m in medians)
+        print(f"| {label} | {store} | {cells} | +{excess:.3f} ms |", flush=True)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.phases", description=__doc__)
     parser.add_argument("--prompts", type=int, default=8000, help="per agentd (default 8,000)")
@@ -52,46 +98,13 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="agentd-phases-") as work:
         ctx = Context(smoke=False, runs=1, work=Path(work), log=print)
         try:
-            versions: dict[str, Path | None] = {"this checkout": None}
-            versions.update(checkout(rev, Path(work)) for rev in args.baseline)
+            versions = with_baselines(args.baseline, Path(work))
             with ctx.scope():
-                clients: dict[tuple[str, str], WebSocketTarget] = {}
-                redis_url = ctx.redis().url if "redis" in (args.store or STORES) else None
-                for label, source in versions.items():
-                    for store in args.store or STORES:
-                        sections: dict[str, dict[str, object]] = {
-                            "server": {"auto_ping_seconds": 0}
-                        }
-                        if store == "redis":
-                            sections["redis"] = {"url": redis_url}
-                        name = f"phases-{store}-{len(clients)}"
-                        agentd = ctx.agentd(name, None, source, True, [], **sections)
-                        path = agentd.path("bench", "echo", f"u{len(clients)}")
-                        client = WebSocketTarget(store, agentd, agentd.port, path, True)
-                        client.open()
-                        for i in range(WARM_UP):
-                            client.answer({"type": "prompt", "id": f"w{i}", "text": "hello"})
-                        clients[label, store] = client
-                latencies: dict[tuple[str, str], list[float]] = {key: [] for key in clients}
-                sent = 0
-                while sent < args.prompts:
-                    block = min(BLOCK, args.prompts - sent)
-                    for key, client in clients.items():
-                        for i in range(sent, sent + block):
-                            started = time.perf_counter()
-                            client.answer({"type": "prompt", "id": f"p{i}", "text": "hello"})
-                            latencies[key].append(time.perf_counter() - started)
-                    sent += block
+                clients = open_clients(ctx, versions, args.store or list(STORES))
+                latencies = measure(clients, args.prompts)
                 for client in clients.values():
                     client.close()
-            places = " | ".join(str(place) for place in range(FLUSH_CHUNK))
-            print(f"| agentd | store | {places} | slowest over the places' median |")
-            print("|---|---|" + "---|" * FLUSH_CHUNK + "---|")
-            for (label, store), values in latencies.items():
-                medians = place_medians(values)
-                excess = max(medians) - statistics.median(medians)
-                cells = " | ".join(f"{m:.3f}" for m in medians)
-                print(f"| {label} | {store} | {cells} | +{excess:.3f} ms |", flush=True)
+            print_table(latencies)
         finally:
             ctx.close()
     return 0

@@ -45,20 +45,25 @@ BLOCK = 100
 WARM_UP = 30
 
 
+def agentd_sections(redis_url: str | None) -> dict[str, dict[str, Any]]:
+    """agentd's configuration for one prompt at a time: in memory, or on the Redis at
+    ``redis_url``.
+
+    A client waits its turn, not reading, while every other target runs a round (a minute
+    with earlier revisions beside this one): agentd's pings would go unanswered and it would
+    close the connection. One ping every 20 s costs nothing per prompt.
+    """
+    quiet: dict[str, dict[str, Any]] = {"server": {"auto_ping_seconds": 0}}
+    return quiet if redis_url is None else {**quiet, "redis": {"url": redis_url}}
+
+
 def targets(ctx: Context) -> tuple[list[WebSocketTarget], int]:
     """The targets, and the pid of the redis-server the agentd on Redis share."""
     redis = ctx.redis()
     websocketd = ctx.websocketd(shlex.split(ECHO.replace("{agent}", "echo")))
     found = [WebSocketTarget("websocketd", websocketd, websocketd.port, "/", False)]
     versions: dict[str, Path | None] = {"": None, **{f"@{k}": v for k, v in ctx.baselines.items()}}
-    # A client waits its turn, not reading, while every other target runs a round (a minute
-    # with earlier revisions beside this one): agentd's pings would go unanswered and it
-    # would close the connection. One ping every 20 s costs nothing per prompt.
-    quiet = {"server": {"auto_ping_seconds": 0}}
-    stores: dict[str, dict[str, dict[str, Any]]] = {
-        "memory": quiet,
-        "redis": {**quiet, "redis": {"url": redis.url}},
-    }
+    stores = {"memory": agentd_sections(None), "redis": agentd_sections(redis.url)}
     for suffix, source in versions.items():
         for store, sections in stores.items():
             name = f"agentd-{store}{suffix}"
